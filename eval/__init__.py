@@ -1,0 +1,1 @@
+"""Evaluation commands: `python -m eval.rfid`."""

@@ -1,0 +1,18 @@
+"""flowmo-fast: a fast, faithful PyTorch implementation of FlowMo (arXiv 2503.11056)."""
+
+from flowmo_fast import flow
+from flowmo_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from flowmo_fast.config import Config, load_config
+from flowmo_fast.model import FlowMo
+from flowmo_fast.tokenizer import Tokenizer
+
+__all__ = [
+    "CheckpointError",
+    "Config",
+    "FlowMo",
+    "Tokenizer",
+    "flow",
+    "load_checkpoint",
+    "load_config",
+    "save_checkpoint",
+]

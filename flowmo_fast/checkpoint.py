@@ -1,0 +1,173 @@
+"""Checkpoint I/O in the upstream layout: {total_steps, model_ema_state_dict, model_state_dict}, plus our config.
+
+Upstream files carry no config: we infer it from the weights' shapes (the preset whose context_dim and
+quantizer match, with depths, widths and patch size read off the weights).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from flowmo_fast.config import HIDDEN_PER_WIDTH, Config, config_from_dict, load_config
+
+WHICH = {"ema": "model_ema_state_dict", "model": "model_state_dict"}
+PRESET_BY_CODE = {("lfq", 18): "flowmo_lo", ("lfq", 56): "flowmo_hi", ("kl", 768): "flowmo_hi_kl"}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable FlowMo checkpoint; the message names the file and the problem."""
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load(weights_only=True) with errors that name the file and say what is wrong with it."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): a truncated download or an interrupted save")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # zip, pickle and storage errors all mean the same thing to a user
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt file, or not made by torch.save): "
+            f"{type(e).__name__}: {str(e)[:200]}. Download or copy it again."
+        ) from e
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a FlowMo checkpoint dict")
+    return dict(ckpt)
+
+
+def select_state_dict(ckpt: Mapping, which: str, path: str = "checkpoint") -> dict[str, Tensor]:
+    if which not in WHICH:
+        raise ValueError(f"which={which!r}; allowed: {', '.join(WHICH)}")
+    key = WHICH[which]
+    if key in ckpt:
+        return dict(ckpt[key])
+    if any(k.startswith(("encoder.", "decoder.")) for k in ckpt):  # a bare state dict
+        return {k: v for k, v in ckpt.items() if isinstance(v, Tensor)}
+    raise CheckpointError(
+        f"{path} has no '{key}' (keys: {', '.join(sorted(map(str, ckpt))[:8])}); "
+        f"a FlowMo checkpoint holds {', '.join(WHICH.values())}"
+    )
+
+
+def infer_config(state_dict: Mapping[str, Tensor], overrides: Iterable[str] = ()) -> Config:
+    """Config of an upstream state dict, from its shapes; `overrides` (dotlist) win."""
+    try:
+        enc_txt = state_dict["encoder.txt_in.weight"].shape  # [enc_hidden, encoder_context_dim]
+        dec_txt = state_dict["decoder.txt_in.weight"].shape  # [dec_hidden, context_dim + 1]
+        img_in = state_dict["decoder.img_in.weight"].shape  # [dec_hidden, 3 p^2]
+    except KeyError as e:
+        raise CheckpointError(f"state dict lacks {e.args[0]}: not a FlowMo model") from None
+    context_dim = dec_txt[1] - 1
+    quant = "kl" if enc_txt[1] == 2 * context_dim else "lfq"
+    preset = PRESET_BY_CODE.get((quant, context_dim))
+
+    def depth(prefix: str) -> int:
+        blocks = {int(m.group(1)) for k in state_dict if (m := re.match(rf"{prefix}\.double_blocks\.(\d+)\.", k))}
+        return max(blocks) + 1 if blocks else 0
+
+    derived = [
+        f"model.context_dim={context_dim}",
+        f"model.quantization_type={quant}",
+        f"model.mup_width={dec_txt[0] // HIDDEN_PER_WIDTH}",
+        f"model.enc_mup_width={enc_txt[0] // HIDDEN_PER_WIDTH}",
+        f"model.patch_size={int(round((img_in[1] / 3) ** 0.5))}",
+        f"model.enc_depth={depth('encoder')}",
+        f"model.dec_depth={depth('decoder')}",
+    ]
+    return load_config(derived + list(overrides), preset=preset)
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], path: str) -> None:
+    """Strict keys and shapes, with errors that name the first few offenders."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
+        raise CheckpointError(
+            f"{path} does not match the model: {'; '.join(parts)}. "
+            "Is it a FlowMo checkpoint, and are the config overrides right?"
+        )
+    for k, shape in expected.items():
+        if tuple(state_dict[k].shape) != tuple(shape):
+            raise CheckpointError(
+                f"{path}: shape mismatch for {k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(shape)}. "
+                "Check the config overrides (e.g. model.context_dim, model.mup_width)."
+            )
+
+
+def load_checkpoint(
+    path: str, which: str = "ema", device: Any = "cpu", overrides: Optional[Iterable[str]] = None
+):
+    """Load an upstream or flowmo-fast checkpoint as a FlowMo model in eval mode on `device`."""
+    from flowmo_fast.model import FlowMo
+
+    path = os.fspath(path)
+    ckpt = read_checkpoint(path)
+    state_dict = select_state_dict(ckpt, which, path)
+    if isinstance(ckpt.get("config"), Mapping):
+        config = config_from_dict(ckpt["config"], overrides or ())
+    else:
+        config = infer_config(state_dict, overrides or ())
+    with torch.device("meta"):
+        model = FlowMo(config)
+    check_state_dict(model, state_dict, path)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=torch.float32).eval()
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(
+    path: str,
+    model: nn.Module,
+    ema_model: Optional[nn.Module] = None,
+    total_steps: int = 0,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> None:
+    """Write the upstream layout (plus `config`, and any `extra` entries such as optimizer state) atomically."""
+    ckpt = {
+        "total_steps": int(total_steps),
+        "model_ema_state_dict": cpu_state_dict(ema_model if ema_model is not None else model),
+        "model_state_dict": cpu_state_dict(model),
+        "config": model.config.to_dict(),
+    }
+    ckpt.update(extra or {})
+    atomic_save(ckpt, path)

@@ -1,0 +1,335 @@
+"""One config object for the whole project: upstream `flowmo/configs/base.yaml`, as dataclasses.
+
+Sections and keys (and their defaults) are exactly upstream's, so upstream dotlist overrides such as
+`model.context_dim=18 model.codebook_size_for_entropy=9` work as written. Keys we add are marked "ours".
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Union, get_args, get_origin, get_type_hints
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = 16
+    eval_batch_size: int = 5
+    image_size: int = 256
+    num_workers: int = 8
+    imagenet_train_index: str = "imagenet_train_index_overall.json"
+    imagenet_train_tar: str = "ILSVRC2012_img_train.tar"
+    imagenet_val_index: str = "imagenet_val_index_overall.json"
+    imagenet_val_tar: str = "ILSVRC2012_img_val.tar"
+    data_dir: str = ""  # ours: an image folder used instead of the ImageNet tars; "" = tars or bundled photos
+
+
+@dataclass
+class ModelConfig:
+    enable_mup: bool = True
+    patch_size: int = 4
+    mup_width: int = 6  # decoder hidden size = 192 * mup_width
+    enc_mup_width: Optional[int] = 4  # encoder hidden size = 192 * enc_mup_width (None: mup_width)
+    fix_initial_norms: bool = True
+    fix_norm_mode: str = "l2"
+    quantization_type: str = "lfq"
+    code_length: int = 256
+    context_dim: int = 18
+    codebook_size_for_entropy: int = 9
+    entropy_loss_weight: float = 0.0025
+    commit_loss_weight: float = 0.000625
+    enc_depth: int = 8
+    dec_depth: int = 16
+    enable_cfg: bool = True
+    ema_decay: float = 0.9999
+    posttrain_sample: bool = False
+    posttrain_sample_enable_cfg: bool = False
+    posttrain_sample_k: int = 8
+    kernels: str = "auto"  # ours: auto (Triton on CUDA, PyTorch elsewhere) | triton | torch
+
+
+@dataclass
+class OptConfig:
+    lr: float = 1.0e-4
+    n_grad_acc: int = 2
+    schedule: str = "fat_lognormal"
+    freeze_encoder: bool = False
+    freeze_encoder_after: int = 200000
+    weight_decay: float = 0.0
+    log_norms: bool = True
+    lpips_weight: float = 0.1
+    lpips_mode: str = "vgg"
+    beta1: float = 0.9
+    beta2: float = 0.95
+
+
+@dataclass
+class TrainerConfig:
+    enable_bfloat16: bool = True
+    log_every: int = 100
+    checkpoint_every: int = 5000
+    max_steps: int = 10000000000000
+    keep_every: int = 200000
+    gs_checkpoint_bucket: str = ""
+    sample_every: int = 5000  # ours: write a PNG grid of reconstructions every N steps
+    fsdp: bool = False  # ours: FSDP2 instead of DDP
+
+
+@dataclass
+class SamplingConfig:
+    sample_steps: int = 25
+    schedule: str = "pow_0.25"
+    cfg: float = 1.5
+    mode: str = "rf"
+    cfg_interval: Optional[str] = "(.17,1.02)"  # EDM sigmas (lo, hi); None = guide at every step
+
+
+@dataclass
+class EvalConfig:
+    reconstruction: bool = True
+    state_dict_key: str = "model_ema_state_dict"
+    eval_dir: str = ""
+    eval_baseline: str = ""
+    continuous: bool = True
+    force_ckpt_path: Optional[str] = None
+    subsample_rate: int = 1
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class Config:
+    global_seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    opt: OptConfig = field(default_factory=OptConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, list[str]] = {
+    # The published checkpoints (overrides as in ../shared/reference/checkpoint_manifests.json).
+    "flowmo_lo": ["model.context_dim=18", "model.codebook_size_for_entropy=9"],
+    "flowmo_hi": ["model.context_dim=56", "model.codebook_size_for_entropy=14"],
+    "flowmo_hi_kl": ["model.context_dim=768", "model.quantization_type=kl", "model.code_length=128"],
+    # Small enough for CPU tests and the README demo; same architecture.
+    "tiny": [
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.eval_batch_size=4",
+        "data.num_workers=0",
+        "model.mup_width=2",
+        "model.enc_mup_width=2",
+        "model.code_length=16",
+        "model.context_dim=18",
+        "model.codebook_size_for_entropy=9",
+        "model.enc_depth=2",
+        "model.dec_depth=2",
+        "opt.lr=3.0e-4",
+        "opt.lpips_weight=0.0",
+        "trainer.enable_bfloat16=False",
+        "trainer.log_every=10",
+        "trainer.checkpoint_every=100",
+        "trainer.sample_every=100",
+        "eval.sampling.sample_steps=10",
+    ],
+}
+
+ALLOWED = {
+    "model.quantization_type": ("lfq", "kl", "noop"),
+    "model.fix_norm_mode": ("l2", "channel"),
+    "model.kernels": ("auto", "triton", "torch"),
+    "opt.schedule": ("lognormal", "fat_lognormal", "uniform"),
+    "opt.lpips_mode": ("vgg", "resnet"),
+    "eval.sampling.mode": ("rf",),
+}
+
+# RoPE axes per unit of width, and the model's fixed head count and per-width hidden size.
+ROPE_AXES_PER_WIDTH = (2, 7, 7)
+HIDDEN_PER_WIDTH = 192
+NUM_HEADS = 12
+
+
+def load_config(overrides: Optional[Iterable[str]] = None, preset: Optional[str] = None) -> Config:
+    """Defaults, then the preset's overrides, then `overrides` (dotlist, e.g. "model.context_dim=56")."""
+    config = Config()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+        apply_overrides(config, PRESETS[preset])
+    apply_overrides(config, list(overrides or []))
+    validate(config)
+    return config
+
+
+def config_from_dict(d: dict, overrides: Iterable[str] = ()) -> Config:
+    """Rebuild a Config stored with `Config.to_dict()` (e.g. in our checkpoints), then apply `overrides`."""
+    config = Config()
+    apply_overrides(config, [f"{k}={v!r}" for k, v in _flatten(d)])
+    apply_overrides(config, list(overrides))
+    validate(config)
+    return config
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def apply_overrides(config: Config, overrides: Iterable[str]) -> None:
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("+")
+        *path, leaf = key.split(".")
+        node: Any = config
+        for i, part in enumerate(path):
+            if not dataclasses.is_dataclass(node) or part not in _field_names(node):
+                raise _unknown_key(key, node, ".".join(path[:i]))
+            node = getattr(node, part)
+        if not dataclasses.is_dataclass(node) or leaf not in _field_names(node):
+            raise _unknown_key(key, node, ".".join(path))
+        hint = get_type_hints(type(node))[leaf]
+        if dataclasses.is_dataclass(hint):
+            raise ValueError(f"{key} is a section, not a key; set one of its keys, e.g. {key}.<key>=value")
+        setattr(node, leaf, _parse_value(key, raw.strip(), hint))
+
+
+def _field_names(node) -> list[str]:
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def _unknown_key(key: str, node, section: str) -> ValueError:
+    allowed = ", ".join(_field_names(node)) if dataclasses.is_dataclass(node) else "(none)"
+    where = f"section '{section}'" if section else "the top level"
+    return ValueError(f"unknown config key {key!r}; keys allowed in {where}: {allowed}")
+
+
+def _parse_value(key: str, raw: str, hint) -> Any:
+    optional = get_origin(hint) is Union and type(None) in get_args(hint)
+    base = [a for a in get_args(hint) if a is not type(None)][0] if optional else hint
+    if raw.lower() in ("none", "null", "~", ""):
+        if optional:
+            return None
+        if base is str:
+            return ""
+        raise ValueError(f"{key} cannot be empty/None; give a {base.__name__}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if base is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif base is str:
+        return raw if not isinstance(value, str) else value
+    raise ValueError(f"{key}={raw!r}: expected a {base.__name__}")
+
+
+def parse_cfg_interval(interval) -> Optional[tuple[float, float]]:
+    """"(.17,1.02)", ".17,1.02" or a pair -> (lo, hi) as EDM sigmas; None stays None."""
+    if interval is None:
+        return None
+    if isinstance(interval, str):
+        text = interval.strip()
+        if text.lower() in ("", "none", "null"):
+            return None
+        try:
+            interval = ast.literal_eval(text if text.startswith("(") else f"({text})")
+        except (ValueError, SyntaxError):
+            interval = None
+    if not (isinstance(interval, (tuple, list)) and len(interval) == 2):
+        raise ValueError(f"cfg_interval {interval!r}: expected two numbers 'lo,hi' such as '.17,1.02'")
+    lo, hi = float(interval[0]), float(interval[1])
+    if lo > hi:
+        raise ValueError(f"cfg_interval ({lo}, {hi}): lo must not exceed hi")
+    return lo, hi
+
+
+def parse_schedule(schedule: str) -> Optional[float]:
+    """Sampler schedule: "linear" -> None, "pow_P" -> P (> 0)."""
+    if schedule == "linear":
+        return None
+    if schedule.startswith("pow_"):
+        try:
+            p = float(schedule[4:])
+        except ValueError:
+            p = 0.0
+        if p > 0:
+            return p
+    raise ValueError(f"sampler schedule {schedule!r}: allowed are 'linear' and 'pow_P' with P > 0 (e.g. 'pow_0.25')")
+
+
+def rope_axes(width: int) -> tuple[int, int, int]:
+    return tuple(a * width for a in ROPE_AXES_PER_WIDTH)
+
+
+def validate(config: Config) -> None:
+    """Raise ValueError naming the key and the allowed values for any impossible setting."""
+    for key, allowed in ALLOWED.items():
+        section, leaf = key.rsplit(".", 1)
+        node = config
+        for part in section.split("."):
+            node = getattr(node, part)
+        if getattr(node, leaf) not in allowed:
+            raise ValueError(f"{key}={getattr(node, leaf)!r}; allowed: {', '.join(allowed)}")
+    m, d = config.model, config.data
+    for key, value in (
+        ("model.mup_width", m.mup_width),
+        ("model.enc_mup_width", m.enc_mup_width if m.enc_mup_width is not None else m.mup_width),
+        ("model.patch_size", m.patch_size),
+        ("model.code_length", m.code_length),
+        ("model.context_dim", m.context_dim),
+        ("model.enc_depth", m.enc_depth),
+        ("model.dec_depth", m.dec_depth),
+        ("data.image_size", d.image_size),
+        ("data.batch_size", d.batch_size),
+        ("opt.n_grad_acc", config.opt.n_grad_acc),
+        ("eval.sampling.sample_steps", config.eval.sampling.sample_steps),
+    ):
+        if value < 1:
+            raise ValueError(f"{key}={value}: must be a positive integer")
+    for key, width in (("model.mup_width", m.mup_width), ("model.enc_mup_width", m.enc_mup_width)):
+        if width is not None and any(a % 2 for a in rope_axes(width)):
+            raise ValueError(
+                f"{key}={width}: RoPE axes {rope_axes(width)} must all be even; allowed: even widths (2, 4, 6, ...)"
+            )
+    if m.quantization_type == "lfq":
+        g = m.codebook_size_for_entropy
+        if not 1 <= g <= 30 or m.context_dim % g:
+            divisors = [k for k in range(1, min(m.context_dim, 30) + 1) if m.context_dim % k == 0]
+            raise ValueError(
+                f"model.codebook_size_for_entropy={g} must divide model.context_dim={m.context_dim}; "
+                f"allowed: {divisors}"
+            )
+    if m.quantization_type == "kl" and m.context_dim < 1:
+        raise ValueError("model.context_dim must be positive for kl")
+    if d.image_size % m.patch_size:
+        raise ValueError(
+            f"data.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "
+            f"allowed: multiples of {m.patch_size}"
+        )
+    if d.batch_size % config.opt.n_grad_acc:
+        raise ValueError(
+            f"data.batch_size={d.batch_size} is not divisible by opt.n_grad_acc={config.opt.n_grad_acc}; "
+            f"allowed: multiples of {config.opt.n_grad_acc}"
+        )
+    parse_schedule(config.eval.sampling.schedule)
+    parse_cfg_interval(config.eval.sampling.cfg_interval)

@@ -1,0 +1,164 @@
+"""FlowMo: a transformer encoder to a quantized code, and a flow-matching transformer decoder."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from flowmo_fast import flow
+from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS, Config, rope_axes
+from flowmo_fast.mmdit import MMDiT, MMDiTParams
+from flowmo_fast.quantizers import QuantizerOutput, build_quantizer
+from kernels import BACKENDS, KernelOps, get_ops
+
+GUIDANCE_DROPOUT = 0.1
+
+
+def autocast_for(device: Union[torch.device, str], enabled: bool = True):
+    """bf16 autocast on CUDA; nothing elsewhere (CPU runs float32)."""
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class FlowMo(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        m = config.model
+        self.config = config
+        self.code_length = m.code_length
+        self.patch_size = m.patch_size
+        self.encoder_context_dim = m.context_dim * (2 if m.quantization_type == "kl" else 1)
+        enc_width = m.enc_mup_width if m.enc_mup_width is not None else m.mup_width
+
+        def params(width: int, context_dim: int, depth: int) -> MMDiTParams:
+            return MMDiTParams(
+                patch_size=m.patch_size,
+                context_dim=context_dim,
+                hidden_size=HIDDEN_PER_WIDTH * width,
+                num_heads=NUM_HEADS,
+                depth=depth,
+                axes_dim=rope_axes(width),
+            )
+
+        self.encoder = MMDiT(params(enc_width, self.encoder_context_dim, m.enc_depth))
+        self.decoder = MMDiT(params(m.mup_width, m.context_dim + 1, m.dec_depth))  # +1: the mask channel
+        self.quantizer = build_quantizer(m)
+        self.kernels = m.kernels
+
+    @property
+    def kernels(self) -> str:
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"kernels={name!r}; allowed: {', '.join(BACKENDS)}")
+        self._kernels = name
+
+    def ops(self, device: torch.device) -> KernelOps:
+        return get_ops(self._kernels, device)
+
+    def check_images(self, images: Tensor, name: str = "images") -> None:
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"{name} must be a float tensor [B, 3, H, W] in [-1, 1], got {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"{name} must be floating point in [-1, 1], got {images.dtype}")
+        h, w = images.shape[-2:]
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"{name} height and width must be multiples of the patch size {p}, got {h}x{w}")
+
+    def encode(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> code [B, code_length, encoder_context_dim], before quantization."""
+        self.check_images(images)
+        empty = images.new_zeros((images.shape[0], self.code_length, self.encoder_context_dim))
+        return self.encoder(images, empty, None, self.ops(images.device), output="txt")
+
+    def quantize_full(self, code: Tensor, generator: Optional[torch.Generator] = None) -> QuantizerOutput:
+        """Like `quantize`, with the loss breakdown."""
+        expected = (self.code_length, self.encoder_context_dim)
+        if code.ndim != 3 or tuple(code.shape[1:]) != expected:
+            raise ValueError(f"code must be [B, {expected[0]}, {expected[1]}], got {tuple(code.shape)}")
+        return self.quantizer(code, self.ops(code.device), generator=generator)
+
+    def quantize(self, code: Tensor, generator: Optional[torch.Generator] = None):
+        """code [B, T, F] -> (quantized [B, T, context_dim], indices [B, n_tokens] or None, quantizer_loss)."""
+        out = self.quantize_full(code, generator)
+        return out.quantized, out.indices, out.loss
+
+    def decode(self, noised_images: Tensor, code_with_mask: Tensor, timesteps: Tensor) -> Tensor:
+        """Velocity [B, 3, H, W] at noised images [B, 3, H, W], code [B, T, context_dim + 1], times [B]."""
+        return self.decoder(noised_images, code_with_mask, timesteps, self.ops(noised_images.device), output="img")
+
+    @staticmethod
+    def with_mask(quantized: Tensor) -> Tensor:
+        """Append the ones channel that tells the decoder a code is present (zeroed for guidance)."""
+        return torch.cat([quantized, torch.ones_like(quantized[..., :1])], dim=-1)
+
+    def forward(
+        self,
+        images: Tensor,
+        noised_images: Tensor,
+        timesteps: Tensor,
+        enable_cfg: bool = True,
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[Tensor, dict]:
+        """Training forward: encode, quantize, drop the whole code for 10% of samples, decode the velocity."""
+        code = self.encode(images)
+        q = self.quantize_full(code, generator)
+        code_with_mask = self.with_mask(q.quantized)
+        aux = dict(original_code=code, quantizer_loss=q.loss, quantizer_breakdown=q.breakdown, code=code_with_mask)
+        if self.config.model.enable_cfg and enable_cfg:
+            b = images.shape[0]
+            keep = torch.rand((b,), device=images.device, generator=generator) > GUIDANCE_DROPOUT
+            code_with_mask = code_with_mask * keep[:, None, None]
+        return self.decode(noised_images, code_with_mask, timesteps), aux
+
+    @torch.no_grad()
+    def sample_images(
+        self,
+        quantized: Tensor,
+        size: Sequence[int],
+        steps: int = 25,
+        cfg: float = 1.5,
+        schedule: str = "pow_0.25",
+        cfg_interval=(0.17, 1.02),
+        generator: Optional[torch.Generator] = None,
+        noise: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Quantized code [B, T, context_dim] -> images [B, 3, H, W] in [-1, 1] (float32) via the sampler."""
+        b = quantized.shape[0]
+        h, w = size
+        with autocast_for(quantized.device):
+            code = self.with_mask(quantized)
+            if noise is None:
+                noise = torch.randn((b, 3, h, w), generator=generator, device=quantized.device)
+            null_code = code * 0.0 if cfg != 1.0 else None
+            out = flow.sample(
+                self, noise, code, null_code, steps=steps, cfg=cfg, schedule=schedule, cfg_interval=cfg_interval
+            )
+        return out.clamp(-1, 1).float()
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        images: Tensor,
+        steps: int = 25,
+        cfg: float = 1.5,
+        schedule: str = "pow_0.25",
+        cfg_interval=(0.17, 1.02),
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> reconstructions, same shape, in [-1, 1]."""
+        self.check_images(images)
+        with autocast_for(images.device):
+            quantized = self.quantize(self.encode(images))[0]
+        return self.sample_images(
+            quantized, images.shape[-2:], steps=steps, cfg=cfg, schedule=schedule,
+            cfg_interval=cfg_interval, generator=generator,
+        )

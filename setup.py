@@ -1,0 +1,29 @@
+"""flowmo-fast: a fast, faithful PyTorch implementation of FlowMo (arXiv 2503.11056)."""
+
+from setuptools import setup
+
+setup(
+    name="flowmo-fast",
+    version="0.1.0",
+    description="Fast, faithful FlowMo diffusion-autoencoder image tokenizer",
+    python_requires=">=3.10",
+    packages=["flowmo_fast", "kernels", "train", "eval"],
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "triton>=3.0; platform_system == 'Linux'",
+        "einops>=0.7",
+        "numpy>=1.24",
+        "pillow>=9.0",
+        "scipy>=1.10",
+        "scikit-image>=0.21",
+        "lpips>=0.1.4",
+        "torch-fidelity>=0.3",
+        "tensorboard>=2.12",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7.0", "pytest-benchmark>=4.0", "pytest-timeout>=2.1"],
+        "gpu": ["flash-attn>=2.5", "xformers>=0.0.25", "nvtx>=0.2"],
+    },
+)

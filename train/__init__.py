@@ -1,0 +1,1 @@
+"""Training commands: `torchrun -m train.pretrain` and `torchrun -m train.posttrain`."""
