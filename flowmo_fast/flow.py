@@ -37,8 +37,9 @@ def rectified_flow_loss(
     t: Optional[Tensor] = None,
     noise: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    enable_cfg: bool = True,
 ) -> tuple[Tensor, dict]:
-    """Diffusion loss mean((z1 - v - x)^2) plus the quantizer loss.
+    """Diffusion loss mean((z1 - v - x)^2) plus the quantizer loss (`enable_cfg`: guidance dropout on).
 
     Returns (loss, aux) where aux holds `diffusion_loss`, `quantizer_loss`, `x_pred` (the one-step estimate
     of x, for perceptual losses), `t`, `noise` and the model's own aux entries.
@@ -50,7 +51,7 @@ def rectified_flow_loss(
         noise = torch.randn(images.shape, device=images.device, generator=generator, dtype=images.dtype)
     tb = t.view(b, 1, 1, 1).to(images.dtype)
     zt = ((1 - tb) * images + tb * noise).to(images.dtype)
-    v, aux = model(images, zt, t.to(images.dtype), generator=generator)
+    v, aux = model(images, zt, t.to(images.dtype), enable_cfg=enable_cfg, generator=generator)
     diffusion_loss = (noise - v - images).float().pow(2).mean()
     aux.update(
         diffusion_loss=diffusion_loss,

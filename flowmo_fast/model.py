@@ -48,6 +48,29 @@ class FlowMo(nn.Module):
         self.decoder = MMDiT(params(m.mup_width, m.context_dim + 1, m.dec_depth))  # +1: the mask channel
         self.quantizer = build_quantizer(m)
         self.kernels = m.kernels
+        for name in self.dead_parameter_names():  # loaded and saved, never used: no gradient, DDP-safe
+            self.get_parameter(name).requires_grad_(False)
+
+    def dead_parameter_names(self) -> list[str]:
+        """Parameters that cannot influence any output: the encoder's time and modulation weights (it runs
+        without a timestep), its image stream after the last attention, and the decoder's code stream
+        after its last attention. They stay in the state dict for checkpoint compatibility."""
+        enc_last = f"encoder.double_blocks.{len(self.encoder.double_blocks) - 1}"
+        dec_last = f"decoder.double_blocks.{len(self.decoder.double_blocks) - 1}"
+        dead_prefixes = (
+            "encoder.time_in.",
+            "encoder.final_layer_img.",
+            "encoder.final_layer_txt.adaLN_modulation.",
+            f"{enc_last}.img_attn.proj.",
+            f"{enc_last}.img_mlp.",
+            "decoder.final_layer_txt.",
+            f"{dec_last}.txt_attn.proj.",
+            f"{dec_last}.txt_mlp.",
+        )
+        return [
+            n for n, _ in self.named_parameters()
+            if n.startswith(dead_prefixes) or (n.startswith("encoder.") and "_mod.lin." in n)
+        ]
 
     @property
     def kernels(self) -> str:

@@ -1,0 +1,90 @@
+"""Config: upstream keys and defaults, dotlist overrides, presets, and errors naming key and allowed values."""
+
+import pytest
+
+from flowmo_fast import load_config
+from flowmo_fast.config import config_from_dict
+
+# Every key of upstream flowmo/configs/base.yaml with its default.
+UPSTREAM_BASE = {
+    "global_seed": 0,
+    "data.batch_size": 16, "data.eval_batch_size": 5, "data.image_size": 256, "data.num_workers": 8,
+    "data.imagenet_train_index": "imagenet_train_index_overall.json",
+    "data.imagenet_train_tar": "ILSVRC2012_img_train.tar",
+    "data.imagenet_val_index": "imagenet_val_index_overall.json",
+    "data.imagenet_val_tar": "ILSVRC2012_img_val.tar",
+    "model.enable_mup": True, "model.patch_size": 4, "model.mup_width": 6, "model.enc_mup_width": 4,
+    "model.fix_initial_norms": True, "model.fix_norm_mode": "l2", "model.quantization_type": "lfq",
+    "model.code_length": 256, "model.context_dim": 18, "model.codebook_size_for_entropy": 9,
+    "model.entropy_loss_weight": 0.0025, "model.commit_loss_weight": 0.000625, "model.enc_depth": 8,
+    "model.dec_depth": 16, "model.enable_cfg": True, "model.ema_decay": 0.9999,
+    "model.posttrain_sample": False, "model.posttrain_sample_enable_cfg": False, "model.posttrain_sample_k": 8,
+    "opt.lr": 1.0e-4, "opt.n_grad_acc": 2, "opt.schedule": "fat_lognormal", "opt.freeze_encoder": False,
+    "opt.freeze_encoder_after": 200000, "opt.weight_decay": 0.0, "opt.log_norms": True, "opt.lpips_weight": 0.1,
+    "opt.lpips_mode": "vgg", "opt.beta1": 0.9, "opt.beta2": 0.95,
+    "trainer.enable_bfloat16": True, "trainer.log_every": 100, "trainer.checkpoint_every": 5000,
+    "trainer.max_steps": 10000000000000, "trainer.keep_every": 200000, "trainer.gs_checkpoint_bucket": "",
+    "eval.reconstruction": True, "eval.state_dict_key": "model_ema_state_dict", "eval.eval_dir": "",
+    "eval.eval_baseline": "", "eval.continuous": True, "eval.force_ckpt_path": None, "eval.subsample_rate": 1,
+    "eval.sampling.sample_steps": 25, "eval.sampling.schedule": "pow_0.25", "eval.sampling.cfg": 1.5,
+    "eval.sampling.mode": "rf", "eval.sampling.cfg_interval": "(.17,1.02)",
+}
+
+
+def get(config, key):
+    node = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def test_upstream_keys_and_defaults():
+    config = load_config()
+    for key, value in UPSTREAM_BASE.items():
+        assert get(config, key) == value, key
+        assert type(get(config, key)) is type(value), key
+
+
+def test_upstream_seed_command_overrides_work_as_written():
+    config = load_config(["model.context_dim=18", "model.codebook_size_for_entropy=9", "trainer.max_steps=1300000",
+                          "opt.lr=5e-5", "model.enable_cfg=False", "eval.force_ckpt_path=/x.pth"])
+    assert config.trainer.max_steps == 1300000 and config.opt.lr == 5e-5 and isinstance(config.opt.lr, float)
+    assert config.model.enable_cfg is False and config.eval.force_ckpt_path == "/x.pth"
+
+
+def test_presets():
+    assert load_config(preset="flowmo_hi").model.context_dim == 56
+    assert load_config(preset="flowmo_hi").model.codebook_size_for_entropy == 14
+    kl = load_config(preset="flowmo_hi_kl").model
+    assert (kl.quantization_type, kl.context_dim, kl.code_length) == ("kl", 768, 128)
+    tiny = load_config(preset="tiny")
+    assert tiny.model.mup_width == 2 and tiny.data.image_size == 32
+    # overrides apply on top of the preset
+    assert load_config(["model.dec_depth=3"], preset="tiny").model.dec_depth == 3
+
+
+def test_round_trip_through_dict():
+    config = load_config(["model.dec_depth=3", "eval.sampling.cfg_interval=none"], preset="tiny")
+    assert config_from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    "overrides, preset, message",
+    [
+        (["model.contxt_dim=18"], None, r"unknown config key 'model.contxt_dim'.*context_dim"),
+        (["modle.context_dim=18"], None, r"unknown config key 'modle.context_dim'.*top level.*model"),
+        (["model.context_dim"], None, "section.key=value"),
+        (["model.context_dim=abc"], None, r"model.context_dim='abc': expected a int"),
+        (["model.quantization_type=vq"], None, "allowed: lfq, kl, noop"),
+        (["model.context_dim=20"], None, r"codebook_size_for_entropy=9 must divide model.context_dim=20; allowed: \[1, 2, 4, 5, 10, 20\]"),
+        (["model.mup_width=3"], None, r"model.mup_width=3: RoPE axes \(6, 21, 21\) must all be even"),
+        (["data.image_size=30"], None, "data.image_size=30 is not divisible by model.patch_size=4"),
+        (["eval.sampling.schedule=cosine"], None, "allowed are 'linear' and 'pow_P'"),
+        (["opt.schedule=cosine"], None, "allowed: lognormal, fat_lognormal, uniform"),
+        (["data.batch_size=7"], None, "opt.n_grad_acc=2"),
+        ([], "huge", "unknown preset 'huge'; allowed: flowmo_lo"),
+    ],
+)
+def test_bad_settings_raise_value_error_naming_key_and_allowed_values(overrides, preset, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(overrides, preset=preset)

@@ -1,0 +1,80 @@
+"""Rectified-flow schedules, the batched-guidance sampler, and post-training's checkpointed chain."""
+
+import pytest
+import torch
+
+from flowmo_fast import flow
+
+
+def test_training_time_schedules_stay_in_unit_interval():
+    for schedule in flow.TRAIN_SCHEDULES:
+        t = flow.sample_times(schedule, 4096, generator=torch.Generator().manual_seed(0))
+        assert t.shape == (4096,) and t.min() > 0 and t.max() < 1
+    lognormal = flow.sample_times("lognormal", 20000, generator=torch.Generator().manual_seed(0))
+    fat = flow.sample_times("fat_lognormal", 20000, generator=torch.Generator().manual_seed(0))
+    # fat_lognormal puts ~10% of its mass uniform: more samples in the tails than the lognormal.
+    tails = lambda t: ((t < 0.05) | (t > 0.95)).float().mean().item()
+    assert tails(fat) > tails(lognormal) + 0.005
+    with pytest.raises(ValueError, match="allowed"):
+        flow.sample_times("cosine", 4)
+
+
+def test_sampler_schedules_match_upstream_definition():
+    ts, dts = flow.sampler_schedule(4, "linear")
+    assert torch.allclose(ts, torch.tensor([1.0, 0.75, 0.5, 0.25])) and torch.allclose(dts, torch.full((4,), 0.25))
+    ts, dts = flow.sampler_schedule(25, "pow_0.25")
+    assert ts[0] == 1 and len(ts) == 25 and torch.all(dts > 0)
+    assert torch.isclose(dts.sum(), torch.tensor(1.0))  # integrates from t = 1 to exactly 0
+    assert torch.isclose(ts[-1], torch.tensor((1 / 25) ** 4))
+    with pytest.raises(ValueError, match="pow_P"):
+        flow.sampler_schedule(4, "cosine")
+
+
+def test_guidance_interval_is_in_edm_sigmas():
+    ts = torch.tensor([1.0, 0.6, 0.5, 0.2, 0.1])
+    # (.17, 1.02) -> t in [0.1453, 0.5050]
+    assert flow.guided_steps(ts, (0.17, 1.02)) == [False, False, True, True, False]
+    assert flow.guided_steps(ts, ".17,1.02") == [False, False, True, True, False]
+    assert flow.guided_steps(ts, None) == [True] * 5
+
+
+@torch.no_grad()
+def test_batched_guidance_equals_two_passes(parity, parity_model):
+    code = parity["code_with_mask"]
+    z = parity["sampler_noise"]
+    null = code * 0
+    ts, dts = flow.sampler_schedule(6, "linear")
+    ref = z
+    for t, dt in zip(ts, dts):
+        tb = t.expand(z.shape[0])
+        vc = parity_model.decode(ref, code, tb)
+        vu = parity_model.decode(ref, null, tb)
+        ref = ref - dt * (vu + 2.0 * (vc - vu))
+    out = flow.sample(parity_model, z, code, null, steps=6, cfg=2.0, schedule="linear", cfg_interval=None)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_posttrain_chain_checkpointed_gradients_equal_plain_chain(parity, parity_model):
+    code = parity["code_with_mask"].clone().requires_grad_(True)
+
+    def run(checkpointed):
+        g = torch.Generator().manual_seed(5)
+        if checkpointed:
+            out = flow.posttrain_chain(parity_model, code, (32, 32), k=3, generator=g)
+        else:  # the same chain written plainly
+            b = code.shape[0]
+            z = torch.randn((b, 3, 32, 32), generator=g)
+            ts = torch.rand((b, 4), generator=g).cumsum(1)
+            ts = ((ts - ts[:, :1]) / (ts - ts[:, :1])[:, -1:]).flip(1)
+            for i in range(3):
+                z = z - (ts[:, i] - ts[:, i + 1])[:, None, None, None] * parity_model.decode(z, code, ts[:, i])
+            out = z
+        loss = out.square().mean()
+        grads = torch.autograd.grad(loss, [code, parity_model.decoder.img_in.weight])
+        return out.detach(), grads
+
+    out_c, grads_c = run(True)
+    out_p, grads_p = run(False)
+    assert torch.allclose(out_c, out_p, atol=1e-5)
+    for gc, gp in zip(grads_c, grads_p):
+        assert torch.allclose(gc, gp, atol=1e-6, rtol=1e-4)
