@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -128,19 +128,23 @@ def load_checkpoint(
     return model.to(device=device, dtype=torch.float32).eval()
 
 
-def cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def cpu_state_dict(model: Union[nn.Module, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    state = model if isinstance(model, Mapping) else model.state_dict()
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """`write(f)` into a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; give the mode open() would
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -155,19 +159,27 @@ def atomic_save(obj: Any, path: str) -> None:
         os.close(dir_fd)
 
 
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save, atomically (see `atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def save_checkpoint(
     path: str,
-    model: nn.Module,
-    ema_model: Optional[nn.Module] = None,
+    model: Union[nn.Module, Mapping[str, Tensor]],
+    ema_model: Optional[Union[nn.Module, Mapping[str, Tensor]]] = None,
     total_steps: int = 0,
     extra: Optional[Mapping[str, Any]] = None,
+    config: Optional[Config] = None,
 ) -> None:
-    """Write the upstream layout (plus `config`, and any `extra` entries such as optimizer state) atomically."""
+    """Write the upstream layout (plus `config`, and any `extra` entries such as optimizer state) atomically.
+
+    `model` / `ema_model` are modules or state dicts; `config` defaults to `model.config`."""
     ckpt = {
         "total_steps": int(total_steps),
         "model_ema_state_dict": cpu_state_dict(ema_model if ema_model is not None else model),
         "model_state_dict": cpu_state_dict(model),
-        "config": model.config.to_dict(),
+        "config": (config if config is not None else model.config).to_dict(),
     }
     ckpt.update(extra or {})
     atomic_save(ckpt, path)

@@ -1,0 +1,68 @@
+"""The upstream FlowMo implementation, built from its own code for side-by-side benchmarks.
+
+Set FLOWMO_REFERENCE to a checkout of kylesargent/FlowMo (never vendored here). Needs the `reference`
+extra (mup, omegaconf). `load_upstream(config, state_dict)` returns (upstream module, upstream FlowMo).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from flowmo_fast.config import Config
+
+
+def reference_path() -> Optional[str]:
+    path = os.environ.get("FLOWMO_REFERENCE")
+    return path if path and os.path.isdir(os.path.join(path, "flowmo")) else None
+
+
+def skip_reason() -> Optional[str]:
+    """Why the upstream rows cannot run here, or None."""
+    if reference_path() is None:
+        return "FLOWMO_REFERENCE is unset or not an upstream FlowMo checkout"
+    for module in ("mup", "omegaconf"):
+        if importlib.util.find_spec(module) is None:
+            return f"upstream needs `{module}`: pip install -e '.[reference]'"
+    return None
+
+
+def load_upstream(config: Config, state_dict: dict, compiled: bool = False):
+    """Build upstream's FlowMo from its code with our config values and weights (float32, CPU)."""
+    from omegaconf import OmegaConf
+
+    root = reference_path()
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    models = importlib.import_module("flowmo.models")
+    models.MUP_ENABLED = config.model.enable_mup
+    up_config = OmegaConf.merge(OmegaConf.load(os.path.join(root, "flowmo/configs/base.yaml")), config.to_dict())
+    model = models.FlowMo(width=config.model.mup_width, config=up_config)
+    # muP with base = own width: every MuReadout multiplier is 1 (see shared/reference/README.md).
+    for module in model.modules():
+        if type(module).__name__ == "MuReadout":
+            module.width_mult = lambda: 1.0
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
+    if not compiled:
+        for name in ("encode", "decode", "_quantize"):
+            fn = getattr(type(model), name)
+            original = getattr(fn, "_torchdynamo_orig_callable", None) or getattr(fn, "__wrapped__", fn)
+            setattr(model, name, original.__get__(model))
+    return models, model
+
+
+def upstream_reconstruct(models, model, images: torch.Tensor, noise: torch.Tensor, steps: int, cfg: float):
+    """Upstream's evaluation sampler (its `rf_sample`) from the given noise; CPU-safe (no .cuda())."""
+    with torch.no_grad():
+        code = model._quantize(model.encode(images)[0])[0]
+        code = torch.cat([code, torch.ones_like(code[..., :1])], dim=-1)
+        null = code * 0.0 if cfg != 1.0 else None
+        model.config.eval.sampling.cfg = cfg
+        out = models.rf_sample(model, noise, code, null_code=null, sample_steps=steps, cfg=cfg,
+                               schedule=model.config.eval.sampling.schedule)[-1]
+    return out.clamp(-1, 1)

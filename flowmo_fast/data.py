@@ -1,0 +1,393 @@
+"""Image data sets for training and tokenizing: ImageNet tar files with upstream's index, image folders,
+and the sample photos that ship with scikit-image (the default when no data is given).
+
+Every data set yields dicts {"image": float32 [3, size, size] in [-1, 1], "index": row, "name": str,
+"label": int (-1 if unknown), "valid": bool}. An image that fails to decode gives `valid=False` and a zero
+image instead of an exception; `collate_images` drops such items and counts them in the batch's "skipped".
+
+Rows are in a fixed order (sorted names), so a row index names the same image in every process and run.
+`ShardedBatchSampler` turns that into an endless, resumable, per-rank stream of batches (one shuffled
+permutation per epoch from `seed + epoch`, as `DistributedSampler`), and gives each train item its own crop
+seed, so random crops do not depend on workers, prefetching or restarts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+# Colour photographs shipped inside the scikit-image wheel (skimage/data), used when no data is given.
+SAMPLE_PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
+    "rocket.jpg",
+)
+SYNSET = re.compile(r"n\d{8}")
+
+Key = Union[int, tuple]  # a row, or (row, crop seed) as yielded by ShardedBatchSampler
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: grayscale, RGBA/LA (alpha dropped, as upstream), CMYK, palette, 16-bit."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit PNG/TIFF: keep the top 8 bits
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side -> `size`, bilinear with antialiasing (upstream's `T.Resize(size)`)."""
+    return TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+
+
+def crop_square(image: Image.Image, size: int, rng: Optional[random.Random]) -> Image.Image:
+    """A size x size crop: centred when `rng` is None, else at a uniformly random offset."""
+    if rng is None:
+        return TF.center_crop(image, [size, size])
+    w, h = image.size
+    top, left = rng.randint(0, h - size), rng.randint(0, w - size)
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, H, W] in [-1, 1] (computed in float64 then rounded, as upstream)."""
+    array = (np.asarray(image, dtype=np.float64) / 127.5 - 1.0).astype(np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class ImageDataset(Dataset):
+    """Rows of named images; subclasses say how to read a row's bytes (`read_bytes`).
+
+    `size`: output side; `random_crop`: train crops (random) rather than val crops (centre).
+    """
+
+    def __init__(self, names: Sequence[str], labels: Sequence[int], size: int, random_crop: bool):
+        if size < 1:
+            raise ValueError(f"image size must be a positive integer, got {size}")
+        self.names = list(names)
+        self.labels = list(labels)
+        self.size = size
+        self.random_crop = random_crop
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def read_bytes(self, i: int) -> bytes:
+        raise NotImplementedError
+
+    def load_resized(self, i: int) -> Image.Image:
+        """Row i decoded, converted to RGB and resized (shorter side = size)."""
+        with Image.open(io.BytesIO(self.read_bytes(i))) as image:
+            image.load()
+            return resize_shorter_side(to_rgb(image), self.size)
+
+    def __getitem__(self, key: Key) -> dict:
+        i, crop_seed = key if isinstance(key, tuple) else (key, None)
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} out of range for a data set of {len(self)} images")
+        item = {"index": i, "name": self.names[i], "label": self.labels[i]}
+        try:
+            resized = self.load_resized(i)
+        except Exception:  # PIL raises many types for bad files (OSError, SyntaxError, zlib.error, ...)
+            return {**item, "image": torch.zeros(3, self.size, self.size), "valid": False}
+        rng = None
+        if self.random_crop:
+            rng = random.Random(crop_seed) if crop_seed is not None else random.Random(torch.randint(2**62, ()).item())
+        return {**item, "image": to_tensor(crop_square(resized, self.size, rng)), "valid": True}
+
+    def describe(self) -> str:
+        return f"{len(self)} images"
+
+
+def _synset_labels(names: Sequence[str]) -> list[int]:
+    """Label = rank of the ImageNet synset (nXXXXXXXX) found in the name among all found; -1 where none."""
+    found = [m.group(0) if (m := SYNSET.search(n)) else None for n in names]
+    classes = {s: k for k, s in enumerate(sorted({s for s in found if s}))}
+    return [classes[s] if s else -1 for s in found]
+
+
+class IndexedTarDataset(ImageDataset):
+    """Images read straight out of an (uncompressed) tar file through upstream's index JSON: a list of
+    {"name", "offset", "size"} (byte offset and length of each image file inside the tar). Rows are sorted
+    by the name's last path component, as upstream."""
+
+    def __init__(self, tar_path: str, index_path: str, size: int, random_crop: bool = False):
+        for what, path in (("tar file", tar_path), ("index file", index_path)):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"ImageNet {what} not found: {path}")
+        with open(index_path) as f:
+            try:
+                index = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{index_path} is not valid JSON ({e}); expected upstream's tar index") from e
+        if not isinstance(index, list) or not all(
+            isinstance(e, dict) and {"name", "offset", "size"} <= e.keys() for e in index
+        ):
+            raise ValueError(f"{index_path}: expected a JSON list of {{'name', 'offset', 'size'}} entries")
+        index = sorted(index, key=lambda e: e["name"].split("/")[-1])
+        names = [e["name"] for e in index]
+        labels = [int(e["label"]) for e in index] if all("label" in e for e in index) else _synset_labels(names)
+        super().__init__(names, labels, size, random_crop)
+        self.tar_path = tar_path
+        self.spans = [(int(e["offset"]), int(e["size"])) for e in index]
+        self._fd: Optional[int] = None
+        self._fd_pid: Optional[int] = None
+
+    def read_bytes(self, i: int) -> bytes:
+        if self._fd is None or self._fd_pid != os.getpid():  # one descriptor per process (workers fork)
+            self._fd, self._fd_pid = os.open(self.tar_path, os.O_RDONLY), os.getpid()
+        offset, size = self.spans[i]
+        return os.pread(self._fd, size, offset)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fd": None, "_fd_pid": None}
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None and self._fd_pid == os.getpid():
+            os.close(self._fd)
+
+    def describe(self) -> str:
+        return f"{len(self)} images from {self.tar_path}"
+
+
+def image_extensions() -> set[str]:
+    """File extensions PIL can open (lower case, with the dot)."""
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+class ImageFolderDataset(ImageDataset):
+    """Every PIL-readable file under `root` (recursively, by extension), sorted by relative path.
+
+    Label: rank of the top-level sub-folder (as torchvision's ImageFolder); -1 for files directly in root.
+    `files` limits the rows to the given relative paths.
+    """
+
+    def __init__(self, root: str, size: int, random_crop: bool = False, files: Optional[Sequence[str]] = None):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder not found: {root}")
+        if files is None:
+            extensions = image_extensions()
+            files = [
+                os.path.relpath(os.path.join(folder, f), root)
+                for folder, _, names in os.walk(root, followlinks=True)
+                for f in names
+                if os.path.splitext(f)[1].lower() in extensions and not f.startswith(".")
+            ]
+        files = sorted(files)
+        if not files:
+            raise ValueError(f"no image files under {root} (looked for: {', '.join(sorted(image_extensions())[:12])}, ...)")
+        tops = [f.split(os.sep)[0] if os.sep in f else None for f in files]
+        classes = {t: k for k, t in enumerate(sorted({t for t in tops if t}))}
+        super().__init__(files, [classes[t] if t else -1 for t in tops], size, random_crop)
+        self.root = root
+
+    def read_bytes(self, i: int) -> bytes:
+        with open(os.path.join(self.root, self.names[i]), "rb") as f:
+            return f.read()
+
+    def describe(self) -> str:
+        return f"{len(self)} images under {self.root}"
+
+
+def skimage_data_dir() -> str:
+    try:
+        import skimage.data
+    except ImportError as e:
+        raise ImportError("the bundled sample photos come with scikit-image: pip install scikit-image") from e
+    return os.path.dirname(skimage.data.__file__)
+
+
+def bundled_photo_files() -> list[str]:
+    """Names (inside `skimage_data_dir()`) of the sample colour photos present in this installation."""
+    folder = skimage_data_dir()
+    files = [f for f in SAMPLE_PHOTOS if os.path.isfile(os.path.join(folder, f))]
+    if not files:
+        raise FileNotFoundError(f"none of the scikit-image sample photos ({', '.join(SAMPLE_PHOTOS)}) are in {folder}")
+    return files
+
+
+class SamplePhotosDataset(ImageFolderDataset):
+    """The colour photos shipped with scikit-image (astronaut, chelsea, coffee, rocket, ...); no download.
+
+    They are few and large, so each process keeps its resized copies in memory (crops stay random)."""
+
+    def __init__(self, size: int, random_crop: bool = False):
+        super().__init__(skimage_data_dir(), size, random_crop, files=bundled_photo_files())
+        self._resized: dict[int, Image.Image] = {}
+
+    def load_resized(self, i: int) -> Image.Image:
+        if i not in self._resized:
+            self._resized[i] = super().load_resized(i)
+        return self._resized[i]
+
+    def describe(self) -> str:
+        return f"{len(self)} scikit-image sample photos ({', '.join(os.path.splitext(n)[0] for n in self.names)})"
+
+
+def bundled_photos_dir(cache_dir: Optional[str] = None) -> str:
+    """A folder holding only the sample photos (copied once from scikit-image), for commands that take a folder.
+
+    Default location: $XDG_CACHE_HOME/flowmo_fast/sample_photos (~/.cache/...)."""
+    if cache_dir is None:
+        cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache_dir = os.path.join(cache_home, "flowmo_fast", "sample_photos")
+    os.makedirs(cache_dir, exist_ok=True)
+    source = skimage_data_dir()
+    for name in bundled_photo_files():
+        target = os.path.join(cache_dir, name)
+        if not os.path.isfile(target):  # copy then rename: concurrent processes never see half a file
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-")
+            os.close(fd)
+            shutil.copyfile(os.path.join(source, name), tmp)
+            os.replace(tmp, target)
+    return cache_dir
+
+
+def build_dataset(data_config, split: str) -> ImageDataset:
+    """The data set a config names, for split "train" (random crops) or "val" (centre crops):
+    `data.data_dir` if set (an image folder); else the ImageNet tar + index of the split if both exist;
+    else, when the tar paths are left at their defaults, the bundled sample photos."""
+    from flowmo_fast.config import DataConfig
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}; allowed: train, val")
+    size, random_crop = data_config.image_size, split == "train"
+    if data_config.data_dir:
+        return ImageFolderDataset(data_config.data_dir, size, random_crop)
+    tar_key, index_key = f"imagenet_{split}_tar", f"imagenet_{split}_index"
+    tar, index = getattr(data_config, tar_key), getattr(data_config, index_key)
+    if os.path.isfile(tar) and os.path.isfile(index):
+        return IndexedTarDataset(tar, index, size, random_crop)
+    defaults = DataConfig()
+    if tar == getattr(defaults, tar_key) and index == getattr(defaults, index_key):
+        return SamplePhotosDataset(size, random_crop)
+    missing = tar if not os.path.isfile(tar) else index
+    raise FileNotFoundError(
+        f"data.{tar_key}={tar!r} / data.{index_key}={index!r}: {missing} not found. Give existing paths, "
+        "an image folder with data.data_dir=PATH, or leave both at their defaults for the bundled sample photos."
+    )
+
+
+def collate_images(items: Sequence[dict]) -> dict:
+    """Stack the valid items; drop invalid ones and count them.
+
+    -> {"image": [B, 3, H, W], "index": [B], "label": [B], "name": [B], "skipped": int, "skipped_names": list}
+    """
+    valid = [it for it in items if it["valid"]]
+    skipped = [it["name"] for it in items if not it["valid"]]
+    if valid:
+        images = torch.stack([it["image"] for it in valid])
+    else:
+        images = torch.zeros((0, *items[0]["image"].shape)) if items else torch.zeros((0, 3, 0, 0))
+    return {
+        "image": images,
+        "index": torch.tensor([it["index"] for it in valid], dtype=torch.long),
+        "label": torch.tensor([it["label"] for it in valid], dtype=torch.long),
+        "name": [it["name"] for it in valid],
+        "skipped": len(skipped),
+        "skipped_names": skipped,
+    }
+
+
+class ShardedBatchSampler:
+    """Endless batches of keys for one rank: epoch e is `DistributedSampler(seed, epoch=e)`'s share of the
+    rows (shuffled, padded to a multiple of world_size); epochs follow each other without a gap, so any
+    data-set size and batch size work. `start` = samples of this rank's stream already consumed (resume).
+
+    Train keys are (row, crop seed) with the seed fixed by (seed, epoch, position); val keys are rows."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        start: int = 0,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if len(dataset) == 0:
+            raise ValueError("the data set is empty")
+        self.shards = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.start = start
+
+    def keys(self) -> Iterator[Key]:
+        per_epoch = len(self.shards)
+        epoch, offset = divmod(self.start, per_epoch)
+        while True:
+            self.shards.set_epoch(epoch)
+            rows = list(self.shards)
+            for position in range(offset, per_epoch):
+                if self.shuffle:
+                    seed = int(np.random.SeedSequence([self.seed, epoch, position]).generate_state(1)[0])
+                    yield (rows[position], seed)
+                else:
+                    yield rows[position]
+            epoch, offset = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[list]:
+        keys = self.keys()
+        while True:
+            yield [next(keys) for _ in range(self.batch_size)]
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+    start: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """An endless DataLoader over `ShardedBatchSampler` with `collate_images`; workers stay alive."""
+    sampler = ShardedBatchSampler(dataset, batch_size, rank, world_size, seed, shuffle, start)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        collate_fn=collate_images,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def first_valid_images(dataset: ImageDataset, count: int) -> torch.Tensor:
+    """The first `count` decodable images in row order, [N, 3, H, W] (N < count if the data set is smaller)."""
+    images = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if item["valid"]:
+            images.append(item["image"])
+        if len(images) == count:
+            break
+    if not images:
+        return torch.zeros((0, 3, dataset.size, dataset.size))
+    return torch.stack(images)

@@ -1,0 +1,301 @@
+r"""Tokenize a whole data set into token shards (see `flowmo_fast.token_shards` for the folder layout).
+
+    python -m flowmo_fast.tokenize --ckpt flowmo_lo.pth --data DIR --out tokens/
+    torchrun --nproc-per-node=8 -m flowmo_fast.tokenize --ckpt flowmo_hi.pth \
+        --imagenet-tar ILSVRC2012_img_train.tar --imagenet-index imagenet_train_index_overall.json --out tokens/
+
+With neither --data nor --imagenet-tar it encodes the sample photos bundled with scikit-image.
+Only the encoder and the quantizer run (no sampling); on CUDA under bf16 autocast and torch.compile.
+Images are centre crops at --image-size. LFQ checkpoints give token ids, exactly `Tokenizer.encode` of the
+same images. KL checkpoints give the posterior mean of each latent in float16 (the logvar half is dropped):
+the mean is deterministic, so reruns and any number of processes give the same bytes (upstream's eval path
+adds exp(logvar / 2) noise to it).
+
+Each process (torchrun rank) encodes a disjoint set of the unfinished shards; rank 0 then writes the index
+and manifest. A rerun skips finished shards and writes nothing when all are done. Images that fail to decode
+are left out of the rows and listed in the manifest's "failed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import sys
+import time
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from flowmo_fast.checkpoint import load_checkpoint
+from flowmo_fast.data import (
+    ImageDataset,
+    ImageFolderDataset,
+    IndexedTarDataset,
+    SamplePhotosDataset,
+    collate_images,
+)
+from flowmo_fast.model import FlowMo, autocast_for
+from flowmo_fast.token_shards import (
+    INDEX,
+    MANIFEST,
+    TokenSpec,
+    check_resumable,
+    file_sha256,
+    finished_manifest,
+    index_text,
+    load_manifest,
+    names_sha256,
+    new_manifest,
+    read_shard_record,
+    shard_is_done,
+    shard_ranges,
+    to_json,
+    write_shard,
+    write_text_if_changed,
+)
+from flowmo_fast.tokenizer import Tokenizer
+
+# Ranks that finish early wait for the others at the end; encoding a shard can take long on a CPU.
+BARRIER_TIMEOUT = datetime.timedelta(hours=6)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m flowmo_fast.tokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--ckpt", required=True, help="FlowMo checkpoint (upstream .pth or ours)")
+    p.add_argument("--which", default="ema", choices=("ema", "model"), help="EMA or raw weights (default: ema)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", metavar="DIR", help="image folder (recursive; sub-folders are classes)")
+    source.add_argument("--imagenet-tar", metavar="T", help="ImageNet tar file (with --imagenet-index)")
+    p.add_argument("--imagenet-index", metavar="J", help="upstream's JSON index of the tar")
+    p.add_argument("--out", required=True, help="output folder (created; reused by a rerun)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call, per process (default 64)")
+    p.add_argument("--image-size", type=int, default=None, help="crop side (default: the checkpoint's, 256)")
+    p.add_argument("--shard-size", type=int, default=4096, help="images per shard file (default 4096)")
+    p.add_argument("--num-workers", type=int, default=4, help="data loader processes per rank (default 4)")
+    p.add_argument("--device", default=None, help="default: this rank's GPU if there is one, else cpu")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the encoder on CUDA")
+    args = p.parse_args(argv)
+    if (args.imagenet_tar is None) != (args.imagenet_index is None):
+        p.error("--imagenet-tar and --imagenet-index go together")
+    for name in ("batch_size", "shard_size", "image_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.num_workers < 0:
+        p.error(f"--num-workers must be 0 or more, got {args.num_workers}")
+    return args
+
+
+def log(message: str) -> None:
+    print(f"tokenize: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[tuple[int, int]]:
+    """(rank, world size): torchrun's, over Gloo (only small objects and barriers travel), or (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield 0, 1
+        return
+    dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    try:
+        yield dist.get_rank(), world
+    finally:
+        dist.destroy_process_group()
+
+
+def on_rank0(fn: Callable, rank: int, world: int):
+    """fn() run on rank 0; every rank gets its result, or raises its error."""
+    box = [None]
+    if rank == 0:
+        try:
+            box = [(True, fn())]
+        except Exception as e:
+            box = [(False, e)]
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def pick_device(requested: Optional[str]) -> torch.device:
+    if requested is not None:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def open_dataset(args: argparse.Namespace, size: int) -> ImageDataset:
+    """The image folder, the ImageNet tar, or (neither given) the bundled sample photos; centre crops."""
+    if args.data is not None:
+        return ImageFolderDataset(args.data, size)
+    if args.imagenet_tar is not None:
+        return IndexedTarDataset(args.imagenet_tar, args.imagenet_index, size)
+    return SamplePhotosDataset(size)
+
+
+def make_encoder(model: FlowMo, spec: TokenSpec, compile: bool, batch_size: int) -> Callable[[Tensor], np.ndarray]:
+    """images [B, 3, H, W] in [-1, 1] -> numpy rows [B, *spec.row_shape] in spec.dtype.
+
+    bf16 autocast on CUDA. Compiled, the encoder sees only full batches (short ones are zero-padded; images
+    do not interact), so it compiles once."""
+    device = next(model.parameters()).device
+    if compile:
+        model.encoder.compile(dynamic=False)
+    tokenizer = Tokenizer(model) if spec.kind == "ids" else None
+    context_dim = model.config.model.context_dim
+
+    @torch.no_grad()
+    def encode(images: Tensor) -> np.ndarray:
+        n = images.shape[0]
+        images = images.to(device, non_blocking=True)
+        if compile and n < batch_size:
+            images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
+        if tokenizer is not None:
+            rows = tokenizer.encode(images)
+        else:
+            with autocast_for(device):
+                rows = model.encode(images)[..., :context_dim].half()  # KL posterior mean; logvar follows it
+        return rows[:n].cpu().numpy().astype(spec.dtype, copy=False)
+
+    return encode
+
+
+def shard_batches(items: range, batch_size: int) -> list[list[int]]:
+    return [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+def encode_shards(
+    encode: Callable[[Tensor], np.ndarray],
+    spec: TokenSpec,
+    dataset: ImageDataset,
+    shards: list[tuple[int, range]],
+    out: str,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    progress: bool,
+    desc: str,
+) -> int:
+    """Encode and write each (k, rows) shard; batches never straddle shards. Returns images read."""
+    plan = [(k, items, shard_batches(items, batch_size)) for k, items in shards]
+    batches = [batch for _, _, shard in plan for batch in shard]
+    loader = DataLoader(
+        dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_images, pin_memory=pin_memory
+    )
+    loaded = iter(loader)
+    total = sum(len(items) for _, items, _ in plan)
+    with tqdm(total=total, unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for k, items, requested in plan:
+            rows, sources, failed = [], [], []
+            for wanted in requested:
+                batch = next(loaded)
+                got = batch["index"].tolist()
+                if got:
+                    rows.append(encode(batch["image"]))
+                for i, name, label in zip(got, batch["name"], batch["label"].tolist()):
+                    sources.append({"index": i, "name": name, **({"label": label} if label >= 0 else {})})
+                failed.extend({"index": i, "name": dataset.names[i]} for i in sorted(set(wanted) - set(got)))
+                bar.update(len(wanted))
+            rows = np.concatenate(rows) if rows else np.zeros((0, *spec.row_shape), spec.dtype)
+            write_shard(out, k, items, rows, sources, failed)
+    return total
+
+
+def prepare(out: str, planned: dict, ranges: list[range], spec: TokenSpec) -> list[int]:
+    """Rank 0: check `out` belongs to this run, record the plan, and list the shards still to write."""
+    os.makedirs(out, exist_ok=True)
+    check_resumable(out, planned)
+    for leftover in os.listdir(out):  # temporary files of writes a killed run never finished
+        if leftover.startswith(".tmp-"):
+            os.remove(os.path.join(out, leftover))
+    if load_manifest(out) is None:
+        write_text_if_changed(os.path.join(out, MANIFEST), to_json(planned))
+    return [k for k, items in enumerate(ranges) if not shard_is_done(out, k, items, spec)]
+
+
+def finish(out: str, planned: dict, ranges: list[range]) -> dict:
+    """Rank 0, after every rank is done: the index and the final manifest, each rewritten only if it changed."""
+    records = [read_shard_record(out, k) for k in range(len(ranges))]
+    missing = [k for k, r in enumerate(records) if r is None]
+    if missing:
+        raise RuntimeError(f"shards {missing[:5]} of {out} have no record after encoding; run the command again")
+    manifest = finished_manifest(planned, records)
+    wrote_index = write_text_if_changed(os.path.join(out, INDEX), index_text(records))
+    wrote_manifest = write_text_if_changed(os.path.join(out, MANIFEST), to_json(manifest))
+    if not (wrote_index or wrote_manifest):
+        log(f"{INDEX} and {MANIFEST} unchanged")
+    return manifest
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    with process_group() as (rank, world):
+        device = pick_device(args.device)
+        model = load_checkpoint(args.ckpt, which=args.which, device=device)
+        spec = TokenSpec.for_model(model)
+        size = args.image_size or model.config.data.image_size
+        if size % model.patch_size:
+            raise SystemExit(f"--image-size {size} must be a multiple of the patch size {model.patch_size}")
+        dataset = open_dataset(args, size)
+        ranges = shard_ranges(len(dataset), args.shard_size)
+
+        def plan() -> tuple[dict, list[int]]:
+            checkpoint = {"path": os.path.abspath(args.ckpt), "sha256": file_sha256(args.ckpt), "which": args.which}
+            data = {"source": dataset.describe(), "image_size": size, "num_images": len(dataset),
+                    "names_sha256": names_sha256(dataset.names)}
+            planned = new_manifest(checkpoint, model.config.to_dict(), spec, data, args.shard_size)
+            return planned, prepare(args.out, planned, ranges, spec)
+
+        planned, pending = on_rank0(plan, rank, world)
+        done = len(ranges) - len(pending)
+        if rank == 0:
+            log(f"{dataset.describe()} -> {len(ranges)} shards of {args.shard_size} in {args.out}; "
+                f"{done} already done, {len(pending)} to encode on {world} process(es), {device}")
+        mine = [(k, ranges[k]) for k in pending[rank::world]]
+        if mine:
+            compile = device.type == "cuda" and not args.no_compile
+            encode = make_encoder(model, spec, compile, args.batch_size)
+            start = time.perf_counter()
+            count = encode_shards(
+                encode, spec, dataset, mine, args.out, args.batch_size, args.num_workers, device.type == "cuda",
+                progress=rank == 0, desc=f"tokenize rank {rank}/{world}",
+            )
+            seconds = time.perf_counter() - start
+            log(f"rank {rank}: {count} images in {len(mine)} shards, {seconds:.1f} s, {count / seconds:.1f} images/s")
+        elif rank == 0 and not pending:
+            log("all shards already done; nothing to encode")
+        if world > 1:
+            dist.barrier()
+        manifest = on_rank0(lambda: finish(args.out, planned, ranges), rank, world)
+        if rank == 0:
+            c = manifest["counts"]
+            log(f"{c['rows']} rows ({spec.kind} {spec.dtype} {list(spec.row_shape)}), {c['failed']} failed images")
+            for entry in manifest["failed"][:10]:
+                log(f"  could not decode row {entry['index']}: {entry['name']}")
+
+
+def cli() -> None:
+    """main() with bad input (missing files, wrong settings, a foreign output folder) reported in one line."""
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"tokenize: error: {e}") from None
+
+
+if __name__ == "__main__":
+    cli()
