@@ -39,7 +39,7 @@ def to_model_input(images: ImageLike) -> Tensor:
             images = images[None]
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"numpy images must be [H, W, 3] or [B, H, W, 3] (RGB, channels last), got {images.shape}")
-        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return torch.tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # copies: arrays may be read-only
     if isinstance(images, Tensor):
         if not images.is_floating_point():
             raise ValueError(

@@ -1,0 +1,23 @@
+"""The README's Python example runs as written (on the tiny checkpoint instead of a published one)."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def test_readme_python_example_runs(tiny_checkpoint, capsys):
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    code, n = re.subn(r'^CKPT = .*$', f"CKPT = {str(tiny_checkpoint)!r}", code, flags=re.M)
+    assert n == 1
+    code = code.replace("steps=25", "steps=3")  # keep the test fast; same code path
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "torch.Size([1, 32]) torch.Size([1, 3, 32, 32]) True True" in out
+
+
+def test_readme_commands_are_the_ci_commands():
+    readme = README.read_text()
+    ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
+    assert 'pip install -e ".[test]" && python -m pytest' in readme
+    assert 'pip install -e ".[test]" && python -m pytest' in ci
