@@ -47,6 +47,7 @@ class ModelConfig:
     posttrain_sample_enable_cfg: bool = False
     posttrain_sample_k: int = 8
     kernels: str = "auto"  # ours: auto (Triton on CUDA, PyTorch elsewhere) | triton | torch
+    attention: str = "auto"  # ours: auto (fastest installed per shape on CUDA) | sdpa | flash_attn_3 | flash_attn_2 | xformers
 
 
 @dataclass
@@ -142,6 +143,7 @@ ALLOWED = {
     "model.quantization_type": ("lfq", "kl", "noop"),
     "model.fix_norm_mode": ("l2", "channel"),
     "model.kernels": ("auto", "triton", "torch"),
+    "model.attention": ("auto", "sdpa", "flash_attn_3", "flash_attn_2", "xformers"),
     "opt.schedule": ("lognormal", "fat_lognormal", "uniform"),
     "opt.lpips_mode": ("vgg", "resnet"),
     "eval.sampling.mode": ("rf",),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,7 @@ class DoubleStreamBlock(nn.Module):
         vec: Optional[Tensor],  # [B, D] or None
         rope: tuple[Tensor, Tensor],  # cos, sin [L_txt + L_img, head_dim / 2]
         ops: KernelOps,
+        attention: Callable[[Tensor, Tensor, Tensor, float], Tensor],  # q, k, v [B, H, L, Dh], scale
         keep: str = "both",
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         cos, sin = rope
@@ -138,7 +139,7 @@ class DoubleStreamBlock(nn.Module):
         q = torch.cat((txt_q, img_q), dim=2)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
-        attn = F.scaled_dot_product_attention(q, k, v, scale=8.0 / q.shape[-1])  # muP scale 8 / head_dim
+        attn = attention(q, k, v, 8.0 / q.shape[-1])  # muP scale 8 / head_dim
         attn = attn.transpose(1, 2).flatten(2)  # [B, L, D]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from flowmo_fast.attention import sdpa
 from flowmo_fast.layers import DoubleStreamBlock, LastLayer, MLPEmbedder, timestep_embedding
 from kernels import KernelOps
 from kernels.rope import rope_tables
@@ -85,6 +86,7 @@ class MMDiT(nn.Module):
         code: Tensor,  # [B, L_code, context_dim]
         timesteps: Optional[Tensor],  # [B] or None (no modulation)
         ops: KernelOps,
+        attention: Callable = sdpa,
         output: str = "img",
     ) -> Tensor:
         p = self.params.patch_size
@@ -97,7 +99,7 @@ class MMDiT(nn.Module):
 
         last = len(self.double_blocks) - 1
         for i, block in enumerate(self.double_blocks):
-            img, txt = block(img, txt, vec, rope, ops, keep=output if i == last else "both")
+            img, txt = block(img, txt, vec, rope, ops, attention, keep=output if i == last else "both")
 
         if output == "txt":
             return self.final_layer_txt(txt, vec, ops)

@@ -9,7 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from flowmo_fast import flow
+from flowmo_fast.attention import Attention
 from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS, Config, rope_axes
+from flowmo_fast.fast import GraphedSampler
 from flowmo_fast.mmdit import MMDiT, MMDiTParams
 from flowmo_fast.quantizers import QuantizerOutput, build_quantizer
 from kernels import BACKENDS, KernelOps, get_ops
@@ -48,6 +50,9 @@ class FlowMo(nn.Module):
         self.decoder = MMDiT(params(m.mup_width, m.context_dim + 1, m.dec_depth))  # +1: the mask channel
         self.quantizer = build_quantizer(m)
         self.kernels = m.kernels
+        self.attention = Attention(m.attention)
+        self.cuda_graphs = True  # sample_images on CUDA replays a captured graph (flowmo_fast.fast)
+        self._graphed_sampler = None
         for name in self.dead_parameter_names():  # loaded and saved, never used: no gradient, DDP-safe
             self.get_parameter(name).requires_grad_(False)
 
@@ -100,7 +105,7 @@ class FlowMo(nn.Module):
         """images [B, 3, H, W] in [-1, 1] -> code [B, code_length, encoder_context_dim], before quantization."""
         self.check_images(images)
         empty = images.new_zeros((images.shape[0], self.code_length, self.encoder_context_dim))
-        return self.encoder(images, empty, None, self.ops(images.device), output="txt")
+        return self.encoder(images, empty, None, self.ops(images.device), self.attention, output="txt")
 
     def quantize_full(self, code: Tensor, generator: Optional[torch.Generator] = None) -> QuantizerOutput:
         """Like `quantize`, with the loss breakdown."""
@@ -116,7 +121,9 @@ class FlowMo(nn.Module):
 
     def decode(self, noised_images: Tensor, code_with_mask: Tensor, timesteps: Tensor) -> Tensor:
         """Velocity [B, 3, H, W] at noised images [B, 3, H, W], code [B, T, context_dim + 1], times [B]."""
-        return self.decoder(noised_images, code_with_mask, timesteps, self.ops(noised_images.device), output="img")
+        return self.decoder(
+            noised_images, code_with_mask, timesteps, self.ops(noised_images.device), self.attention, output="img"
+        )
 
     @staticmethod
     def with_mask(quantized: Tensor) -> Tensor:
@@ -162,9 +169,13 @@ class FlowMo(nn.Module):
             if noise is None:
                 noise = torch.randn((b, 3, h, w), generator=generator, device=quantized.device)
             null_code = code * 0.0 if cfg != 1.0 else None
-            out = flow.sample(
-                self, noise, code, null_code, steps=steps, cfg=cfg, schedule=schedule, cfg_interval=cfg_interval
-            )
+            settings = dict(steps=steps, cfg=cfg, schedule=schedule, cfg_interval=cfg_interval)
+            if quantized.device.type == "cuda" and self.cuda_graphs:
+                if self._graphed_sampler is None:
+                    self._graphed_sampler = GraphedSampler(self)
+                out = self._graphed_sampler(noise, code, null_code, **settings)
+            else:
+                out = flow.sample(self, noise, code, null_code, **settings)
         return out.clamp(-1, 1).float()
 
     @torch.no_grad()

@@ -83,6 +83,7 @@ def test_kl_and_noop_quantizers(quantization):
 
 def full_mmdit(mmdit, images, code, timesteps, ops, output):
     """The MMDiT computed in full (every stream of every block), as upstream does."""
+    from flowmo_fast.attention import sdpa
     from flowmo_fast.mmdit import position_ids
     from kernels.rope import rope_tables
 
@@ -92,7 +93,7 @@ def full_mmdit(mmdit, images, code, timesteps, ops, output):
     img, txt = mmdit.img_in(patchify(images, p)), mmdit.txt_in(code)
     vec = None if timesteps is None else mmdit.time_in(flowmo_fast.layers.timestep_embedding(timesteps))
     for block in mmdit.double_blocks:
-        img, txt = block(img, txt, vec, rope, ops, keep="both")
+        img, txt = block(img, txt, vec, rope, ops, sdpa, keep="both")
     img_out = unpatchify(mmdit.final_layer_img(img, vec, ops), p, h, w)
     txt_out = mmdit.final_layer_txt(txt, vec, ops)
     return img_out if output == "img" else txt_out
