@@ -23,7 +23,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7.0", "pytest-benchmark>=4.0", "pytest-timeout>=2.1"],
+        "test": ["pytest>=7.0", "pytest-benchmark>=4.0", "pytest-timeout>=2.1", "pytorch-fid>=0.3"],
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25", "nvtx>=0.2"],
     },
 )

@@ -1,0 +1,363 @@
+"""`python -m eval.rfid --ckpt flowmo_hi.pth`: reconstruct a data set with a FlowMo checkpoint and report rFID,
+PSNR, SSIM and LPIPS (AlexNet, VGG) as upstream's evaluate.py measures them (eval/metrics.py says exactly how,
+and where we differ: per-image PSNR).
+
+Also runs as `torchrun --nproc-per-node=N -m eval.rfid ...`: batches are dealt to the processes round-robin,
+results are gathered and put back in data-set order, so every process count gives the same numbers. Each
+image's sampler noise comes from its own generator, seeded by (--seed, the image's row in the data set), so a
+reconstruction does not depend on batching or on the number of processes.
+
+Writes into --out: metrics.json (metrics, image count, checkpoint sha256, config, sampler settings, speed),
+grid.png (originals on top, reconstructions below) and, with --save-reconstructions, one PNG per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from eval import distributed, metrics, weights
+from eval.distributed import Processes
+from flowmo_fast import load_checkpoint
+from flowmo_fast.checkpoint import CheckpointError, read_checkpoint
+from flowmo_fast.config import parse_cfg_interval, parse_schedule
+from flowmo_fast.data import ImageFolderDataset, IndexedTarDataset, SamplePhotosDataset, collate_images
+from flowmo_fast.images import image_grid, to_uint8
+from flowmo_fast.model import autocast_for
+
+GRID_IMAGES = 8
+MAX_SEED = 2**31
+METRIC_DEFINITIONS = {
+    "rfid": "FID between the 2048-d pool features of pytorch-fid's FID Inception on originals and reconstructions",
+    "psnr": "mean over images of each image's PSNR on 8-bit pixels (upstream: every image counts its batch's PSNR)",
+    "ssim": "mean over images; scikit-image structural_similarity defaults (7x7 uniform window), 8-bit pixels",
+    "lpips_alex": "mean over images; lpips package v0.1, AlexNet",
+    "lpips_vgg": "mean over images; lpips package v0.1, VGG16",
+}
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    steps: int
+    cfg: float
+    schedule: str
+    cfg_interval: Optional[tuple[float, float]]
+    seed: int
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m eval.rfid",
+        description="rFID, PSNR, SSIM and LPIPS of a FlowMo checkpoint's reconstructions (also under torchrun).",
+    )
+    p.add_argument("--ckpt", required=True, help="upstream or flowmo-fast checkpoint (config inferred from it)")
+    p.add_argument("--which", choices=("ema", "model"), default="ema", help="which weights of the checkpoint")
+    data = p.add_argument_group("data (default: the scikit-image sample photos)")
+    data.add_argument("--data", metavar="DIR", help="an image folder (searched recursively)")
+    data.add_argument("--imagenet-tar", metavar="T", help="ImageNet val tar, with --imagenet-index")
+    data.add_argument("--imagenet-index", metavar="J", help="upstream's JSON index of the tar")
+    data.add_argument("--subsample", type=int, default=1, metavar="N",
+                      help="keep every N-th image (upstream's eval.subsample_rate)")
+    data.add_argument("--max-images", type=int, metavar="K", help="stop after the first K kept images")
+    data.add_argument("--batch-size", type=int, default=16, help="images per batch and process")
+    data.add_argument("--workers", type=int, default=4, help="data loader processes per process")
+    s = p.add_argument_group("sampler (defaults: the checkpoint's eval.sampling; upstream: 25, 1.5, pow_0.25, .17,1.02)")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--cfg", type=float)
+    s.add_argument("--schedule", help="linear or pow_P")
+    s.add_argument("--cfg-interval", help="'lo,hi' EDM sigmas where guidance applies, or 'none' for every step")
+    s.add_argument("--seed", type=int, default=0, help=f"noise seed, 0 <= S < {MAX_SEED}")
+    w = p.add_argument_group("metric network weights (default: torch hub cache, downloading if missing)")
+    w.add_argument(weights.INCEPTION.flag, metavar="PATH", help=f"pt_inception-2015-12-05-6726825d.pth (or ${weights.INCEPTION.env})")
+    w.add_argument(weights.LPIPS_ALEX.flag, metavar="PATH", help=f"torchvision alexnet-owt-7be5be79.pth (or ${weights.LPIPS_ALEX.env})")
+    w.add_argument(weights.LPIPS_VGG.flag, metavar="PATH", help=f"torchvision vgg16-397923af.pth (or ${weights.LPIPS_VGG.env})")
+    w.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no AlexNet / VGG weights needed)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", metavar="DIR", help="default: eval_results/<checkpoint name>")
+    o.add_argument("--save-reconstructions", action="store_true", help="also write every reconstruction as a PNG")
+    o.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    args = p.parse_args(argv)
+
+    if args.data and (args.imagenet_tar or args.imagenet_index):
+        p.error("give either --data DIR or --imagenet-tar T --imagenet-index J, not both")
+    if bool(args.imagenet_tar) != bool(args.imagenet_index):
+        p.error("--imagenet-tar and --imagenet-index go together (the tar and upstream's JSON index of it)")
+    for name in ("subsample", "max_images", "batch_size", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.workers < 0:
+        p.error(f"--workers must be 0 or more, got {args.workers}")
+    if not 0 <= args.seed < MAX_SEED:
+        p.error(f"--seed must be in [0, {MAX_SEED}), got {args.seed}")
+    try:
+        if args.schedule is not None:
+            parse_schedule(args.schedule)
+        if args.cfg_interval is not None:
+            parse_cfg_interval(args.cfg_interval)
+    except ValueError as e:
+        p.error(str(e))
+    args.out = args.out or os.path.join("eval_results", os.path.splitext(os.path.basename(args.ckpt))[0])
+    return args
+
+
+def locate_weights(args) -> dict[str, str]:
+    """Paths of the metric networks' weight files; raises WeightsUnavailable before any real work."""
+    paths = {"inception": weights.locate(weights.INCEPTION, args.inception_weights)}
+    if not args.no_lpips:
+        paths["alex"] = weights.locate(weights.LPIPS_ALEX, args.lpips_alex_weights)
+        paths["vgg"] = weights.locate(weights.LPIPS_VGG, args.lpips_vgg_weights)
+    return paths
+
+
+def build_metrics(paths: dict[str, str], device: torch.device) -> metrics.ReconstructionMetrics:
+    inception = metrics.InceptionPool3(paths["inception"])
+    lpips_nets = {net: metrics.build_lpips(net, paths[net]) for net in metrics.LPIPS_NETS if net in paths}
+    return metrics.ReconstructionMetrics(inception, lpips_nets).to(device).eval()
+
+
+def sampler_settings(args, sampling) -> SamplerSettings:
+    """Command-line values over the checkpoint config's `eval.sampling`."""
+    interval = args.cfg_interval if args.cfg_interval is not None else sampling.cfg_interval
+    return SamplerSettings(
+        steps=args.steps if args.steps is not None else sampling.sample_steps,
+        cfg=args.cfg if args.cfg is not None else sampling.cfg,
+        schedule=args.schedule if args.schedule is not None else sampling.schedule,
+        cfg_interval=parse_cfg_interval(interval),
+        seed=args.seed,
+    )
+
+
+def build_dataset(args, size: int):
+    if args.data:
+        return ImageFolderDataset(args.data, size)
+    if args.imagenet_tar:
+        return IndexedTarDataset(args.imagenet_tar, args.imagenet_index, size)
+    return SamplePhotosDataset(size)
+
+
+def batches_of_rank(num_rows: int, args, procs: Processes) -> list[list[int]]:
+    """Every `subsample`-th row (at most `max_images`), cut into batches; process r takes batches r, r + W, ..."""
+    rows = list(range(0, num_rows, args.subsample))[: args.max_images]
+    batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+    return batches[procs.rank :: procs.world_size]
+
+
+def row_seed(seed: int, row: int) -> int:
+    """A 32-bit generator seed for (seed, data-set row), well mixed (the CPU generator keeps only 32 bits)."""
+    return int(np.random.SeedSequence([seed, row]).generate_state(1)[0])
+
+
+def image_noise(rows: Sequence[int], seed: int, shape: Sequence[int]) -> Tensor:
+    """One N(0, 1) image [C, H, W] per data-set row from a generator of its own -> [B, C, H, W] on the CPU."""
+    g = torch.Generator()
+    return torch.stack([torch.randn(tuple(shape), generator=g.manual_seed(row_seed(seed, r))) for r in rows])
+
+
+@torch.no_grad()
+def reconstruct(model, images: Tensor, rows: Sequence[int], settings: SamplerSettings) -> Tensor:
+    """Encode, quantize, sample: model.reconstruct with per-image noise. A KL posterior sample is drawn per
+    batch, from a generator seeded by the batch's first row (batches do not depend on the process count)."""
+    device = images.device
+    generator = torch.Generator(device).manual_seed(row_seed(settings.seed, rows[0]))
+    with autocast_for(device):
+        quantized = model.quantize(model.encode(images), generator=generator)[0]
+    noise = image_noise(rows, settings.seed, images.shape[1:]).to(device)
+    return model.sample_images(
+        quantized, images.shape[-2:], steps=settings.steps, cfg=settings.cfg, schedule=settings.schedule,
+        cfg_interval=settings.cfg_interval, noise=noise,
+    )
+
+
+def save_pngs(folder: str, rows: Sequence[int], names: Sequence[str], images: Tensor) -> None:
+    from PIL import Image
+
+    for row, name, pixels in zip(rows, names, to_uint8(images)):
+        stem = os.path.splitext(os.path.basename(name))[0]
+        Image.fromarray(pixels).save(os.path.join(folder, f"{row:06d}_{stem}.png"))
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(obj, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def summarize(per_image: dict[str, Tensor], features_x: Tensor, features_r: Tensor) -> dict[str, float]:
+    """Means of the per-image metrics and the rFID (None with fewer than two images)."""
+    out = {"rfid": metrics.fid(features_x.numpy(), features_r.numpy()) if len(features_x) >= 2 else None}
+    out.update({name: float(values.mean()) for name, values in per_image.items()})
+    return out
+
+
+def summary_line(result: dict) -> str:
+    m = result["metrics"]
+    parts = [f"rFID {m['rfid']:.4f}" if m["rfid"] is not None else "rFID n/a (<2 images)"]
+    parts += [f"PSNR {m['psnr']:.3f}", f"SSIM {m['ssim']:.4f}"]
+    parts += [f"LPIPS-{k[6:]} {v:.4f}" for k, v in m.items() if k.startswith("lpips_")]
+    return (
+        "  ".join(parts)
+        + f"  | {result['num_images']} images, {result['images_per_second']:.2f} img/s, {result['wall_time_s']:.1f}s"
+    )
+
+
+@dataclass
+class Collected:
+    """What one process measured, in the order it measured it."""
+
+    rows: list = field(default_factory=list)  # data-set rows
+    values: dict = field(default_factory=dict)  # metric name -> list of float64 [B]
+    features_x: list = field(default_factory=list)  # Inception features of originals, [B, 2048] each
+    features_r: list = field(default_factory=list)  # ... of reconstructions
+    skipped: list = field(default_factory=list)  # names of undecodable images
+    grid: list = field(default_factory=list)  # (originals, reconstructions) of the first batches, main process
+
+
+def reconstruct_and_measure(model, measure, loader, settings, args, procs: Processes, total: int) -> Collected:
+    got = Collected(values={name: [] for name in measure.names})
+    recon_dir = os.path.join(args.out, "reconstructions")
+    psnr_sum = 0.0
+    bar = tqdm(total=total, unit="img", desc="reconstructing", disable=not procs.is_main, dynamic_ncols=True)
+    for batch in loader:
+        got.skipped += batch["skipped_names"]
+        bar.update(batch["skipped"])
+        if len(batch["image"]) == 0:
+            continue
+        images = batch["image"].to(procs.device, non_blocking=True)
+        rows = batch["index"].tolist()
+        reconstructions = reconstruct(model, images, rows, settings)
+        values, fx, fr = measure(images, reconstructions)
+        got.rows += rows
+        got.features_x.append(fx)
+        got.features_r.append(fr)
+        for name, v in values.items():
+            got.values[name].append(v)
+        if args.save_reconstructions:
+            save_pngs(recon_dir, rows, batch["name"], reconstructions)
+        if procs.is_main and sum(len(g[0]) for g in got.grid) < GRID_IMAGES:
+            got.grid.append((images.cpu(), reconstructions.cpu()))
+        psnr_sum += float(values["psnr"].sum())
+        bar.update(len(images))
+        bar.set_postfix(psnr=f"{psnr_sum / len(got.rows):.2f}")
+    bar.close()
+    return got
+
+
+def gather_in_row_order(got: Collected, procs: Processes) -> tuple[dict[str, Tensor], Tensor, Tensor, list]:
+    """All processes' results, sorted by data-set row: (per-image values, features x, features r, skipped)."""
+
+    def gathered(parts: list, empty: Tensor) -> Tensor:
+        return distributed.gather_rows(torch.cat(parts) if parts else empty, procs)
+
+    order = torch.argsort(gathered([torch.tensor(got.rows, dtype=torch.long)], torch.zeros(0, dtype=torch.long)))
+    no_features = torch.zeros((0, metrics.FEATURE_DIM))
+    features_x = gathered(got.features_x, no_features)[order]
+    features_r = gathered(got.features_r, no_features)[order]
+    values = {n: gathered(v, torch.zeros(0, dtype=torch.float64))[order] for n, v in got.values.items()}
+    skipped = sum(distributed.gather_objects(got.skipped, procs), [])
+    return values, features_x, features_r, skipped
+
+
+def evaluate(args, procs: Processes) -> Optional[dict]:
+    """The whole evaluation; returns the result record on the main process (None elsewhere)."""
+    start = time.perf_counter()
+    paths = locate_weights(args)  # fail here, before any sampling, when a weight file is unavailable
+    measure = build_metrics(paths, procs.device)  # ... or unusable
+    model = load_checkpoint(args.ckpt, which=args.which, device=procs.device)
+    config = model.config
+    settings = sampler_settings(args, config.eval.sampling)
+    dataset = build_dataset(args, config.data.image_size)
+    batches = batches_of_rank(len(dataset), args, procs)
+    os.makedirs(os.path.join(args.out, "reconstructions") if args.save_reconstructions else args.out, exist_ok=True)
+    if procs.is_main:
+        print(
+            f"eval.rfid: {args.ckpt} ({args.which}), {dataset.describe()}, evaluating "
+            f"{len(range(0, len(dataset), args.subsample)[: args.max_images])} at {config.data.image_size}px "
+            f"on {procs.world_size} x {procs.device}; sampler {asdict(settings)}",
+            flush=True,
+        )
+    loader = DataLoader(
+        dataset, batch_sampler=batches, num_workers=args.workers, collate_fn=collate_images,
+        pin_memory=procs.device.type == "cuda",
+    )
+    loop_start = time.perf_counter()
+    got = reconstruct_and_measure(model, measure, loader, settings, args, procs, sum(map(len, batches)))
+    values, features_x, features_r, skipped = gather_in_row_order(got, procs)
+    loop_seconds = time.perf_counter() - loop_start
+    if not procs.is_main:
+        return None
+    if len(features_x) == 0:
+        raise RuntimeError(f"no image of {dataset.describe()} could be decoded ({len(skipped)} skipped)")
+    if got.grid:
+        rows = [torch.cat(part)[:GRID_IMAGES] for part in zip(*got.grid)]  # originals, reconstructions
+        image_grid(rows).save(os.path.join(args.out, "grid.png"))
+    ckpt = read_checkpoint(args.ckpt)
+    result = {
+        "metrics": summarize(values, features_x, features_r),
+        "num_images": len(features_x),
+        "skipped_images": {"count": len(skipped), "names": skipped[:20]},
+        "checkpoint": {
+            "path": os.path.abspath(args.ckpt),
+            "sha256": sha256_of(args.ckpt),
+            "which": args.which,
+            "total_steps": int(ckpt["total_steps"]) if "total_steps" in ckpt else None,
+        },
+        "metric_weights": {name: os.path.abspath(path) for name, path in paths.items()},
+        "inception_weights_sha256": sha256_of(paths["inception"]),
+        "config": config.to_dict(),
+        "sampler": asdict(settings),
+        "data": {
+            "dataset": dataset.describe(),
+            "subsample": args.subsample,
+            "max_images": args.max_images,
+            "image_size": config.data.image_size,
+        },
+        "metric_definitions": METRIC_DEFINITIONS,
+        "processes": procs.world_size,
+        "device": str(procs.device),
+        "batch_size": args.batch_size,
+        "images_per_second": len(features_x) / loop_seconds,
+        "loop_time_s": loop_seconds,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    write_json(result, os.path.join(args.out, "metrics.json"))
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
+    args = parse_args(argv)
+    procs = distributed.setup(args.device)
+    try:
+        result = evaluate(args, procs)
+    except (weights.WeightsUnavailable, CheckpointError, FileNotFoundError) as e:  # bad input: no traceback
+        sys.exit(f"eval.rfid: {e}")
+    finally:
+        distributed.teardown()
+    if result is not None:
+        print(f"{summary_line(result)} -> {os.path.join(args.out, 'metrics.json')}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
