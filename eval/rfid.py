@@ -14,7 +14,6 @@ grid.png (originals on top, reconstructions below) and, with --save-reconstructi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from eval import distributed, metrics, weights
 from eval.distributed import Processes
 from flowmo_fast import load_checkpoint
-from flowmo_fast.checkpoint import CheckpointError, read_checkpoint
+from flowmo_fast.checkpoint import CheckpointError, atomic_write, file_sha256, read_checkpoint
 from flowmo_fast.config import parse_cfg_interval, parse_schedule
 from flowmo_fast.data import ImageFolderDataset, IndexedTarDataset, SamplePhotosDataset, collate_images
 from flowmo_fast.images import image_grid, to_uint8
@@ -189,19 +188,8 @@ def save_pngs(folder: str, rows: Sequence[int], names: Sequence[str], images: Te
         Image.fromarray(pixels).save(os.path.join(folder, f"{row:06d}_{stem}.png"))
 
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def summarize(per_image: dict[str, Tensor], features_x: Tensor, features_r: Tensor) -> dict[str, float]:
@@ -319,12 +307,12 @@ def evaluate(args, procs: Processes) -> Optional[dict]:
         "skipped_images": {"count": len(skipped), "names": skipped[:20]},
         "checkpoint": {
             "path": os.path.abspath(args.ckpt),
-            "sha256": sha256_of(args.ckpt),
+            "sha256": file_sha256(args.ckpt),
             "which": args.which,
             "total_steps": int(ckpt["total_steps"]) if "total_steps" in ckpt else None,
         },
         "metric_weights": {name: os.path.abspath(path) for name, path in paths.items()},
-        "inception_weights_sha256": sha256_of(paths["inception"]),
+        "inception_weights_sha256": file_sha256(paths["inception"]),
         "config": config.to_dict(),
         "sampler": asdict(settings),
         "data": {

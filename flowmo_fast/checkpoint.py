@@ -6,6 +6,7 @@ quantizer match, with depths, widths and patch size read off the weights).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -157,6 +158,15 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def file_sha256(path: str, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file (checkpoints are GBs: read in chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_save(obj: Any, path: str) -> None:

@@ -24,7 +24,8 @@ from flowmo_fast.checkpoint import atomic_write, load_checkpoint
 from flowmo_fast.config import parse_cfg_interval
 from flowmo_fast.images import to_uint8
 from flowmo_fast.model import FlowMo
-from flowmo_fast.token_shards import TokenShards, TokenSpec, file_sha256
+from flowmo_fast.checkpoint import file_sha256
+from flowmo_fast.token_shards import TokenShards, TokenSpec
 from flowmo_fast.tokenize import pick_device
 from flowmo_fast.tokenizer import Tokenizer
 

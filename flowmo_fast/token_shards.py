@@ -85,14 +85,6 @@ def shard_stem(k: int) -> str:
     return f"shard-{k:05d}"
 
 
-def file_sha256(path: str, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def names_sha256(names) -> str:
     """Fingerprint of a data set's row order, so a rerun can tell it is reading the same images."""
     return hashlib.sha256("\n".join(names).encode()).hexdigest()

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from flowmo_fast.checkpoint import load_checkpoint
+from flowmo_fast.checkpoint import file_sha256, load_checkpoint
 from flowmo_fast.data import (
     ImageDataset,
     ImageFolderDataset,
@@ -47,7 +47,6 @@ from flowmo_fast.token_shards import (
     MANIFEST,
     TokenSpec,
     check_resumable,
-    file_sha256,
     finished_manifest,
     index_text,
     load_manifest,

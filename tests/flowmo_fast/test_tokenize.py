@@ -17,13 +17,13 @@ from PIL import Image
 import flowmo_fast
 from flowmo_fast import Tokenizer, detokenize, tokenize
 from flowmo_fast.data import ImageFolderDataset, IndexedTarDataset, SamplePhotosDataset
+from flowmo_fast.checkpoint import file_sha256
 from flowmo_fast.token_shards import (
     INDEX,
     MANIFEST,
     TokenShards,
     TokenSpec,
     check_resumable,
-    file_sha256,
     finished_manifest,
     index_text,
     new_manifest,
