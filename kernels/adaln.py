@@ -12,15 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.precision import upcast
+
 LN_EPS = 1e-6
 
 
-def modulate_torch(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
-    """x [B, L, D]; shift, scale [B, 1, D] or None (identity modulation). LayerNorm in float32."""
-    y = F.layer_norm(x.float(), (x.shape[-1],), eps=LN_EPS)
+def modulate_torch(
+    x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], out_dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """x [B, L, D]; shift, scale [B, 1, D] or None (identity modulation). Computed in float32 (float64
+    for float64 input) and returned in that dtype, or in `out_dtype` when given."""
+    y = F.layer_norm(upcast(x), (x.shape[-1],), eps=LN_EPS)
     if scale is not None:
-        y = (1 + scale.float()) * y + shift.float()
-    return y
+        y = (1 + upcast(scale)) * y + upcast(shift)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def gated_residual_torch(x: Tensor, gate: Optional[Tensor], y: Tensor) -> Tensor:

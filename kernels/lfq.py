@@ -3,8 +3,8 @@
 Upstream (SEED-Voken's LFQ) forms logits 2 x.c over all 2^d codes c in {-1, 1}^d at temperature 0.1.
 That softmax factorises into d independent Bernoullis, p_i = sigmoid(40 x_i), so
 - the per-sample entropy is the sum of the per-bit binary entropies, and
-- the batch-mean code distribution, with the bits split in halves A|B, is P_A^T P_B / N where
-  P_A [N, 2^|A|] holds the probabilities of the codes of half A: a [2^|A|, 2^|B|] matrix, never N x 2^d.
+- the batch-mean code distribution, with the bits split in halves A|B, is P_A P_B^T / N where
+  P_A [2^|A|, N] holds the probabilities of the codes of half A: a [2^|A|, 2^|B|] matrix, never N x 2^d.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kernels.precision import upcast
 
 INV_TEMPERATURE_X2 = 40.0  # logits 2 x.c / temperature 0.1 -> per-bit logit 2 * 20 x_i
 CODEBOOK_EPS = 1e-5
@@ -39,36 +41,37 @@ def indices_to_codes(indices: Tensor, d: int, dtype: torch.dtype = torch.float32
     return ((indices.unsqueeze(-1) & weights) != 0).to(dtype) * 2 - 1
 
 
-def code_probabilities(p: Tensor) -> Tensor:
-    """Per-bit probabilities [N, k] -> probabilities of all 2^k codes [N, 2^k], index = sum bit_i 2^i."""
-    out = torch.ones_like(p[:, :1])
-    for i in range(p.shape[1]):
-        pi = p[:, i : i + 1]
-        out = torch.cat([out * (1 - pi), out * pi], dim=1)
+def code_probabilities(bit_probs: Tensor) -> Tensor:
+    """Per-bit (off, on) probabilities [k, 2, N] -> probabilities of all 2^k codes [2^k, N], code index =
+    sum bit_i 2^i. One broadcast product per bit, bit i doubling the codes so far; codes first, so every
+    product runs over contiguous rows of N (the fast layout on a CPU)."""
+    out = bit_probs.new_ones(1, bit_probs.shape[-1])
+    for bit in bit_probs:  # [2, N]
+        out = (bit[:, None, :] * out[None, :, :]).flatten(0, 1)  # [2, 2^i, N] -> index bit_i 2^i + rest
     return out
 
 
-def binary_entropy_from_logits(z: Tensor) -> Tensor:
-    """Entropy of Bernoulli(sigmoid(z)), stable for large |z|."""
-    p = torch.sigmoid(z)
-    return -(p * F.logsigmoid(z) + (1 - p) * F.logsigmoid(-z))
-
-
 def lfq_entropies(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [N, d] float32 -> (per-sample entropy, codebook entropy), both scalars, differentiable."""
+    """x [N, d] -> (per-sample entropy, codebook entropy), both scalars, differentiable.
+
+    A bit is off with probability sigmoid(-z), not 1 - sigmoid(z): that keeps the tiny probabilities of
+    unlikely codes (as upstream's softmax does) instead of rounding them to 0.
+    """
     z = INV_TEMPERATURE_X2 * x
-    per_sample = binary_entropy_from_logits(z).sum(-1).mean()
-    p = torch.sigmoid(z)
+    on, off = torch.sigmoid(z), torch.sigmoid(-z)
+    per_sample = -(on * F.logsigmoid(z) + off * F.logsigmoid(-z)).sum(-1).mean()  # sum of binary entropies
+    bit_probs = torch.stack([off.T, on.T], dim=1)  # [d, 2, N]
     half = x.shape[1] // 2
-    p_a = code_probabilities(p[:, :half])  # [N, 2^half]
-    p_b = code_probabilities(p[:, half:])  # [N, 2^(d-half)]
-    mean_probs = p_a.T @ p_b / x.shape[0]  # [2^half, 2^(d-half)]
+    p_a = code_probabilities(bit_probs[:half])  # [2^half, N]
+    p_b = code_probabilities(bit_probs[half:])  # [2^(d-half), N]
+    mean_probs = p_a @ p_b.T / x.shape[0]  # [2^half, 2^(d-half)]
     codebook = -(mean_probs * torch.log(mean_probs + CODEBOOK_EPS)).sum()
     return per_sample, codebook
 
 
 def lfq_torch(x: Tensor, with_loss: bool = True) -> LFQOutput:
-    """Plain PyTorch LFQ. x [N, d] (any float dtype); losses in float32, zeros when `with_loss` is False."""
+    """Plain PyTorch LFQ. x [N, d] (any float dtype); losses in float32 (float64 for float64 x), zeros when
+    `with_loss` is False."""
     if x.ndim != 2:
         raise ValueError(f"lfq expects x of shape [N, d], got {tuple(x.shape)}")
     sign = torch.where(x > 0, 1.0, -1.0).to(x.dtype)
@@ -77,7 +80,7 @@ def lfq_torch(x: Tensor, with_loss: bool = True) -> LFQOutput:
     if not with_loss:
         zero = x.new_zeros((), dtype=torch.float32)
         return LFQOutput(quantized, indices, zero, zero, zero)
-    xf = x.float()
-    commitment = (xf - sign.float()).pow(2).mean()
+    xf = upcast(x)
+    commitment = (xf - upcast(sign)).pow(2).mean()
     per_sample, codebook = lfq_entropies(xf)
     return LFQOutput(quantized, indices, commitment, per_sample, codebook)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels.precision import upcast
+
 RMS_EPS = 1e-6
 
 
@@ -24,14 +26,14 @@ def rope_tables(ids: Tensor, axes: tuple[int, ...], theta: float = 10_000.0) -> 
 
 def rms_norm_torch(x: Tensor, weight: Tensor) -> Tensor:
     """RMSNorm over the last dim in float32, cast back to x's dtype, then times weight."""
-    xf = x.float()
+    xf = upcast(x)
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_EPS)).to(x.dtype)
     return y * weight
 
 
 def apply_rope_torch(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x[2j], x[2j+1]) by the angle of pair j. x [B, H, L, D]; cos, sin [L, D/2]."""
-    xf = x.float().unflatten(-1, (-1, 2))
+    xf = upcast(x).unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
     return out.flatten(-2).to(x.dtype)
