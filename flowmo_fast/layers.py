@@ -131,8 +131,8 @@ class DoubleStreamBlock(nn.Module):
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
 
-        img_in = ops.modulate(img, img_mod1.shift, img_mod1.scale).to(img.dtype)
-        txt_in = ops.modulate(txt, txt_mod1.shift, txt_mod1.scale).to(txt.dtype)
+        img_in = ops.modulate(img, img_mod1.shift, img_mod1.scale, out_dtype=img.dtype)
+        txt_in = ops.modulate(txt, txt_mod1.shift, txt_mod1.scale, out_dtype=txt.dtype)
         img_q, img_k, img_v = self.img_attn.qkv_heads(img_in, cos[n_txt:], sin[n_txt:], ops)
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_in, cos[:n_txt], sin[:n_txt], ops)
 
@@ -156,7 +156,7 @@ class DoubleStreamBlock(nn.Module):
     @staticmethod
     def _stream_tail(x, attn, attn_mod, mlp, mod1: ModulationOut, mod2: ModulationOut, ops: KernelOps) -> Tensor:
         x = ops.gated_residual(x, mod1.gate, attn_mod.proj(attn))
-        h = ops.modulate(x, mod2.shift, mod2.scale).to(x.dtype)
+        h = ops.modulate(x, mod2.shift, mod2.scale, out_dtype=x.dtype)
         return ops.gated_residual(x, mod2.gate, mlp(h))
 
 
@@ -173,4 +173,4 @@ class LastLayer(nn.Module):
         if vec is not None:
             shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
             x = ops.modulate(x, shift, scale)
-        return self.linear(ops.modulate(x, None, None).to(dtype))
+        return self.linear(ops.modulate(x, None, None, out_dtype=dtype))
