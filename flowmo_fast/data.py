@@ -367,7 +367,9 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """An endless DataLoader over `ShardedBatchSampler` with `collate_images`; workers stay alive."""
+    """An endless DataLoader over `ShardedBatchSampler` with `collate_images`; workers stay alive.
+
+    It has its own generator, so starting it never draws from the global RNG (exact resume)."""
     sampler = ShardedBatchSampler(dataset, batch_size, rank, world_size, seed, shuffle, start)
     return DataLoader(
         dataset,
@@ -376,6 +378,7 @@ def make_loader(
         pin_memory=pin_memory,
         collate_fn=collate_images,
         persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed * 1_000_003 + rank),
     )
 
 

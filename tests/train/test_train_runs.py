@@ -1,0 +1,198 @@
+"""The training commands end to end on the CPU (Gloo): the `tiny` preset at 16 px on the bundled photos.
+
+One uninterrupted 2-process run (30 steps) is shared: its loss must fall, its checkpoints must load, and a
+run stopped by SIGTERM part way and resumed must reach its step-10 weights exactly. Single-process runs
+go through the command's `main` inside the test process (same code, no interpreter start-up)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flowmo_fast
+from flowmo_fast.checkpoint import read_checkpoint
+from train import checkpointing, posttrain, pretrain
+
+from train_helpers import REPO, check, command_env, run_command
+
+TINY = ["--preset", "tiny", "data.image_size=16", "data.batch_size=2"]
+
+
+def log_lines(stdout: str) -> dict[int, dict[str, float]]:
+    """{step: {name: value}} from the lines `step N | name value | ...`."""
+    out = {}
+    for m in re.finditer(r"^step (\d+) \| (.*)$", stdout, re.M):
+        out[int(m.group(1))] = {k: float(v) for k, v in (part.rsplit(" ", 1) for part in m.group(2).split(" | "))}
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """2 processes, 30 steps, checkpoints every 10."""
+    results = tmp_path_factory.mktemp("results")
+    result = run_command(
+        ["train.pretrain", *TINY, "--results-dir", results, "--experiment-name", "a", "trainer.max_steps=30",
+         "trainer.log_every=5", "trainer.checkpoint_every=10", "trainer.keep_every=10", "trainer.sample_every=30"],
+        nproc=2,
+    )
+    return results / "a", check(result)
+
+
+@pytest.mark.distributed
+def test_loss_falls_and_checkpoints_load(uninterrupted):
+    log_dir, stdout = uninterrupted
+    logs = log_lines(stdout)
+    assert sorted(logs) == [5, 10, 15, 20, 25, 30]
+    losses = [logs[s]["total_loss"] for s in sorted(logs)]
+    assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
+    assert all(logs[s]["skipped_images"] == 0 for s in logs)
+    assert [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(log_dir))] == [10, 20, 30]
+    model = flowmo_fast.load_checkpoint(log_dir / "checkpoints" / "00000030.pth", which="model")
+    assert model.config.data.image_size == 16 and not model.training
+    ckpt = read_checkpoint(log_dir / "checkpoints" / "00000030.pth")
+    assert ckpt["total_steps"] == 30 and len(ckpt["rng_state_per_rank"]) == 2 and ckpt["world_size"] == 2
+    assert ckpt["data_position"] == 30 * 2  # samples drawn per rank
+    grid = Image.open(log_dir / "samples" / "00000030.png")
+    assert grid.size == (8 * 18 + 2, 2 * 18 + 2)  # 8 photos, inputs over reconstructions, 2 px padding
+    assert (log_dir / "config.json").exists() and list(log_dir.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.distributed
+def test_sigterm_then_resume_gives_the_uninterrupted_weights(uninterrupted, tmp_path):
+    reference_dir, _ = uninterrupted
+    args = ["train.pretrain", *TINY, "--results-dir", tmp_path, "--experiment-name", "b", "trainer.max_steps=10",
+            "trainer.log_every=1", "trainer.checkpoint_every=1000", "trainer.sample_every=1000"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
+    proc = subprocess.Popen(launcher + list(map(str, args)), cwd=REPO, env=command_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.match(r"step [3-9] \|", line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    seen.append(proc.stdout.read())
+    proc.wait(timeout=120)
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)", "".join(seen))
+    assert stopped, "".join(seen)[-3000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < 10 and [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(tmp_path / "b"))] == [step]
+
+    stdout = check(run_command(args, nproc=2))
+    assert f"resuming from {tmp_path / 'b' / 'checkpoints' / ('%08d.pth' % step)}" in stdout
+    resumed = read_checkpoint(tmp_path / "b" / "checkpoints" / "00000010.pth")
+    reference = read_checkpoint(reference_dir / "checkpoints" / "00000010.pth")
+    for key in ("model_state_dict", "model_ema_state_dict"):
+        for name, value in reference[key].items():
+            assert torch.equal(resumed[key][name], value), (key, name)
+    for pid, state in reference["optimizer_state_dict"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(resumed["optimizer_state_dict"]["state"][pid][k], v), (pid, k)
+    assert resumed["data_position"] == reference["data_position"]
+
+
+def run_in_process(main, args: list, capsys) -> tuple[int, str]:
+    """A command's main() in this process (one-process group): (exit code, stdout)."""
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().out
+
+
+def test_posttrain_runs_two_steps_from_the_checkpoint(uninterrupted, resnet50_weights, lone_process, tmp_path, capsys):
+    log_dir, _ = uninterrupted
+    start = log_dir / "checkpoints" / "00000020.pth"
+    code, stdout = run_in_process(posttrain.main, [
+        "--resume-from-ckpt", start, "--results-dir", tmp_path, "--experiment-name", "post", "data.batch_size=2",
+        "trainer.max_steps=22", "trainer.log_every=1", "trainer.sample_every=1000", "opt.freeze_encoder_after=21",
+    ], capsys)
+    assert code == 0, stdout[-3000:]
+    logs = log_lines(stdout)
+    assert sorted(logs) == [21, 22] and all(np.isfinite(logs[s]["lpips_loss"]) and logs[s]["lpips_loss"] > 0 for s in logs)
+    # The encoder trains in step 21, then freezes (upstream: encoder frozen, optimizer rebuilt).
+    assert "freezing the encoder and rebuilding the optimizer at step 21" in stdout
+    assert logs[21]["encoder_checksum"] == logs[22]["encoder_checksum"]
+    after = read_checkpoint(tmp_path / "post" / "checkpoints" / "00000022.pth")
+    before = read_checkpoint(start)
+    assert after["config"]["model"]["posttrain_sample"] and after["config"]["opt"]["lpips_mode"] == "resnet"
+    assert after["encoder_frozen"]
+    assert all(k.startswith("decoder.") for k in after["optimizer_state_dict"]["state"])
+    name = "decoder.double_blocks.0.img_mlp.0.weight"
+    assert not torch.equal(after["model_state_dict"][name], before["model_state_dict"][name])
+    flowmo_fast.load_checkpoint(tmp_path / "post" / "checkpoints" / "00000022.pth")
+
+
+def photo_bytes(seed: int, fmt: str = "PNG") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_corrupt_image_in_tar_is_skipped_and_counted(lone_process, tmp_path, capsys):
+    members = {f"n0000000{i}/img_{i}.JPEG": photo_bytes(i, "JPEG") for i in range(3)}
+    members["n00000009/img_9.JPEG"] = b"\xff\xd8\xff\xe0 not really a jpeg"
+    tar_path = tmp_path / "train.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tar_path) as tar:
+        index = [{"name": m.name, "offset": m.offset_data, "size": m.size} for m in tar.getmembers()]
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    code, stdout = run_in_process(pretrain.main, [
+        "--preset", "tiny", "data.image_size=16", "data.batch_size=4",
+        f"data.imagenet_train_tar={tar_path}", f"data.imagenet_train_index={tmp_path / 'index.json'}",
+        "--results-dir", tmp_path, "--experiment-name", "tar", "trainer.max_steps=2", "trainer.log_every=1",
+        "trainer.sample_every=1000",
+    ], capsys)
+    assert code == 0, stdout[-3000:]
+    assert "skipped an image that does not decode: n00000009/img_9.JPEG" in stdout
+    logs = log_lines(stdout)
+    assert logs[1]["skipped_images"] == 1 and logs[2]["skipped_images"] == 2  # each step draws all 4 rows
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(lone_process, tmp_path, capsys):
+    code, stdout = run_in_process(pretrain.main, [
+        *TINY, "--results-dir", tmp_path, "--experiment-name", "nan", "opt.lr=1.0e6",
+        "trainer.max_steps=6", "trainer.log_every=1", "trainer.checkpoint_every=1", "trainer.sample_every=1000",
+    ], capsys)
+    assert code == 1
+    match = re.search(r"the loss became NaN or inf at step (\d+).*Last good checkpoint: (\S+)\.", stdout)
+    assert match, stdout[-3000:]
+    bad_step, good = int(match.group(1)), match.group(2)
+    steps = [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(tmp_path / "nan"))]
+    assert steps and max(steps) == bad_step - 1 and good.endswith("%08d.pth" % (bad_step - 1))
+    model = flowmo_fast.load_checkpoint(good, which="model")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.distributed
+def test_fsdp_matches_ddp_and_writes_the_same_checkpoint_format(uninterrupted, tmp_path):
+    reference_dir, reference_stdout = uninterrupted
+    stdout = check(run_command(
+        ["train.pretrain", *TINY, "--results-dir", tmp_path, "--experiment-name", "fsdp", "trainer.fsdp=true",
+         "trainer.max_steps=10", "trainer.log_every=5", "trainer.sample_every=1000"],
+        nproc=2,
+    ))
+    fsdp = read_checkpoint(tmp_path / "fsdp" / "checkpoints" / "00000010.pth")
+    ddp = read_checkpoint(reference_dir / "checkpoints" / "00000010.pth")
+    assert sorted(fsdp) == sorted(ddp)
+    assert fsdp["optimizer_state_dict"]["state"].keys() == ddp["optimizer_state_dict"]["state"].keys()
+    # Same data, seeds and algorithm: the same training up to reduction-order rounding (Adam amplifies it).
+    for step in (5, 10):
+        assert log_lines(stdout)[step]["diffusion_loss"] == pytest.approx(log_lines(reference_stdout)[step]["diffusion_loss"], rel=1e-2)
+    for key in ("model_state_dict", "model_ema_state_dict"):
+        assert fsdp[key].keys() == ddp[key].keys()
+        for name, value in ddp[key].items():
+            assert torch.allclose(fsdp[key][name], value, atol=2e-3, rtol=0), (key, name)
+    assert flowmo_fast.load_checkpoint(tmp_path / "fsdp" / "checkpoints" / "00000010.pth").config.trainer.fsdp

@@ -1,0 +1,127 @@
+"""What a run reports: running means of the loss terms, throughput, memory and MFU, written as one stdout
+line per `trainer.log_every` steps and as TensorBoard scalars, plus a progress bar with ETA (rank 0)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from flowmo_fast.model import FlowMo
+from train.objective import FlowMoObjective
+from train.parallel import Distributed, sum_across_ranks
+
+# Dense bf16 peak FLOP/s per GPU, for MFU. Unlisted devices report no MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def flowmo_flops_per_step(config, micro_batch: int) -> float:
+    """FLOPs of FlowMo's forward and backward in one optimizer step (all micro-batches; the perceptual
+    nets not counted), counted on the meta device: no compute, and the training step itself is left alone."""
+    size = config.data.image_size
+    with torch.device("meta"):
+        objective = FlowMoObjective(FlowMo(config), nn.MSELoss() if config.opt.lpips_weight else None).train()
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = objective(torch.zeros(micro_batch, 3, size, size))
+            loss.backward()
+    return float(counter.get_total_flops()) * config.opt.n_grad_acc
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak device memory allocated (CUDA), else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+class MetricLogger:
+    """Collects per-step device scalars without syncing; `log()` averages them over steps and ranks."""
+
+    def __init__(
+        self,
+        env: Distributed,
+        log_dir: str,
+        max_steps: int,
+        start_step: int,
+        images_per_step: int,
+        flops_per_step: Optional[float],
+    ):
+        self.env = env
+        self.images_per_step = images_per_step  # over all ranks
+        self.peak = peak_flops(env.device)
+        self.flops_per_step = flops_per_step  # per rank; None: no MFU
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+        self.tic, self.tic_step = time.perf_counter(), start_step
+        self.writer = self.bar = None
+        if env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            from tqdm import tqdm
+
+            self.writer = SummaryWriter(log_dir)
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.05)
+
+    def add(self, terms: dict[str, Tensor]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, step: int, extra: dict[str, float], skipped_images: int) -> dict[str, float]:
+        """Write the means since the last call, averaged over ranks, with `extra` and the images skipped so
+        far on all ranks (every rank must call: one all-reduce); returns what was written."""
+        values = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        values["skipped_images"] = torch.tensor(float(skipped_images))
+        totals = sum_across_ranks(values, self.env.device)
+        means = {k: v / self.env.world_size for k, v in totals.items() if k != "skipped_images"}
+        means["skipped_images"] = totals["skipped_images"]
+        elapsed = time.perf_counter() - self.tic
+        steps_per_sec = (step - self.tic_step) / elapsed if elapsed > 0 else 0.0
+        means.update(extra)
+        means["steps_per_sec"] = steps_per_sec
+        means["images_per_sec"] = steps_per_sec * self.images_per_step
+        means["peak_memory_gb"] = peak_memory_gb(self.env.device)
+        if self.peak and self.flops_per_step:
+            means["mfu"] = self.flops_per_step * steps_per_sec / self.peak
+        if self.env.is_main:
+            for k, v in means.items():
+                self.writer.add_scalar(k, v, global_step=step)
+            self.writer.flush()
+            self.bar.set_postfix(loss=f"{means.get('total_loss', float('nan')):.4f}", refresh=False)
+            self.write(f"step {step} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in means.items()))
+        self.sums, self.count = {}, 0
+        self.tic, self.tic_step = time.perf_counter(), step
+        return means
+
+    def write(self, line: str) -> None:
+        """A line on stdout that does not break the progress bar (rank 0 only)."""
+        if self.bar is not None:
+            self.bar.write(line)
+
+    def add_image(self, tag: str, image, step: int) -> None:
+        if self.writer is not None:
+            import numpy as np
+
+            self.writer.add_image(tag, np.asarray(image), global_step=step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
