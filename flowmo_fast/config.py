@@ -129,6 +129,7 @@ PRESETS: dict[str, list[str]] = {
         "model.codebook_size_for_entropy=9",
         "model.enc_depth=2",
         "model.dec_depth=2",
+        "model.ema_decay=0.99",  # the demo runs ~300 steps: an EMA of 0.9999 would still be near its random init
         "opt.lr=3.0e-4",
         "opt.lpips_weight=0.0",
         "trainer.enable_bfloat16=False",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-from flowmo_fast.checkpoint import check_state_dict, read_checkpoint, select_state_dict
+from flowmo_fast.checkpoint import CheckpointError, check_state_dict, read_checkpoint, select_state_dict
 from flowmo_fast.config import Config
 from flowmo_fast.data import build_dataset, first_valid_images, make_loader
 from flowmo_fast.model import FlowMo, autocast_for
@@ -117,6 +117,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if env.is_main:
             print(f"error: {e}", flush=True)
         return 1
+    except (FileNotFoundError, CheckpointError) as e:  # a missing or unusable input file: say which
+        if env.is_main:
+            print(f"error: {e}", flush=True)
+        return 2
     finally:
         parallel.shutdown()
 
@@ -156,33 +160,9 @@ def train(args: argparse.Namespace, config: Config, env: parallel.Distributed) -
     else:
         start_path, ckpt, progress = "", None, Progress()
     if progress.total_steps >= config.trainer.max_steps:
-        log(f"nothing to do: already at step {progress.total_steps} >= trainer.max_steps={config.trainer.max_steps}")
+        log(f"nothing to do: already at step {progress.total_steps} >= trainer.max_steps={config.trainer.max_steps}; "
+            "set trainer.max_steps higher to train further")
         return 0
-
-    # Model: same initial weights on every rank; parameters the loss never reaches are frozen.
-    torch.manual_seed(config.global_seed)
-    model = FlowMo(config).to(device)
-    if ckpt is not None:
-        state = select_state_dict(ckpt, "model", start_path)
-        check_state_dict(model, state, start_path)
-        model.load_state_dict(state)
-    for name in parallel.unreached_parameters(config):
-        model.get_parameter(name).requires_grad_(False)
-    if progress.encoder_frozen:
-        model.encoder.requires_grad_(False)
-    objective = FlowMoObjective(model, build_perceptual_loss(config.opt, device))
-    wrapped = parallel.wrap(objective, model, config, env)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"FlowMo: {n_params / 1e6:.2f}M parameters; {'FSDP2' if config.trainer.fsdp else 'DDP'}")
-
-    ema = EMA(model, config.model.ema_decay)
-    norms = WeightNormFixer(model, config.model.fix_norm_mode) if config.model.fix_initial_norms else None
-    optimizer = build_optimizer(model, config)
-    if resuming:
-        ema.load(select_state_dict(ckpt, "ema", start_path))
-        if norms is not None and ckpt.get("initial_norms"):
-            norms.load_state_dict(ckpt["initial_norms"])
-        set_optimizer_state_dict(model, optimizer, ckpt["optimizer_state_dict"], options=StateDictOptions(full_state_dict=True))
 
     # Data: an endless per-rank stream, continued from the checkpoint's position.
     dataset = build_dataset(config.data, "train")
@@ -199,6 +179,35 @@ def train(args: argparse.Namespace, config: Config, env: parallel.Distributed) -
     )
     batches = iter(loader)
     grid_images = first_valid_images(build_dataset(config.data, "val"), GRID_IMAGES).to(device)
+
+    # Model: same initial weights on every rank; parameters the loss never reaches are frozen.
+    torch.manual_seed(config.global_seed)
+    model = FlowMo(config).to(device)
+    if ckpt is not None:
+        state = select_state_dict(ckpt, "model", start_path)
+        check_state_dict(model, state, start_path)
+        model.load_state_dict(state)
+    for name in parallel.unreached_parameters(config):
+        model.get_parameter(name).requires_grad_(False)
+    if progress.encoder_frozen:
+        model.encoder.requires_grad_(False)
+    objective = FlowMoObjective(model, build_perceptual_loss(config.opt, device))
+    wrapped = parallel.wrap(objective, model, config, env)
+    n_params = sum(p.numel() for p in model.parameters())
+    layout = "FSDP2" if config.trainer.fsdp else "DDP" if env.world_size > 1 else "one process"
+    log(f"FlowMo: {n_params / 1e6:.2f}M parameters; {layout}")
+
+    ema = EMA(model, config.model.ema_decay)
+    norms = WeightNormFixer(model, config.model.fix_norm_mode) if config.model.fix_initial_norms else None
+    optimizer = build_optimizer(model, config)
+    if resuming:
+        ema.load(select_state_dict(ckpt, "ema", start_path))
+        if norms is not None and ckpt.get("initial_norms"):
+            norms.load_state_dict(ckpt["initial_norms"])
+        if "optimizer_state_dict" in ckpt:  # absent from upstream's files
+            set_optimizer_state_dict(
+                model, optimizer, ckpt["optimizer_state_dict"], options=StateDictOptions(full_state_dict=True)
+            )
 
     if env.is_main:
         with open(os.path.join(log_dir, "config.json"), "w") as f:

@@ -34,3 +34,7 @@ def lone_process(monkeypatch):
         port = s.getsockname()[1]
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(key, value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess runs (OMP_NUM_THREADS=1): the CPUs are shared
+    yield
+    torch.set_num_threads(threads)
