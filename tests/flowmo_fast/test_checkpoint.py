@@ -1,6 +1,8 @@
 """Checkpoint files: upstream layout, preset inference, atomic writes, and errors that name the problem."""
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,10 +51,8 @@ def test_upstream_layout_without_config_infers_the_preset(tmp_path, parity, pari
 
 @pytest.mark.parametrize("preset", ["flowmo_lo", "flowmo_hi", "flowmo_hi_kl"])
 def test_preset_inferred_from_published_shapes(preset):
-    import json
-    from conftest import FIXTURES
-
-    manifest = json.loads((FIXTURES / "checkpoint_manifests.json").read_text())[preset]["keys"]
+    manifests = json.loads((Path(__file__).parents[1] / "fixtures" / "checkpoint_manifests.json").read_text())
+    manifest = manifests[preset]["keys"]
     state_dict = {k: torch.empty(shape, device="meta") for k, shape in manifest.items()}
     assert infer_config(state_dict) == flowmo_fast.load_config(preset=preset)
 

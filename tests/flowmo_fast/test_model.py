@@ -1,16 +1,16 @@
 """FlowMo model: published layouts, shapes, non-square images, quantizers, and skipped dead compute."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import flowmo_fast
-from conftest import FIXTURES
 from flowmo_fast.checkpoint import check_state_dict
 from flowmo_fast.mmdit import patchify, unpatchify
 
-MANIFESTS = json.loads((FIXTURES / "checkpoint_manifests.json").read_text())
+MANIFESTS = json.loads((Path(__file__).parents[1] / "fixtures" / "checkpoint_manifests.json").read_text())
 
 
 @pytest.mark.parametrize("preset", ["flowmo_lo", "flowmo_hi", "flowmo_hi_kl"])
