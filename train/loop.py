@@ -180,15 +180,13 @@ def train(args: argparse.Namespace, config: Config, env: parallel.Distributed) -
     batches = iter(loader)
     grid_images = first_valid_images(build_dataset(config.data, "val"), GRID_IMAGES).to(device)
 
-    # Model: same initial weights on every rank; parameters the loss never reaches are frozen.
+    # Model: same initial weights on every rank (FlowMo freezes the parameters no output depends on).
     torch.manual_seed(config.global_seed)
     model = FlowMo(config).to(device)
     if ckpt is not None:
         state = select_state_dict(ckpt, "model", start_path)
         check_state_dict(model, state, start_path)
         model.load_state_dict(state)
-    for name in parallel.unreached_parameters(config):
-        model.get_parameter(name).requires_grad_(False)
     if progress.encoder_frozen:
         model.encoder.requires_grad_(False)
     objective = FlowMoObjective(model, build_perceptual_loss(config.opt, device))

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from flowmo_fast import flow
 from flowmo_fast.model import FlowMo
 
 _DDP_OPTIONS = inspect.signature(DistributedDataParallel.__init__).parameters
@@ -64,18 +63,6 @@ def init_distributed() -> Distributed:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def unreached_parameters(config) -> list[str]:
-    """Names of FlowMo parameters the training loss never reaches (the encoder's time embedding and
-    modulations, the stream each last block skips, the unused readouts), found by one backward pass on
-    the meta device (shapes only, no compute). They are frozen so DDP needs no unused-parameter search."""
-    with torch.device("meta"):
-        probe = FlowMo(config).train()
-        size = config.model.patch_size * 2
-        loss, _ = flow.rectified_flow_loss(probe, torch.zeros(1, 3, size, size), schedule=config.opt.schedule)
-    loss.backward()
-    return [name for name, p in probe.named_parameters() if p.grad is None]
 
 
 def wrap(objective: nn.Module, model: FlowMo, config, env: Distributed) -> nn.Module:
