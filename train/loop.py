@@ -183,6 +183,7 @@ def train(args: argparse.Namespace, config: Config, env: parallel.Distributed) -
     # Model: same initial weights on every rank (FlowMo freezes the parameters no output depends on).
     torch.manual_seed(config.global_seed)
     model = FlowMo(config).to(device)
+    model.cuda_graphs = False  # progress grids sample eagerly: no graph capture or block compile of the trained model
     if ckpt is not None:
         state = select_state_dict(ckpt, "model", start_path)
         check_state_dict(model, state, start_path)
