@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -61,3 +64,24 @@ def tiny_checkpoint(tmp_path_factory, parity):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
     flowmo_fast.save_checkpoint(path, model, total_steps=7)
     return path
+
+
+def write_image_tar(folder: Path, members: dict) -> tuple[str, str]:
+    """An uncompressed tar of {member name: file bytes} plus upstream's index JSON [{name, offset, size}]
+    (written in reverse: the file's order must not matter) -> (tar path, index path)."""
+    tar_path, index_path = Path(folder) / "images.tar", Path(folder) / "index.json"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tar_path) as tar:
+        index = [{"name": m.name, "offset": m.offset_data, "size": m.size} for m in tar.getmembers()]
+    index_path.write_text(json.dumps(index[::-1]))
+    return str(tar_path), str(index_path)
+
+
+@pytest.fixture()
+def make_image_tar():
+    """Factory fixture: make_image_tar(folder, {name: bytes}) -> (tar path, index path)."""
+    return write_image_tar

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import json
 import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -114,28 +112,14 @@ def test_random_crops_vary_and_follow_their_seed(tmp_path):
     assert torch.equal(val[0]["image"], val[0]["image"])
 
 
-def make_tar(tmp_path, members: dict[str, bytes]):
-    """An uncompressed tar plus upstream's index: [{name, offset, size}] of each member's data."""
-    tar_path, index_path = tmp_path / "images.tar", tmp_path / "index.json"
-    with tarfile.open(tar_path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    with tarfile.open(tar_path) as tar:
-        index = [{"name": m.name, "offset": m.offset_data, "size": m.size} for m in tar.getmembers()]
-    index_path.write_text(json.dumps(index[::-1]))  # any order in the file; rows are sorted by basename
-    return str(tar_path), str(index_path)
-
-
-def test_indexed_tar_reads_labels_and_skips_corrupt(tmp_path):
+def test_indexed_tar_reads_labels_and_skips_corrupt(tmp_path, make_image_tar):
     members = {
         "n01440764/n01440764_2.JPEG": encode(gradient_image(30, 20), "JPEG"),
         "n01443537/n01443537_1.JPEG": encode(gradient_image(20, 30, "L"), "JPEG"),
         "n01440764/n01440764_1.JPEG": encode(gradient_image(24, 24), "PNG"),
         "n01443537/n01443537_9.JPEG": encode(gradient_image(24, 24), "JPEG")[:60],  # truncated
     }
-    tar, index = make_tar(tmp_path, members)
+    tar, index = make_image_tar(tmp_path, members)
     ds = IndexedTarDataset(tar, index, size=16, random_crop=True)
     assert [n.split("/")[-1] for n in ds.names] == [
         "n01440764_1.JPEG", "n01440764_2.JPEG", "n01443537_1.JPEG", "n01443537_9.JPEG",
@@ -155,8 +139,8 @@ def test_indexed_tar_reads_labels_and_skips_corrupt(tmp_path):
     assert batch["skipped"] == 1 and batch["image"].shape == (3, 3, 16, 16)
 
 
-def test_tar_index_errors_name_the_problem(tmp_path):
-    tar, index = make_tar(tmp_path, {"a.png": encode(gradient_image(8, 8), "PNG")})
+def test_tar_index_errors_name_the_problem(tmp_path, make_image_tar):
+    tar, index = make_image_tar(tmp_path, {"a.png": encode(gradient_image(8, 8), "PNG")})
     with pytest.raises(FileNotFoundError, match="tar file not found"):
         IndexedTarDataset(str(tmp_path / "missing.tar"), index, 8)
     (tmp_path / "bad.json").write_text('{"name": 1}')
@@ -173,11 +157,11 @@ def test_sample_photos_and_bundled_dir(tmp_path):
     assert torch.equal(ImageFolderDataset(folder, 32)[0]["image"], ds[0]["image"])
 
 
-def test_build_dataset_chooses_the_source(tmp_path, folder):
+def test_build_dataset_chooses_the_source(tmp_path, folder, make_image_tar):
     assert isinstance(build_dataset(load_config(["data.image_size=16"]).data, "train"), SamplePhotosDataset)
     ds = build_dataset(load_config([f"data.data_dir={folder}", "data.image_size=16"]).data, "val")
     assert isinstance(ds, ImageFolderDataset) and not ds.random_crop and len(ds) == 5
-    tar, index = make_tar(tmp_path, {"n01440764/x.JPEG": encode(gradient_image(16, 16), "PNG")})
+    tar, index = make_image_tar(tmp_path, {"n01440764/x.JPEG": encode(gradient_image(16, 16), "PNG")})
     config = load_config([f"data.imagenet_train_tar={tar}", f"data.imagenet_train_index={index}"])
     assert isinstance(build_dataset(config.data, "train"), IndexedTarDataset)
     with pytest.raises(FileNotFoundError, match="imagenet_val_tar"):

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -226,14 +225,12 @@ def test_folder_ids_labels_and_order(folder_tokens, tiny_checkpoint, image_folde
     assert {x["name"].split("/")[0]: x["label"] for x in lines} == {"cats": 0, "dogs": 1}
 
 
-def test_imagenet_tar_with_upstreams_index(tiny_checkpoint, image_folder, tmp_path):
-    tar_path, index_path = tmp_path / "train.tar", tmp_path / "index.json"
-    with tarfile.open(tar_path, "w") as tar:
-        for path in sorted(image_folder.rglob("*.png"))[:3]:
-            tar.add(path, arcname=f"n0144000{path.stem[-1]}/{path.parent.name}_{path.name}")
-    with tarfile.open(tar_path) as tar:
-        index = [{"name": m.name, "offset": m.offset_data, "size": m.size} for m in tar.getmembers()]
-    index_path.write_text(json.dumps(index))
+def test_imagenet_tar_with_upstreams_index(tiny_checkpoint, image_folder, tmp_path, make_image_tar):
+    members = {
+        f"n0144000{path.stem[-1]}/{path.parent.name}_{path.name}": path.read_bytes()
+        for path in sorted(image_folder.rglob("*.png"))[:3]
+    }
+    tar_path, index_path = make_image_tar(tmp_path, members)
     out = tmp_path / "tokens"
     run_tokenize(tiny_checkpoint, out, "--imagenet-tar", tar_path, "--imagenet-index", index_path)
     dataset = IndexedTarDataset(str(tar_path), str(index_path), 32)

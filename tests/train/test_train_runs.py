@@ -7,12 +7,10 @@ go through the command's `main` inside the test process (same code, no interpret
 from __future__ import annotations
 
 import io
-import json
 import re
 import signal
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
@@ -137,21 +135,13 @@ def photo_bytes(seed: int, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def test_corrupt_image_in_tar_is_skipped_and_counted(lone_process, tmp_path, capsys):
+def test_corrupt_image_in_tar_is_skipped_and_counted(lone_process, tmp_path, capsys, make_image_tar):
     members = {f"n0000000{i}/img_{i}.JPEG": photo_bytes(i, "JPEG") for i in range(3)}
     members["n00000009/img_9.JPEG"] = b"\xff\xd8\xff\xe0 not really a jpeg"
-    tar_path = tmp_path / "train.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    with tarfile.open(tar_path) as tar:
-        index = [{"name": m.name, "offset": m.offset_data, "size": m.size} for m in tar.getmembers()]
-    (tmp_path / "index.json").write_text(json.dumps(index))
+    tar_path, index_path = make_image_tar(tmp_path, members)
     code, stdout = run_in_process(pretrain.main, [
         "--preset", "tiny", "data.image_size=16", "data.batch_size=4",
-        f"data.imagenet_train_tar={tar_path}", f"data.imagenet_train_index={tmp_path / 'index.json'}",
+        f"data.imagenet_train_tar={tar_path}", f"data.imagenet_train_index={index_path}",
         "--results-dir", tmp_path, "--experiment-name", "tar", "trainer.max_steps=2", "trainer.log_every=1",
         "trainer.sample_every=1000",
     ], capsys)
