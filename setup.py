@@ -25,5 +25,6 @@ setup(
     extras_require={
         "test": ["pytest>=7.0", "pytest-benchmark>=4.0", "pytest-timeout>=2.1", "pytorch-fid>=0.3"],
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25", "nvtx>=0.2"],
+        "reference": ["mup>=1.0", "omegaconf>=2.1"],  # bench/: upstream's code from $FLOWMO_REFERENCE
     },
 )

@@ -31,14 +31,24 @@ def skip_reason() -> Optional[str]:
     return None
 
 
+def import_upstream():
+    """Upstream's `flowmo.models` module, imported from the checkout (its other modules hang off it, e.g.
+    `models.lookup_free_quantize`)."""
+    root = reference_path()
+    if root is None:
+        raise RuntimeError(skip_reason())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("flowmo.models")
+
+
 def load_upstream(config: Config, state_dict: dict, compiled: bool = False):
-    """Build upstream's FlowMo from its code with our config values and weights (float32, CPU)."""
+    """Build upstream's FlowMo from its code with our config values and weights (float32; on the default
+    device, so `with torch.device("cuda"):` builds it on the GPU)."""
     from omegaconf import OmegaConf
 
     root = reference_path()
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    models = importlib.import_module("flowmo.models")
+    models = import_upstream()
     models.MUP_ENABLED = config.model.enable_mup
     up_config = OmegaConf.merge(OmegaConf.load(os.path.join(root, "flowmo/configs/base.yaml")), config.to_dict())
     model = models.FlowMo(width=config.model.mup_width, config=up_config)

@@ -1,0 +1,1 @@
+"""Benchmarks (`pytest bench --benchmark-only`) and the GPU report; a package so `bench.*` imports resolve."""

@@ -1,0 +1,685 @@
+"""GPU performance report: our fast path against our plain path and upstream, as one markdown table.
+
+    python bench/gpu_report.py                    # on a CUDA machine (H100 / H200): at most ~8 minutes
+    FLOWMO_REFERENCE=/path/to/FlowMo python bench/gpu_report.py    # adds upstream's rows
+    python bench/gpu_report.py --dry-run          # anywhere: tiny models on the CPU, the same code paths
+
+fast = regional torch.compile of the blocks + Triton kernels (`kernels="auto"`) + the CUDA-graph sampler;
+plain = eager, PyTorch kernels, no CUDA graphs; upstream_eager / upstream_compiled = upstream's FlowMo
+(its own @torch.compile decorators) with the same config and weights. bf16 autocast on CUDA, as in training
+and evaluation. Random weights (speed does not depend on them), built directly on the device.
+
+Phases, in order of importance (each an NVTX range; a row that the time budget cannot fit is skipped, and
+a row that fails is reported as such, so the table always prints):
+1. check: fast against plain values (decoder forward; training loss and gradient norm), FlowMo-Lo;
+2. reconstruct: FlowMo-Lo, batch 32, 25 steps, cfg 1.5 (encode, quantize, guided sampler);
+3. decoder forward: FlowMo-Lo, batch 32 (one pass; the MFU target of issue 7);
+4. per model, FlowMo-Lo then FlowMo-Hi: train step (256px, batch 8 per chunk: forward, backward, Adam
+   step; no perceptual loss) and encode (tokenizer images/s, `flowmo_fast.tokenize.make_encoder`, batch 32);
+5. LFQ loss: forward + backward at one training batch's codes (d = 9 for Lo, 14 for Hi), Triton vs torch
+   (a check) and upstream's LFQ;
+6. train step of upstream compiled (its whole-model compile takes minutes; last).
+
+Times are the median of the timed calls after a warm-up call (compilation, CUDA-graph capture). Peak
+memory is the allocator's peak during the row minus what was allocated before it (activations, workspace,
+graph pools, optimizer state; not the weights). FLOPs are counted analytically (bench/flops.py, printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import signal
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository root holds `bench` and the packages
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import flowmo_fast  # noqa: E402
+from bench import flops, upstream  # noqa: E402
+from flowmo_fast import flow  # noqa: E402
+from flowmo_fast.fast import compile_blocks  # noqa: E402
+from flowmo_fast.model import autocast_for  # noqa: E402
+from flowmo_fast.token_shards import TokenSpec  # noqa: E402
+from flowmo_fast.tokenize import make_encoder  # noqa: E402
+from kernels import get_ops, triton_available  # noqa: E402
+
+# Dense bf16 tensor-core peak, TFLOP/s, matched in order against torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = (
+    ("H200 NVL", 835.0),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H800", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+)
+OURS = ("plain", "fast")
+UPSTREAM = ("upstream_eager", "upstream_compiled")
+RECOMPILE_LIMIT = 64  # every compiled block variant (shape, last block, grad) is one dynamo cache entry
+ENTROPY_WEIGHT, COMMIT_WEIGHT = 0.0025, 0.000625  # the LFQ loss weights of the config
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What the report runs: the models (name -> preset, overrides) and the workload sizes."""
+
+    models: dict
+    size: int
+    recon_batch: int
+    recon_steps: int
+    train_batch: int
+    encode_batch: int
+    tolerance: float  # relative L2 difference allowed between fast and plain (and upstream and plain)
+    reserve_s: float  # budget a row needs left to start; compiling rows need `compile_reserve_s`
+    compile_reserve_s: float
+    upstream_compile_reserve_s: float
+
+
+FULL = Scale(
+    models={"FlowMo-Lo": ("flowmo_lo", ["opt.lpips_weight=0.0"]), "FlowMo-Hi": ("flowmo_hi", ["opt.lpips_weight=0.0"])},
+    size=256, recon_batch=32, recon_steps=25, train_batch=8, encode_batch=32,
+    tolerance=5e-2, reserve_s=20, compile_reserve_s=60, upstream_compile_reserve_s=150,
+)
+DRY = Scale(
+    models={"FlowMo-Lo (tiny)": ("tiny", []),
+            "FlowMo-Hi (tiny)": ("tiny", ["model.context_dim=56", "model.codebook_size_for_entropy=14"])},
+    size=32, recon_batch=2, recon_steps=4, train_batch=2, encode_batch=2,
+    tolerance=1e-4, reserve_s=5, compile_reserve_s=10, upstream_compile_reserve_s=10,
+)
+
+
+@dataclass
+class Row:
+    workload: str
+    model: str
+    impl: str
+    images: int  # per call
+    flops_per_image: Optional[int]
+    ms: Optional[float] = None
+    peak_gib: Optional[float] = None
+    check: str = ""  # difference from the plain row's output
+    note: str = ""
+
+
+@dataclass
+class Check:
+    name: str
+    value: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.value <= self.tolerance
+
+
+class BudgetExceeded(BaseException):
+    """Raised by the alarm when the global time budget runs out (BaseException: library code that catches
+    Exception must not swallow it)."""
+
+
+@dataclass
+class Budget:
+    seconds: float
+    start: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+    def arm(self) -> None:
+        """Interrupt whatever runs when the budget is spent (the table still prints)."""
+        def alarm(signum, frame):
+            raise BudgetExceeded()
+
+        signal.signal(signal.SIGALRM, alarm)
+        signal.setitimer(signal.ITIMER_REAL, max(self.left(), 1.0))
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """Let dynamo keep `limit` compiled variants per function (`cache_size_limit` before torch 2.6)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
+def log(budget: Budget, message: str) -> None:
+    print(f"[{budget.elapsed():6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str, device: torch.device):
+    """An NVTX range (the `nvtx` package when installed, else torch.cuda.nvtx) around a phase on CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    try:
+        import nvtx
+    except ImportError:
+        nvtx = None
+    if nvtx is not None:
+        with nvtx.annotate(name, domain="flowmo"):
+            yield
+        return
+    torch.cuda.nvtx.range_push(name)
+    try:
+        yield
+    finally:
+        torch.cuda.nvtx.range_pop()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in float32."""
+    a, b = a.detach().float(), b.detach().float()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-12))
+
+
+def peak_tflops(device_name: str) -> Optional[float]:
+    """Dense bf16 peak of a CUDA device by its name, None when not in the table."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def markdown_table(rows: list[Row], peak: Optional[float]) -> str:
+    """The timings table; `vs plain` and `vs best upstream` compare rows of the same workload and model."""
+    best_upstream: dict[tuple[str, str], float] = {}
+    plain_ms: dict[tuple[str, str], float] = {}
+    for r in rows:
+        if r.ms is None:
+            continue
+        key = (r.workload, r.model)
+        if r.impl.startswith("upstream"):
+            best_upstream[key] = min(best_upstream.get(key, float("inf")), r.ms)
+        if r.impl in ("plain", "torch"):
+            plain_ms[key] = r.ms
+    lines = [
+        "| workload | model | impl | ms | images/s | TFLOP/s | MFU | peak GiB | vs plain | vs best upstream | check | note |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|",
+    ]
+    for r in rows:
+        key = (r.workload, r.model)
+        cells = [r.workload, r.model, r.impl]
+        if r.ms is None:
+            cells += ["—"] * 7
+        else:
+            tf = flops.tflops(r.flops_per_image, r.images, r.ms / 1000) if r.flops_per_image else None
+            util = flops.mfu(tf, peak) if tf is not None else None
+            cells += [
+                f"{r.ms:.1f}",
+                f"{1000 * r.images / r.ms:.1f}",
+                f"{tf:.3g}" if tf is not None else "—",
+                f"{100 * util:.1f}%" if util is not None else "—",
+                f"{r.peak_gib:.2f}" if r.peak_gib is not None else "—",
+                f"{plain_ms[key] / r.ms:.2f}x" if key in plain_ms and not r.impl.startswith("upstream") else "—",
+                f"{best_upstream[key] / r.ms:.2f}x" if key in best_upstream else "—",
+            ]
+        cells += [r.check, r.note]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+class Models:
+    """Per model name and implementation one model on the device, built on first use; every implementation
+    starts from the same random initial weights (kept, so training one row does not change the others)."""
+
+    def __init__(self, scale: Scale, device: torch.device, compile_backend: str):
+        self.scale = scale
+        self.device = device
+        self.compile_backend = compile_backend
+        self.initial: dict[str, dict] = {}
+        self.built: dict[tuple[str, str], torch.nn.Module] = {}
+        self.upstream_module = None
+
+    def config(self, name: str):
+        preset, overrides = self.scale.models[name]
+        return flowmo_fast.load_config([*overrides, f"data.image_size={self.scale.size}"], preset=preset)
+
+    def initial_weights(self, name: str) -> dict:
+        if name not in self.initial:
+            torch.manual_seed(0)
+            with torch.device(self.device):
+                template = flowmo_fast.FlowMo(self.config(name))
+            self.initial[name] = template.state_dict()
+        return self.initial[name]
+
+    def get(self, name: str, impl: str) -> torch.nn.Module:
+        key = (name, impl)
+        if key not in self.built:
+            weights, config = self.initial_weights(name), self.config(name)
+            if impl in OURS:
+                with torch.device(self.device):
+                    model = flowmo_fast.FlowMo(config)
+                model.load_state_dict(weights)
+                model.kernels = "torch" if impl == "plain" else "auto"
+                model.cuda_graphs = impl == "fast"
+                if impl == "fast":
+                    compile_blocks(model, dynamic=False, backend=self.compile_backend)
+            else:
+                reason = upstream.skip_reason()
+                if reason is not None:
+                    raise Skipped(reason)
+                with torch.device(self.device):
+                    self.upstream_module, model = upstream.load_upstream(
+                        config, weights, compiled=impl == "upstream_compiled"
+                    )
+            self.built[key] = model.eval()
+        return self.built[key]
+
+    def release(self, name: str) -> None:
+        """Free every model of `name` (and its initial weights)."""
+        for key in [k for k in self.built if k[0] == name]:
+            del self.built[key]
+        self.initial.pop(name, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class Skipped(Exception):
+    """A row that cannot run here; the message says why."""
+
+
+class Report:
+    def __init__(self, args: argparse.Namespace, scale: Scale, device: torch.device):
+        self.args = args
+        self.scale = scale
+        self.device = device
+        self.budget = Budget(args.budget_s)
+        self.models = Models(scale, device, args.compile_backend)
+        self.rows: list[Row] = []
+        self.checks: list[Check] = []
+        self.outputs: dict[tuple[str, str], torch.Tensor] = {}  # (workload, model) -> the plain row's output
+
+    # --- running rows ---------------------------------------------------------------------------------
+
+    def attempt(self, label: str, reserve_s: float, fn: Callable[[], None], row: Optional[Row] = None) -> None:
+        """Run one row or check if the budget allows; failures are recorded, never raised."""
+        if row is not None:
+            self.rows.append(row)
+        if self.budget.left() < reserve_s:
+            self._note(row, f"skipped: {self.budget.left():.0f} s of budget left, needs {reserve_s:.0f} s")
+            log(self.budget, f"{label}: skipped (time budget)")
+            return
+        log(self.budget, f"{label} ...")
+        try:
+            with nvtx_range(label, self.device):
+                fn()
+        except Skipped as e:
+            self._note(row, f"skipped: {e}")
+        except BudgetExceeded:
+            self._note(row, "stopped: time budget spent")
+            log(self.budget, f"{label}: stopped, time budget spent")
+        except Exception as e:  # one failing row must not cost the rest of the report
+            self._note(row, f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160])
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        if row is not None and row.ms is not None:
+            log(self.budget, f"{label}: {row.ms:.1f} ms")
+
+    @staticmethod
+    def _note(row: Optional[Row], note: str) -> None:
+        if row is not None:
+            row.note = note
+
+    def measure(self, row: Row, fn: Callable[[], object]) -> object:
+        """Warm up (compile, capture), then time `fn` until `--target-s` or `--max-iters`; fills row.ms
+        (median) and row.peak_gib. Returns the warm-up call's output."""
+        device = self.device
+        sync(device)
+        if device.type == "cuda":
+            baseline = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        sync(device)
+        times: list[float] = []
+        while not times or (sum(times) < self.args.target_s and len(times) < self.args.max_iters):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        row.ms = 1000 * statistics.median(times)
+        if device.type == "cuda":
+            row.peak_gib = (torch.cuda.max_memory_allocated(device) - baseline) / 2**30
+        return out
+
+    def compare(self, row: Row, out: torch.Tensor, kind: str = "rel L2") -> None:
+        """Record the row's output against the plain row's (the plain row stores its own)."""
+        key = (row.workload, row.model)
+        if row.impl == "plain":
+            self.outputs[key] = out.detach()
+            return
+        if key not in self.outputs:
+            return
+        ref = self.outputs[key]
+        if kind == "ids":
+            differ = float((out != ref).float().mean())
+            row.check = f"ids differ {100 * differ:.2f}%"
+        else:
+            diff = rel_l2(out, ref)
+            row.check = f"{kind} {diff:.1e}" + ("" if diff <= self.scale.tolerance else " (above tolerance!)")
+
+    def reserve(self, impl: str, compiles: bool) -> float:
+        if impl == "upstream_compiled":
+            return self.scale.upstream_compile_reserve_s
+        return self.scale.compile_reserve_s if (impl == "fast" and compiles) else self.scale.reserve_s
+
+    # --- workloads ------------------------------------------------------------------------------------
+
+    def images(self, batch: int, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator(self.device).manual_seed(seed)
+        s = self.scale.size
+        return torch.rand(batch, 3, s, s, generator=g, device=self.device) * 2 - 1
+
+    def run_checks(self, name: str) -> None:
+        """Fast against plain: decoder forward at the sampler's batch, training loss and gradient norm."""
+        plain, fast = self.models.get(name, "plain"), self.models.get(name, "fast")
+        b, s = self.scale.recon_batch, self.scale.size
+        g = torch.Generator(self.device).manual_seed(5)
+        context = plain.config.model.context_dim
+        zt = torch.randn(b, 3, s, s, generator=g, device=self.device)
+        code = torch.randn(b, plain.code_length, context + 1, generator=g, device=self.device).sign()
+        t = torch.rand(b, generator=g, device=self.device)
+        with torch.no_grad(), autocast_for(self.device):
+            v_plain, v_fast = plain.decode(zt, code, t), fast.decode(zt, code, t)
+        self.checks.append(Check(f"{name} decoder forward, fast vs plain (rel L2)", rel_l2(v_fast, v_plain), self.scale.tolerance))
+
+        values = {impl: self.loss_and_grad_norm(name, impl) for impl in OURS}
+        (loss_p, norm_p), (loss_f, norm_f) = values["plain"], values["fast"]
+        self.checks.append(Check(f"{name} training loss, fast vs plain (rel)", abs(loss_f / loss_p - 1), self.scale.tolerance))
+        self.checks.append(Check(f"{name} gradient norm, fast vs plain (rel)", abs(norm_f / norm_p - 1), self.scale.tolerance))
+
+    def loss_and_grad_norm(self, name: str, impl: str) -> tuple[float, float]:
+        """Training loss and gradient norm at fixed times and noise, no guidance dropout; no step taken."""
+        model = self.models.get(name, impl).train()
+        b, s = self.scale.train_batch, self.scale.size
+        g = torch.Generator(self.device).manual_seed(6)
+        t = torch.rand(b, generator=g, device=self.device)
+        noise = torch.randn(b, 3, s, s, generator=g, device=self.device)
+        with autocast_for(self.device):
+            loss, _ = flow.rectified_flow_loss(model, self.images(b), t=t, noise=noise, enable_cfg=False)
+        loss.backward()
+        norm = torch.linalg.vector_norm(torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None]))
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        return float(loss.detach()), float(norm)
+
+    def reconstruct(self, name: str, impl: str) -> None:
+        sc = self.scale
+        row = Row("reconstruct", name, impl, sc.recon_batch, flops.reconstruct_flops(
+            self.models.config(name), sc.size, sc.size, sc.recon_steps, cfg=1.5))
+
+        def run():
+            model, images = self.models.get(name, impl), self.images(sc.recon_batch)
+            seed = lambda: torch.Generator(self.device).manual_seed(1)  # noqa: E731
+            if impl in OURS:
+                fn = lambda: model.reconstruct(images, steps=sc.recon_steps, cfg=1.5, generator=seed())  # noqa: E731
+            else:
+                noise = torch.randn(images.shape, generator=seed(), device=self.device)
+
+                def fn():
+                    with autocast_for(self.device):
+                        return upstream.upstream_reconstruct(
+                            self.models.upstream_module, model, images, noise, sc.recon_steps, 1.5
+                        ).float()
+            self.compare(row, self.measure(row, fn))
+
+        self.attempt(f"reconstruct {name} {impl}", self.reserve(impl, compiles=True), run, row)
+
+    def decoder_forward(self, name: str, impl: str) -> None:
+        sc = self.scale
+        row = Row("decoder forward", name, impl, sc.recon_batch, flops.decoder_flops(self.models.config(name), sc.size, sc.size))
+
+        def run():
+            model = self.models.get(name, impl)
+            b, s = sc.recon_batch, sc.size
+            g = torch.Generator(self.device).manual_seed(7)
+            m = self.models.config(name).model
+            zt = torch.randn(b, 3, s, s, generator=g, device=self.device)
+            code = torch.randn(b, m.code_length, m.context_dim + 1, generator=g, device=self.device).sign()
+            t = torch.rand(b, generator=g, device=self.device)
+
+            @torch.no_grad()
+            def fn():
+                with autocast_for(self.device):
+                    if impl in OURS:
+                        return model.decode(zt, code, t).float()
+                    return model.decode(img=zt, code=code, timesteps=t)[0].float()
+
+            self.compare(row, self.measure(row, fn))
+
+        self.attempt(f"decoder forward {name} {impl}", self.reserve(impl, compiles=True), run, row)
+
+    def train_step(self, name: str, impl: str) -> None:
+        sc = self.scale
+        row = Row("train step", name, impl, sc.train_batch, flops.train_step_flops(self.models.config(name), sc.size, sc.size))
+
+        def run():
+            model = self.models.get(name, impl).train()
+            opt = self.models.config(name).opt
+            optimizer = torch.optim.Adam(
+                [p for p in model.parameters() if p.requires_grad], lr=opt.lr, betas=(opt.beta1, opt.beta2)
+            )
+            images = self.images(sc.train_batch)
+
+            def fn():
+                optimizer.zero_grad(set_to_none=True)
+                with autocast_for(self.device):
+                    if impl in OURS:
+                        loss = flow.rectified_flow_loss(model, images)[0]
+                    else:
+                        loss = self.models.upstream_module.rf_loss(model.config, model, {"image": images}, {})[0]
+                loss.backward()
+                optimizer.step()
+
+            try:
+                self.measure(row, fn)
+            finally:
+                del optimizer  # frees Adam's state
+                model.zero_grad(set_to_none=True)
+                with torch.no_grad():  # back to the initial weights, which the later rows compare against
+                    model.load_state_dict(self.models.initial_weights(name))
+                model.eval()
+
+        self.attempt(f"train step {name} {impl}", self.reserve(impl, compiles=True), run, row)
+
+    def encode(self, name: str, impl: str) -> None:
+        sc = self.scale
+        row = Row("encode (token ids)", name, impl, sc.encode_batch, flops.encoder_flops(self.models.config(name), sc.size, sc.size))
+
+        def run():
+            model = self.models.get(name, impl)
+            images = self.images(sc.encode_batch, seed=2)
+            if impl in OURS:
+                encode = make_encoder(model, TokenSpec.for_model(model), compile=False, batch_size=sc.encode_batch)
+                fn = lambda: torch.from_numpy(encode(images).astype("int64"))  # noqa: E731
+            else:
+
+                @torch.no_grad()
+                def fn():
+                    with autocast_for(self.device):
+                        return model._quantize(model.encode(images)[0])[1].reshape(images.shape[0], -1).cpu()
+
+            self.compare(row, self.measure(row, fn), kind="ids")
+
+        self.attempt(f"encode {name} {impl}", self.reserve(impl, compiles=True), run, row)
+
+    def lfq_loss(self, name: str, impl: str) -> None:
+        """The quantizer loss, forward + backward, at the codes of one training batch."""
+        config = self.models.config(name).model
+        bits = config.codebook_size_for_entropy
+        n = self.scale.train_batch * config.code_length * config.context_dim // bits
+        row = Row(f"LFQ loss (N={n}, d={bits})", name, impl, self.scale.train_batch, None)
+
+        def run():
+            g = torch.Generator(self.device).manual_seed(8)
+            x = (0.1 * torch.randn(n, bits, generator=g, device=self.device)).requires_grad_()
+            if impl == "upstream":
+                if upstream.skip_reason() is not None:
+                    raise Skipped(upstream.skip_reason())
+                quantizer = upstream.import_upstream().lookup_free_quantize.LFQ(
+                    codebook_size=2**bits, dim=bits, num_codebooks=1, token_factorization=False
+                ).to(self.device).train()
+
+                def loss_of(x):
+                    (_, aux, _), breakdown = quantizer(x.T[None], return_loss_breakdown=True)  # [1, d, N]
+                    return ENTROPY_WEIGHT * aux + COMMIT_WEIGHT * breakdown.commitment
+            else:
+                if impl == "triton" and not (self.device.type == "cuda" and triton_available()):
+                    raise Skipped("the Triton kernel runs on CUDA")
+                lfq = get_ops(impl, self.device).lfq
+
+                def loss_of(x):
+                    out = lfq(x)
+                    return ENTROPY_WEIGHT * (out.per_sample_entropy - out.codebook_entropy) + COMMIT_WEIGHT * out.commitment
+
+            def fn():
+                x.grad = None
+                loss = loss_of(x)
+                loss.backward()
+                return torch.stack([loss.detach().float(), torch.linalg.vector_norm(x.grad.float())])
+
+            out = self.measure(row, fn)
+            key = (row.workload, row.model)
+            if impl == "torch":
+                self.outputs[key] = out
+            elif key in self.outputs:
+                diff = float(((out - self.outputs[key]).abs() / self.outputs[key].abs()).max())
+                row.check = f"loss, grad norm rel {diff:.1e}"
+                if impl == "triton":
+                    self.checks.append(Check(f"{name} LFQ loss and gradient, Triton vs torch (rel)", diff, 1e-4))
+
+        self.attempt(f"LFQ loss {name} {impl}", self.scale.reserve_s, run, row)
+
+    # --- the whole report -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Rows in order of importance, one model at a time (so a model's weights are freed before the next)."""
+        lo, *others = self.scale.models
+        upstream_impls = [i for i in UPSTREAM if not (self.args.dry_run and i == "upstream_compiled")]
+        self.attempt(f"check {lo}", 0, lambda: self.run_checks(lo))
+        for workload in (self.reconstruct, self.decoder_forward):
+            for impl in (*OURS, *upstream_impls):
+                workload(lo, impl)
+        for name in (lo, *others):
+            for impl in (*OURS, "upstream_eager"):
+                self.train_step(name, impl)
+            for impl in (*OURS, *upstream_impls):
+                self.encode(name, impl)
+            self.models.release(name)
+        for name in (lo, *others):
+            for impl in ("torch", "triton", "upstream"):
+                self.lfq_loss(name, impl)
+        if "upstream_compiled" in upstream_impls:
+            for name in (lo, *others):
+                self.train_step(name, "upstream_compiled")
+                self.models.release(name)
+        else:
+            self.rows.append(Row("train step, reconstruct, decoder forward, encode", "all", "upstream_compiled", 0,
+                                 None, note="not run in --dry-run (inductor compiles for minutes on a CPU)"))
+
+    # --- output ---------------------------------------------------------------------------------------
+
+    def header(self) -> str:
+        name = device_name(self.device)
+        triton = "n/a"
+        if triton_available():
+            import triton
+
+            triton = triton.__version__
+        peak = peak_tflops(name)
+        return "\n".join([
+            f"# FlowMo GPU report{' (dry run: tiny models on the CPU)' if self.args.dry_run else ''}",
+            "",
+            f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+            f"- device: {name}; bf16 dense peak: {f'{peak:.0f} TFLOP/s' if peak else 'unknown (MFU not shown)'}",
+            f"- torch {torch.__version__}, CUDA {torch.version.cuda}, Triton {triton}",
+            f"- upstream: {upstream.reference_path() or 'not set (' + str(upstream.skip_reason()) + ')'}",
+            f"- sizes: {self.scale.size}px; reconstruct batch {self.scale.recon_batch}, {self.scale.recon_steps} steps, "
+            f"cfg 1.5; train batch {self.scale.train_batch}; encode batch {self.scale.encode_batch}",
+            f"- wall time: {self.budget.elapsed():.0f} s of a {self.budget.seconds:.0f} s budget",
+        ])
+
+    def print(self) -> None:
+        print(self.header())
+        print("\n## Checks: fast path against plain path\n")
+        print("| check | value | tolerance | result |\n|---|--:|--:|---|")
+        for c in self.checks:
+            print(f"| {c.name} | {c.value:.2e} | {c.tolerance:.0e} | {'pass' if c.passed else 'FAIL'} |")
+        if not self.checks:
+            print("| (no check ran) | | | FAIL |")
+        print("\n## FLOP counts\n\n```\n" + flops.FORMULA + "\n```")
+        print("\nvs plain: plain ms / ms; vs best upstream: faster upstream row's ms / ms (above 1: we are faster).")
+        print("\n## Timings\n")
+        print(markdown_table(self.rows, peak_tflops(device_name(self.device))))
+
+    def save(self, path: str) -> None:
+        data = dict(header=self.header(), checks=[asdict(c) for c in self.checks], rows=[asdict(r) for r in self.rows])
+        Path(path).write_text(json.dumps(data, indent=1))
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: exercise every code path")
+    p.add_argument("--budget-s", type=float, default=450.0, help="stop starting rows after this (default 450)")
+    p.add_argument("--target-s", type=float, default=3.0, help="time each row for about this long (default 3)")
+    p.add_argument("--max-iters", type=int, default=20, help="at most this many timed calls per row (default 20)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend of the fast path (default: inductor; eager in --dry-run)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    if args.compile_backend is None:
+        args.compile_backend = "eager" if args.dry_run else "inductor"
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        device, scale = torch.device("cpu"), DRY
+    elif torch.cuda.is_available():
+        device, scale = torch.device("cuda", torch.cuda.current_device()), FULL
+    else:
+        print("gpu_report: no CUDA device here; run with --dry-run to exercise the report on the CPU", file=sys.stderr)
+        return 2
+    raise_recompile_limit(RECOMPILE_LIMIT)
+    report = Report(args, scale, device)
+    report.budget.arm()
+    try:
+        report.run()
+    except BudgetExceeded:
+        log(report.budget, "time budget spent; printing what ran")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        report.print()
+        if args.json:
+            report.save(args.json)
+    failed = [c for c in report.checks if not c.passed]
+    return 1 if failed or not report.checks else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

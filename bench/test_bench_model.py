@@ -1,0 +1,194 @@
+"""Model benchmarks on the CPU: one group per workload, with rows plain / fast / upstream_eager /
+upstream_compiled (bench/impls.py), so the ratios read off the table.
+
+- block: one decoder DoubleStreamBlock forward (sampling setting; upstream has no compiled block);
+- encode: the encoder, images -> code before quantization (sampling setting);
+- reconstruct: encode, quantize, then the guided sampler (sampling setting, issue 7's CPU target),
+  RECONSTRUCT_STEPS steps instead of evaluation's 25 to fit the time budget: the time per decoder pass,
+  and so the ratios, do not depend on the step count;
+- train step: forward + backward + Adam step (training setting). Its upstream_compiled row runs only with
+  FLOWMO_BENCH_FULL=1: compiling upstream's whole training graph takes ~5 minutes on a 2-core CPU, which
+  would take the suite past its 10 minutes.
+
+Before a row is timed, its first call (which also compiles) is checked against our plain model's values;
+the largest difference is recorded in the row's extra_info.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import os
+
+import pytest
+import torch
+
+from bench import flops, upstream
+from bench.impls import IMPLS, Implementations
+from flowmo_fast import flow
+from flowmo_fast.layers import timestep_embedding
+from flowmo_fast.mmdit import TIME_EMBED_DIM, position_ids
+from kernels.rope import rope_tables
+
+RECONSTRUCT_STEPS = 4  # pow_0.25: one of the 4 steps is guided, 5 decoder passes (evaluation: 25 and 6)
+CFG = 1.5
+# The minimum over rounds is the statistic to read: on a shared 2-core machine a round can take 4x longer
+# when another process runs.
+ROUNDS = {"block": 5, "encode": 5, "reconstruct": 4, "train step": 5}
+TOLERANCE = 1e-4  # float32: compiled kernels and upstream's op order round differently
+
+
+def time_row(benchmark, impls: Implementations, workload: str, impl: str, fn: Callable, flops_per_image: int,
+              warmup_rounds: int = 0) -> None:
+    """Time `fn` (already warm) as row `impl` of the workload's group; record throughput at the fastest round."""
+    benchmark.group = f"{workload} ({impls.setting.describe()}, cpu {torch.get_num_threads()} threads)"
+    benchmark.pedantic(fn, rounds=ROUNDS[workload], iterations=1, warmup_rounds=warmup_rounds)
+    seconds = benchmark.stats.stats.min
+    benchmark.extra_info["images_per_s"] = round(impls.setting.batch / seconds, 3)
+    benchmark.extra_info["gflop_per_s"] = round(flops_per_image * impls.setting.batch / seconds / 1e9, 2)
+
+
+def check(benchmark, impls: Implementations, key: str, impl: str, values: tuple, plain_values: Callable) -> None:
+    """Compare `values` (tensors) with the plain model's; record and assert the largest difference."""
+    reference = impls.reference(key, (lambda: values) if impl == "plain" else plain_values)
+    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(values, reference))
+    benchmark.extra_info["max_abs_diff_vs_plain"] = diff
+    assert diff <= TOLERANCE, f"{impl} {key} differs from the plain model by {diff:.2e}"
+
+
+# --- block ---------------------------------------------------------------------------------------------
+
+
+def block_inputs(impls: Implementations):
+    """Random hidden states of the decoder's shapes, the time vector and the RoPE ids of the setting."""
+    model, s = impls.plain(), impls.setting
+    p, d = model.patch_size, model.decoder.params.hidden_size
+    g = torch.Generator().manual_seed(2)
+    img = torch.randn(s.batch, (s.size // p) ** 2, d, generator=g)
+    txt = torch.randn(s.batch, model.code_length, d, generator=g)
+    with torch.no_grad():
+        vec = model.decoder.time_in(timestep_embedding(torch.rand(s.batch, generator=g), TIME_EMBED_DIM))
+    ids = position_ids(model.code_length, s.size // p, s.size // p, img.device)
+    return img, txt, vec, ids
+
+
+def block_fn(impls: Implementations, impl: str) -> Callable[[], tuple]:
+    img, txt, vec, ids = block_inputs(impls)
+    model = impls.get(impl)
+    if impl.startswith("upstream"):
+        pe = model.decoder.pe_embedder(ids[None].expand(img.shape[0], -1, -1))
+        block = model.decoder.double_blocks[0]
+        return torch.no_grad()(lambda: block(img=img, txt=txt, vec=vec, pe=(None, pe)))
+    rope = rope_tables(ids, model.decoder.params.axes_dim, model.decoder.params.theta)
+    block, ops = model.decoder.double_blocks[0], model.ops(img.device)
+    return torch.no_grad()(lambda: block(img, txt, vec, rope, ops, model.attention))
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "upstream_compiled"])
+def test_bench_block(benchmark, sampling, impl):
+    fn = block_fn(sampling, impl)
+    check(benchmark, sampling, "block", impl, fn(), lambda: block_fn(sampling, "plain")())
+    m, s = sampling.plain(), sampling.setting
+    length = m.code_length + (s.size // m.patch_size) ** 2
+    time_row(benchmark, sampling, "block", impl, fn, flops.block_flops(m.decoder.params.hidden_size, length, length, True))
+
+
+# --- encode --------------------------------------------------------------------------------------------
+
+
+def encode_fn(impls: Implementations, impl: str) -> Callable[[], tuple]:
+    images, model = impls.setting.images(), impls.get(impl)
+    if impl.startswith("upstream"):
+        return torch.no_grad()(lambda: (model.encode(images)[0],))
+    return torch.no_grad()(lambda: (model.encode(images),))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bench_encode(benchmark, sampling, impl):
+    fn = encode_fn(sampling, impl)
+    check(benchmark, sampling, "encode", impl, fn(), lambda: encode_fn(sampling, "plain")())
+    s = sampling.setting
+    time_row(benchmark, sampling, "encode", impl, fn, flops.encoder_flops(sampling.config, s.size, s.size))
+
+
+# --- reconstruct ---------------------------------------------------------------------------------------
+
+
+def reconstruct_fn(impls: Implementations, impl: str) -> Callable[[], tuple]:
+    s, model = impls.setting, impls.get(impl)
+    images = s.images()
+    if impl.startswith("upstream"):
+        noise = s.noise()
+        return lambda: (upstream.upstream_reconstruct(impls.upstream_module, model, images, noise, RECONSTRUCT_STEPS, CFG),)
+    return lambda: (model.reconstruct(images, steps=RECONSTRUCT_STEPS, cfg=CFG, generator=s.noise_generator()),)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bench_reconstruct(benchmark, sampling, impl):
+    fn = reconstruct_fn(sampling, impl)
+    check(benchmark, sampling, "reconstruct", impl, fn(), lambda: reconstruct_fn(sampling, "plain")())
+    s = sampling.setting
+    per_image = flops.reconstruct_flops(sampling.config, s.size, s.size, RECONSTRUCT_STEPS, CFG)
+    time_row(benchmark, sampling, "reconstruct", impl, fn, per_image)
+
+
+# --- train step ----------------------------------------------------------------------------------------
+
+
+def loss_fn(impls: Implementations, impl: str) -> Callable[..., torch.Tensor]:
+    """(t, noise, enable_cfg) -> training loss of `impl` on the setting's images; random t and noise if None."""
+    images, model = impls.setting.images(), impls.get(impl)
+    if not impl.startswith("upstream"):
+        return lambda t=None, noise=None, enable_cfg=True: flow.rectified_flow_loss(
+            model, images, t=t, noise=noise, enable_cfg=enable_cfg
+        )[0]
+    models = impls.upstream_module
+
+    def upstream_loss(t=None, noise=None, enable_cfg=True):
+        if t is None:  # upstream's own training loss, drawing its own t, noise and guidance dropout
+            return models.rf_loss(model.config, model, {"image": images}, {})[0]
+        tb = t.view(-1, 1, 1, 1)
+        v, aux = model(img=images, noised_img=(1 - tb) * images + tb * noise, timesteps=t, enable_cfg=enable_cfg)
+        return (noise - v - images).pow(2).mean() + aux["quantizer_loss"]
+
+    return upstream_loss
+
+
+def gradient_check(impls: Implementations, impl: str) -> tuple[float, float]:
+    """(loss, gradient norm) at fixed times and noise without guidance dropout; leaves no gradients."""
+    model, s = impls.get(impl), impls.setting
+    g = torch.Generator().manual_seed(3)
+    t, noise = torch.rand(s.batch, generator=g), torch.randn(s.batch, 3, s.size, s.size, generator=g)
+    loss = loss_fn(impls, impl)(t, noise, False)
+    loss.backward()
+    norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), float(norm)
+
+
+def train_step_fn(impls: Implementations, impl: str) -> Callable[[], None]:
+    model, lr = impls.get(impl), impls.config.opt.lr
+    beta1, beta2 = impls.config.opt.beta1, impls.config.opt.beta2
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(beta1, beta2))
+    loss = loss_fn(impls, impl)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+
+    return step
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bench_train_step(benchmark, training, impl):
+    if impl == "upstream_compiled" and upstream.skip_reason() is None and os.environ.get("FLOWMO_BENCH_FULL") != "1":
+        pytest.skip("compiling upstream's training graph takes ~5 min on a 2-core CPU; set FLOWMO_BENCH_FULL=1")
+    values = gradient_check(training, impl)  # before any step, so every implementation has the same weights
+    reference = training.reference("train step", (lambda: values) if impl == "plain" else lambda: gradient_check(training, "plain"))
+    rel = max(abs(v / r - 1) for v, r in zip(values, reference))
+    benchmark.extra_info["max_rel_diff_vs_plain"] = rel
+    assert rel <= TOLERANCE, f"{impl} training loss or gradient norm differs from the plain model's by {rel:.2e}"
+    s = training.setting
+    time_row(benchmark, training, "train step", impl, train_step_fn(training, impl),
+              flops.train_step_flops(training.config, s.size, s.size), warmup_rounds=1)
