@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import flowmo_fast  # noqa: E402
 from bench import flops, upstream  # noqa: E402
 from flowmo_fast import flow  # noqa: E402
-from flowmo_fast.fast import compile_blocks  # noqa: E402
+from flowmo_fast.fast import compile_blocks, raise_recompile_limit  # noqa: E402
 from flowmo_fast.model import autocast_for  # noqa: E402
 from flowmo_fast.token_shards import TokenSpec  # noqa: E402
 from flowmo_fast.tokenize import make_encoder  # noqa: E402
@@ -69,7 +69,6 @@ PEAK_BF16_TFLOPS = (
 )
 OURS = ("plain", "fast")
 UPSTREAM = ("upstream_eager", "upstream_compiled")
-RECOMPILE_LIMIT = 64  # every compiled block variant (shape, last block, grad) is one dynamo cache entry
 ENTROPY_WEIGHT, COMMIT_WEIGHT = 0.0025, 0.000625  # the LFQ loss weights of the config
 
 
@@ -149,13 +148,6 @@ class Budget:
 
         signal.signal(signal.SIGALRM, alarm)
         signal.setitimer(signal.ITIMER_REAL, max(self.left(), 1.0))
-
-
-def raise_recompile_limit(limit: int) -> None:
-    """Let dynamo keep `limit` compiled variants per function (`cache_size_limit` before torch 2.6)."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), limit))
 
 
 def log(budget: Budget, message: str) -> None:
@@ -382,10 +374,11 @@ class Report:
             diff = rel_l2(out, ref)
             row.check = f"{kind} {diff:.1e}" + ("" if diff <= self.scale.tolerance else " (above tolerance!)")
 
-    def reserve(self, impl: str, compiles: bool) -> float:
+    def reserve(self, impl: str) -> float:
+        """Budget a model row needs left to start: compiling rows need more."""
         if impl == "upstream_compiled":
             return self.scale.upstream_compile_reserve_s
-        return self.scale.compile_reserve_s if (impl == "fast" and compiles) else self.scale.reserve_s
+        return self.scale.compile_reserve_s if impl == "fast" else self.scale.reserve_s
 
     # --- workloads ------------------------------------------------------------------------------------
 
@@ -405,12 +398,13 @@ class Report:
         t = torch.rand(b, generator=g, device=self.device)
         with torch.no_grad(), autocast_for(self.device):
             v_plain, v_fast = plain.decode(zt, code, t), fast.decode(zt, code, t)
-        self.checks.append(Check(f"{name} decoder forward, fast vs plain (rel L2)", rel_l2(v_fast, v_plain), self.scale.tolerance))
+        tol = self.scale.tolerance
+        self.checks.append(Check(f"{name} decoder forward, fast vs plain (rel L2)", rel_l2(v_fast, v_plain), tol))
 
         values = {impl: self.loss_and_grad_norm(name, impl) for impl in OURS}
         (loss_p, norm_p), (loss_f, norm_f) = values["plain"], values["fast"]
-        self.checks.append(Check(f"{name} training loss, fast vs plain (rel)", abs(loss_f / loss_p - 1), self.scale.tolerance))
-        self.checks.append(Check(f"{name} gradient norm, fast vs plain (rel)", abs(norm_f / norm_p - 1), self.scale.tolerance))
+        self.checks.append(Check(f"{name} training loss, fast vs plain (rel)", abs(loss_f / loss_p - 1), tol))
+        self.checks.append(Check(f"{name} gradient norm, fast vs plain (rel)", abs(norm_f / norm_p - 1), tol))
 
     def loss_and_grad_norm(self, name: str, impl: str) -> tuple[float, float]:
         """Training loss and gradient norm at fixed times and noise, no guidance dropout; no step taken."""
@@ -422,7 +416,8 @@ class Report:
         with autocast_for(self.device):
             loss, _ = flow.rectified_flow_loss(model, self.images(b), t=t, noise=noise, enable_cfg=False)
         loss.backward()
-        norm = torch.linalg.vector_norm(torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None]))
+        grads = [p.grad.float().flatten() for p in model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.cat(grads))
         model.zero_grad(set_to_none=True)
         model.eval()
         return float(loss.detach()), float(norm)
@@ -447,11 +442,12 @@ class Report:
                         ).float()
             self.compare(row, self.measure(row, fn))
 
-        self.attempt(f"reconstruct {name} {impl}", self.reserve(impl, compiles=True), run, row)
+        self.attempt(f"reconstruct {name} {impl}", self.reserve(impl), run, row)
 
     def decoder_forward(self, name: str, impl: str) -> None:
         sc = self.scale
-        row = Row("decoder forward", name, impl, sc.recon_batch, flops.decoder_flops(self.models.config(name), sc.size, sc.size))
+        per_image = flops.decoder_flops(self.models.config(name), sc.size, sc.size)
+        row = Row("decoder forward", name, impl, sc.recon_batch, per_image)
 
         def run():
             model = self.models.get(name, impl)
@@ -471,11 +467,12 @@ class Report:
 
             self.compare(row, self.measure(row, fn))
 
-        self.attempt(f"decoder forward {name} {impl}", self.reserve(impl, compiles=True), run, row)
+        self.attempt(f"decoder forward {name} {impl}", self.reserve(impl), run, row)
 
     def train_step(self, name: str, impl: str) -> None:
         sc = self.scale
-        row = Row("train step", name, impl, sc.train_batch, flops.train_step_flops(self.models.config(name), sc.size, sc.size))
+        per_image = flops.train_step_flops(self.models.config(name), sc.size, sc.size)
+        row = Row("train step", name, impl, sc.train_batch, per_image)
 
         def run():
             model = self.models.get(name, impl).train()
@@ -497,18 +494,18 @@ class Report:
 
             try:
                 self.measure(row, fn)
-            finally:
-                del optimizer  # frees Adam's state
+            finally:  # Adam's state goes with this function's frame
                 model.zero_grad(set_to_none=True)
                 with torch.no_grad():  # back to the initial weights, which the later rows compare against
                     model.load_state_dict(self.models.initial_weights(name))
                 model.eval()
 
-        self.attempt(f"train step {name} {impl}", self.reserve(impl, compiles=True), run, row)
+        self.attempt(f"train step {name} {impl}", self.reserve(impl), run, row)
 
     def encode(self, name: str, impl: str) -> None:
         sc = self.scale
-        row = Row("encode (token ids)", name, impl, sc.encode_batch, flops.encoder_flops(self.models.config(name), sc.size, sc.size))
+        per_image = flops.encoder_flops(self.models.config(name), sc.size, sc.size)
+        row = Row("encode (token ids)", name, impl, sc.encode_batch, per_image)
 
         def run():
             model = self.models.get(name, impl)
@@ -525,7 +522,7 @@ class Report:
 
             self.compare(row, self.measure(row, fn), kind="ids")
 
-        self.attempt(f"encode {name} {impl}", self.reserve(impl, compiles=True), run, row)
+        self.attempt(f"encode {name} {impl}", self.reserve(impl), run, row)
 
     def lfq_loss(self, name: str, impl: str) -> None:
         """The quantizer loss, forward + backward, at the codes of one training batch."""
@@ -554,7 +551,8 @@ class Report:
 
                 def loss_of(x):
                     out = lfq(x)
-                    return ENTROPY_WEIGHT * (out.per_sample_entropy - out.codebook_entropy) + COMMIT_WEIGHT * out.commitment
+                    entropy = out.per_sample_entropy - out.codebook_entropy
+                    return ENTROPY_WEIGHT * entropy + COMMIT_WEIGHT * out.commitment
 
             def fn():
                 x.grad = None
@@ -618,8 +616,8 @@ class Report:
             f"- device: {name}; bf16 dense peak: {f'{peak:.0f} TFLOP/s' if peak else 'unknown (MFU not shown)'}",
             f"- torch {torch.__version__}, CUDA {torch.version.cuda}, Triton {triton}",
             f"- upstream: {upstream.reference_path() or 'not set (' + str(upstream.skip_reason()) + ')'}",
-            f"- sizes: {self.scale.size}px; reconstruct batch {self.scale.recon_batch}, {self.scale.recon_steps} steps, "
-            f"cfg 1.5; train batch {self.scale.train_batch}; encode batch {self.scale.encode_batch}",
+            (f"- sizes: {self.scale.size}px; reconstruct batch {self.scale.recon_batch}, {self.scale.recon_steps} "
+             f"steps, cfg 1.5; train batch {self.scale.train_batch}; encode batch {self.scale.encode_batch}"),
             f"- wall time: {self.budget.elapsed():.0f} s of a {self.budget.seconds:.0f} s budget",
         ])
 
@@ -637,7 +635,8 @@ class Report:
         print(markdown_table(self.rows, peak_tflops(device_name(self.device))))
 
     def save(self, path: str) -> None:
-        data = dict(header=self.header(), checks=[asdict(c) for c in self.checks], rows=[asdict(r) for r in self.rows])
+        checks, rows = [asdict(c) for c in self.checks], [asdict(r) for r in self.rows]
+        data = {"header": self.header(), "checks": checks, "rows": rows}
         Path(path).write_text(json.dumps(data, indent=1))
 
 
@@ -665,7 +664,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         print("gpu_report: no CUDA device here; run with --dry-run to exercise the report on the CPU", file=sys.stderr)
         return 2
-    raise_recompile_limit(RECOMPILE_LIMIT)
+    raise_recompile_limit()  # the upstream compiled rows need it too
     report = Report(args, scale, device)
     report.budget.arm()
     try:

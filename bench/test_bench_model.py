@@ -16,9 +16,8 @@ the largest difference is recorded in the row's extra_info.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import os
+from typing import Callable
 
 import pytest
 import torch
@@ -43,6 +42,8 @@ def time_row(benchmark, impls: Implementations, workload: str, impl: str, fn: Ca
     """Time `fn` (already warm) as row `impl` of the workload's group; record throughput at the fastest round."""
     benchmark.group = f"{workload} ({impls.setting.describe()}, cpu {torch.get_num_threads()} threads)"
     benchmark.pedantic(fn, rounds=ROUNDS[workload], iterations=1, warmup_rounds=warmup_rounds)
+    if benchmark.stats is None:  # --benchmark-disable: fn ran once, untimed
+        return
     seconds = benchmark.stats.stats.min
     benchmark.extra_info["images_per_s"] = round(impls.setting.batch / seconds, 3)
     benchmark.extra_info["gflop_per_s"] = round(flops_per_image * impls.setting.batch / seconds / 1e9, 2)
@@ -51,7 +52,7 @@ def time_row(benchmark, impls: Implementations, workload: str, impl: str, fn: Ca
 def check(benchmark, impls: Implementations, key: str, impl: str, values: tuple, plain_values: Callable) -> None:
     """Compare `values` (tensors) with the plain model's; record and assert the largest difference."""
     reference = impls.reference(key, (lambda: values) if impl == "plain" else plain_values)
-    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(values, reference))
+    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(values, reference, strict=True))
     benchmark.extra_info["max_abs_diff_vs_plain"] = diff
     assert diff <= TOLERANCE, f"{impl} {key} differs from the plain model by {diff:.2e}"
 
@@ -90,7 +91,8 @@ def test_bench_block(benchmark, sampling, impl):
     check(benchmark, sampling, "block", impl, fn(), lambda: block_fn(sampling, "plain")())
     m, s = sampling.plain(), sampling.setting
     length = m.code_length + (s.size // m.patch_size) ** 2
-    time_row(benchmark, sampling, "block", impl, fn, flops.block_flops(m.decoder.params.hidden_size, length, length, True))
+    per_image = flops.block_flops(m.decoder.params.hidden_size, length, length, timestep=True)
+    time_row(benchmark, sampling, "block", impl, fn, per_image)
 
 
 # --- encode --------------------------------------------------------------------------------------------
@@ -119,7 +121,8 @@ def reconstruct_fn(impls: Implementations, impl: str) -> Callable[[], tuple]:
     images = s.images()
     if impl.startswith("upstream"):
         noise = s.noise()
-        return lambda: (upstream.upstream_reconstruct(impls.upstream_module, model, images, noise, RECONSTRUCT_STEPS, CFG),)
+        module = impls.upstream_module
+        return lambda: (upstream.upstream_reconstruct(module, model, images, noise, RECONSTRUCT_STEPS, CFG),)
     return lambda: (model.reconstruct(images, steps=RECONSTRUCT_STEPS, cfg=CFG, generator=s.noise_generator()),)
 
 
@@ -185,8 +188,9 @@ def test_bench_train_step(benchmark, training, impl):
     if impl == "upstream_compiled" and upstream.skip_reason() is None and os.environ.get("FLOWMO_BENCH_FULL") != "1":
         pytest.skip("compiling upstream's training graph takes ~5 min on a 2-core CPU; set FLOWMO_BENCH_FULL=1")
     values = gradient_check(training, impl)  # before any step, so every implementation has the same weights
-    reference = training.reference("train step", (lambda: values) if impl == "plain" else lambda: gradient_check(training, "plain"))
-    rel = max(abs(v / r - 1) for v, r in zip(values, reference))
+    plain_values = (lambda: values) if impl == "plain" else (lambda: gradient_check(training, "plain"))
+    reference = training.reference("train step", plain_values)
+    rel = max(abs(v / r - 1) for v, r in zip(values, reference, strict=True))
     benchmark.extra_info["max_rel_diff_vs_plain"] = rel
     assert rel <= TOLERANCE, f"{impl} training loss or gradient norm differs from the plain model's by {rel:.2e}"
     s = training.setting

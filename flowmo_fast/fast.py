@@ -17,8 +17,22 @@ from flowmo_fast import flow
 from flowmo_fast.layers import DoubleStreamBlock
 
 
+# Every compiled block variant (encoder/decoder, last block or not, batch size, grad or not) is one dynamo
+# cache entry of the same code: dynamo's default of 8 is reached by a tiny model at two batch sizes, after
+# which it silently runs the block uncompiled.
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
+    """Let dynamo keep at least `limit` compiled variants per function (`cache_size_limit` before torch 2.6)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
 def compile_blocks(model: nn.Module, **compile_kwargs) -> None:
     """Compile each double-stream block in place (regional compile: one graph, reused by every block)."""
+    raise_recompile_limit()
     for module in model.modules():
         if isinstance(module, DoubleStreamBlock):
             module.compile(**compile_kwargs)
