@@ -28,6 +28,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from flowmo_fast.images import to_rgb
+
 # Colour photographs shipped inside the scikit-image wheel (skimage/data), used when no data is given.
 SAMPLE_PHOTOS = (
     "astronaut.png",
@@ -43,15 +45,6 @@ SAMPLE_PHOTOS = (
 SYNSET = re.compile(r"n\d{8}")
 
 Key = Union[int, tuple]  # a row, or (row, crop seed) as yielded by ShardedBatchSampler
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: grayscale, RGBA/LA (alpha dropped, as upstream), CMYK, palette, 16-bit."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit PNG/TIFF: keep the top 8 bits
-        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
-    elif image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:

@@ -63,9 +63,18 @@ def to_model_input(images: ImageLike) -> Tensor:
     )
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: grayscale, RGBA/LA (alpha dropped, as upstream), CMYK, palette, 16-bit."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit PNG/TIFF: keep the top 8 bits
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
 def _pil_or_array(im, i: int) -> np.ndarray:
     if isinstance(im, Image.Image):
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(to_rgb(im))
     if isinstance(im, np.ndarray):
         return im
     raise ValueError(f"image {i} is a {type(im).__name__}; a list may hold PIL images or uint8 numpy arrays")
