@@ -41,32 +41,72 @@ def indices_to_codes(indices: Tensor, d: int, dtype: torch.dtype = torch.float32
     return ((indices.unsqueeze(-1) & weights) != 0).to(dtype) * 2 - 1
 
 
-def code_probabilities(bit_probs: Tensor) -> Tensor:
-    """Per-bit (off, on) probabilities [k, 2, N] -> probabilities of all 2^k codes [2^k, N], code index =
-    sum bit_i 2^i. One broadcast product per bit, bit i doubling the codes so far; codes first, so every
-    product runs over contiguous rows of N (the fast layout on a CPU)."""
-    out = bit_probs.new_ones(1, bit_probs.shape[-1])
-    for bit in bit_probs:  # [2, N]
-        out = (bit[:, None, :] * out[None, :, :]).flatten(0, 1)  # [2, 2^i, N] -> index bit_i 2^i + rest
+def code_probabilities(on: Tensor, off: Tensor) -> Tensor:
+    """Per-bit probabilities on/off [k, N] -> probabilities of all 2^k codes [2^k, N], code index =
+    sum bit_i 2^i. Bit i doubles the codes so far in place (rows [0, 2^i) bit i off, [2^i, 2^(i+1)) on);
+    codes first, so every product runs over contiguous rows of N (the fast layout on a CPU)."""
+    out = on.new_empty(2 ** on.shape[0], on.shape[1])
+    out[:1] = 1
+    for i, (bit_on, bit_off) in enumerate(zip(on, off)):
+        torch.mul(out[: 2**i], bit_on, out=out[2**i : 2 ** (i + 1)])
+        out[: 2**i] *= bit_off
     return out
 
 
-def lfq_entropies(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [N, d] -> (per-sample entropy, codebook entropy), both scalars, differentiable.
+def code_bits(k: int, like: Tensor) -> Tensor:
+    """[2^k, 2k]: column i is 1 where bit i of the code is on, column k + i where it is off."""
+    on = indices_to_codes(torch.arange(2**k, device=like.device), k, like.dtype).add_(1).div_(2)
+    return torch.cat([on, 1 - on], dim=1)
 
-    A bit is off with probability sigmoid(-z), not 1 - sigmoid(z): that keeps the tiny probabilities of
-    unlikely codes (as upstream's softmax does) instead of rounding them to 0.
-    """
-    z = INV_TEMPERATURE_X2 * x
-    on, off = torch.sigmoid(z), torch.sigmoid(-z)
-    per_sample = -(on * F.logsigmoid(z) + off * F.logsigmoid(-z)).sum(-1).mean()  # sum of binary entropies
-    bit_probs = torch.stack([off.T, on.T], dim=1)  # [d, 2, N]
-    half = x.shape[1] // 2
-    p_a = code_probabilities(bit_probs[:half])  # [2^half, N]
-    p_b = code_probabilities(bit_probs[half:])  # [2^(d-half), N]
-    mean_probs = p_a @ p_b.T / x.shape[0]  # [2^half, 2^(d-half)]
-    codebook = -(mean_probs * torch.log(mean_probs + CODEBOOK_EPS)).sum()
-    return per_sample, codebook
+
+def bit_gradient(grad_probs: Tensor, probs: Tensor, on: Tensor, off: Tensor) -> Tensor:
+    """Gradient through `code_probabilities` to the bit logits z [k, N], given dL/dP for P [2^k, N].
+
+    With W = dL/dP * P and dP[c]/dz_i = P[c] (bit_i(c) - sigmoid(z_i)):
+    dL/dz_i = sigmoid(-z_i) sum_{c: bit_i on} W[c] - sigmoid(z_i) sum_{c: bit_i off} W[c], with no division
+    by a probability that may have underflowed."""
+    k = on.shape[0]
+    sums = code_bits(k, on).T @ (grad_probs * probs)  # [2k, N]: sums over codes with bit i on | off
+    return off * sums[:k] - on * sums[k:]
+
+
+class _Entropies(torch.autograd.Function):
+    """z = 40 x [N, d] -> (per-sample entropy, codebook entropy) with a hand-written backward: the same
+    computation as the Triton kernel's, without autograd's graph through the 2 x 2^(d/2) code products."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> tuple[Tensor, Tensor]:
+        n, d = z.shape
+        on, off = torch.sigmoid(z), torch.sigmoid(-z)  # sigmoid(-z), not 1 - sigmoid(z): exact tails
+        # binary entropy -(p log p + (1-p) log(1-p)), p = sigmoid(z), written as log(1 + e^-|z|) + |z| sigmoid(-|z|)
+        magnitude = z.abs()
+        per_sample = (torch.log1p(torch.exp(-magnitude)) + magnitude * torch.sigmoid(-magnitude)).sum() / n
+        zt, on, off = z.T.contiguous(), on.T.contiguous(), off.T.contiguous()  # [d, N]
+        half = d // 2
+        p_a = code_probabilities(on[:half], off[:half])  # [2^half, N]
+        p_b = code_probabilities(on[half:], off[half:])  # [2^(d-half), N]
+        mean_probs = p_a @ p_b.T / n  # [2^half, 2^(d-half)]
+        codebook = -(mean_probs * torch.log(mean_probs + CODEBOOK_EPS)).sum()
+        ctx.save_for_backward(zt, on, off, p_a, p_b, mean_probs)
+        return per_sample, codebook
+
+    @staticmethod
+    def backward(ctx, grad_sample: Tensor, grad_codebook: Tensor) -> Tensor:
+        zt, on, off, p_a, p_b, mean_probs = ctx.saved_tensors
+        n, half = zt.shape[1], p_a.shape[0].bit_length() - 1
+        grad_mean = -(torch.log(mean_probs + CODEBOOK_EPS) + mean_probs / (mean_probs + CODEBOOK_EPS))
+        grad_mean = grad_mean * (grad_codebook / n)  # dL/dM / N
+        grad_z = torch.cat([
+            bit_gradient(grad_mean @ p_b, p_a, on[:half], off[:half]),
+            bit_gradient(grad_mean.T @ p_a, p_b, on[half:], off[half:]),
+        ])  # [d, N]
+        grad_z -= zt * on * off * (grad_sample / n)  # d/dz of a binary entropy: -z sigmoid(z) sigmoid(-z)
+        return grad_z.T
+
+
+def lfq_entropies(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [N, d] -> (per-sample entropy, codebook entropy), both scalars, differentiable (not twice)."""
+    return _Entropies.apply(INV_TEMPERATURE_X2 * x)
 
 
 def lfq_torch(x: Tensor, with_loss: bool = True) -> LFQOutput:
