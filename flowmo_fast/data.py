@@ -28,7 +28,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from flowmo_fast.images import to_rgb
+from flowmo_fast.images import to_rgb, uint8_to_model_range
 
 # Colour photographs shipped inside the scikit-image wheel (skimage/data), used when no data is given.
 SAMPLE_PHOTOS = (
@@ -59,12 +59,6 @@ def crop_square(image: Image.Image, size: int, rng: Optional[random.Random]) -> 
     w, h = image.size
     top, left = rng.randint(0, h - size), rng.randint(0, w - size)
     return image.crop((left, top, left + size, top + size))
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 [3, H, W] in [-1, 1] (computed in float64 then rounded, as upstream)."""
-    array = (np.asarray(image, dtype=np.float64) / 127.5 - 1.0).astype(np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 class ImageDataset(Dataset):
@@ -106,7 +100,7 @@ class ImageDataset(Dataset):
         rng = None
         if self.random_crop:
             rng = random.Random(crop_seed) if crop_seed is not None else random.Random(torch.randint(2**62, ()).item())
-        return {**item, "image": to_tensor(crop_square(resized, self.size, rng)), "valid": True}
+        return {**item, "image": uint8_to_model_range(np.asarray(crop_square(resized, self.size, rng))), "valid": True}
 
     def describe(self) -> str:
         return f"{len(self)} images"

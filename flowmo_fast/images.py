@@ -39,7 +39,7 @@ def to_model_input(images: ImageLike) -> Tensor:
             images = images[None]
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"numpy images must be [H, W, 3] or [B, H, W, 3] (RGB, channels last), got {images.shape}")
-        return torch.tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # copies: arrays may be read-only
+        return uint8_to_model_range(images)
     if isinstance(images, Tensor):
         if not images.is_floating_point():
             raise ValueError(
@@ -61,6 +61,13 @@ def to_model_input(images: ImageLike) -> Tensor:
         f"unsupported image type {type(images).__name__}: pass uint8 numpy arrays [B, H, W, 3], PIL images, "
         "or float tensors [B, 3, H, W] in [-1, 1]"
     )
+
+
+def uint8_to_model_range(array: np.ndarray) -> Tensor:
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] in [-1, 1]: x / 127.5 - 1 in float64, then rounded to
+    float32, as upstream's data loader (one conversion for the data sets and the tokenizer)."""
+    scaled = (np.asarray(array, dtype=np.float64) / 127.5 - 1.0).astype(np.float32)
+    return torch.from_numpy(scaled).movedim(-1, -3).contiguous()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
