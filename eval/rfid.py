@@ -4,8 +4,8 @@ and where we differ: per-image PSNR).
 
 Also runs as `torchrun --nproc-per-node=N -m eval.rfid ...`: batches are dealt to the processes round-robin,
 results are gathered and put back in data-set order, so every process count gives the same numbers. Each
-image's sampler noise comes from its own generator, seeded by (--seed, the image's row in the data set), so a
-reconstruction does not depend on batching or on the number of processes.
+image's sampler noise (and KL posterior sample) comes from its own generator, seeded by (--seed, the image's row
+in the data set), so a reconstruction does not depend on batching or on the number of processes.
 
 Writes into --out: metrics.json (metrics, image count, checkpoint sha256, config, sampler settings, speed),
 grid.png (originals on top, reconstructions below) and, with --save-reconstructions, one PNG per image.
@@ -154,9 +154,12 @@ def batches_of_rank(num_rows: int, args, procs: Processes) -> list[list[int]]:
     return batches[procs.rank :: procs.world_size]
 
 
-def row_seed(seed: int, row: int) -> int:
-    """A 32-bit generator seed for (seed, data-set row), well mixed (the CPU generator keeps only 32 bits)."""
-    return int(np.random.SeedSequence([seed, row]).generate_state(1)[0])
+IMAGE_NOISE, POSTERIOR_NOISE = 0, 1  # independent random streams per (seed, row)
+
+
+def row_seed(seed: int, row: int, stream: int = IMAGE_NOISE) -> int:
+    """A 32-bit generator seed for (seed, data-set row, stream), well mixed (the CPU generator keeps only 32 bits)."""
+    return int(np.random.SeedSequence([seed, row, stream]).generate_state(1)[0])
 
 
 def image_noise(rows: Sequence[int], seed: int, shape: Sequence[int]) -> Tensor:
@@ -165,14 +168,22 @@ def image_noise(rows: Sequence[int], seed: int, shape: Sequence[int]) -> Tensor:
     return torch.stack([torch.randn(tuple(shape), generator=g.manual_seed(row_seed(seed, r))) for r in rows])
 
 
+def quantize_per_image(model, code: Tensor, rows: Sequence[int], seed: int) -> Tensor:
+    """Quantize each image's code [1, T, F] with a generator of its own, so a KL posterior sample depends only
+    on (seed, row), not on the batch; LFQ and no quantization draw nothing. -> [B, T, context_dim]."""
+    g = torch.Generator(code.device)
+    return torch.cat([
+        model.quantize(code[i : i + 1], generator=g.manual_seed(row_seed(seed, row, POSTERIOR_NOISE)))[0]
+        for i, row in enumerate(rows)
+    ])
+
+
 @torch.no_grad()
 def reconstruct(model, images: Tensor, rows: Sequence[int], settings: SamplerSettings) -> Tensor:
-    """Encode, quantize, sample: model.reconstruct with per-image noise. A KL posterior sample is drawn per
-    batch, from a generator seeded by the batch's first row (batches do not depend on the process count)."""
+    """Encode, quantize, sample: model.reconstruct with per-image noise (sampler and KL posterior)."""
     device = images.device
-    generator = torch.Generator(device).manual_seed(row_seed(settings.seed, rows[0]))
     with autocast_for(device):
-        quantized = model.quantize(model.encode(images), generator=generator)[0]
+        quantized = quantize_per_image(model, model.encode(images), rows, settings.seed)
     noise = image_noise(rows, settings.seed, images.shape[1:]).to(device)
     return model.sample_images(
         quantized, images.shape[-2:], steps=settings.steps, cfg=settings.cfg, schedule=settings.schedule,

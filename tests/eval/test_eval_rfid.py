@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+import flowmo_fast
 from eval import rfid, weights
 from eval.distributed import Processes
 from flowmo_fast.data import SamplePhotosDataset
@@ -145,6 +146,20 @@ def test_noise_depends_only_on_seed_and_row():
     torch.testing.assert_close(together[1], alone[0], rtol=0, atol=0)
     assert not torch.equal(together[0], together[1])
     assert not torch.equal(alone, rfid.image_noise([9], seed=4, shape=(3, 4, 4)))
+
+
+def test_kl_reconstruction_depends_only_on_seed_and_row():
+    """The KL posterior sample is per image: an image reconstructs the same alone or in a batch."""
+    torch.manual_seed(0)
+    model = flowmo_fast.FlowMo(flowmo_fast.load_config(["model.quantization_type=kl"], preset="tiny")).eval()
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    settings = rfid.SamplerSettings(steps=2, cfg=1.0, schedule="linear", cfg_interval=None, seed=5)
+    together = rfid.reconstruct(model, images, [4, 7, 9], settings)
+    alone = rfid.reconstruct(model, images[1:2], [7], settings)
+    torch.testing.assert_close(together[1:2], alone, rtol=1e-5, atol=1e-6)
+    code = model.encode(images[1:2])
+    other_row = rfid.quantize_per_image(model, code, [8], seed=5)  # the posterior is sampled, not its mean
+    assert (other_row - rfid.quantize_per_image(model, code, [7], seed=5)).abs().max() > 1e-3
 
 
 @pytest.mark.distributed
