@@ -4,8 +4,10 @@ N x 2^d tensor) against upstream's formulation (a softmax over all 2^d codes), t
 One benchmark group per d; the table's ratios compare the rows. CUDA when available, else the CPU. On
 CUDA the Triton kernel and `torch.compile` of the plain PyTorch version run too: `kernels=auto` should
 take whichever is faster there. Peak memory (extra_info `peak_memory_mib`) is the CUDA allocator's peak on a
-GPU; on the CPU the rise of the resident set's high-water mark, with glibc told to return every
-allocation of 64 KiB or more to the system when freed, so that the mark follows live tensors.
+GPU; on the CPU the rise of the resident set's high-water mark, measured after the timing with glibc told
+to return every allocation of 64 KiB or more to the system when freed, so that the mark follows live
+tensors (then told to keep allocations below 32 MiB, its default steady state: mapping and faulting in
+fresh pages on every call would slow every later benchmark in the process).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ BITS = (9, 14)
 IMPLEMENTATIONS = ("upstream_softmax", "ours_torch", "ours_torch_compiled", "ours_triton")
 CUDA_ONLY = ("ours_torch_compiled", "ours_triton")
 UPSTREAM_ROUNDS = 3  # seconds per call at d = 14 on a CPU
-M_MMAP_THRESHOLD = -3  # mallopt parameter
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters
+MEASURE_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD_MAX = 64 * 2**10, 32 * 2**20
 
 
 def upstream_softmax_loss(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -83,17 +86,23 @@ def peak_memory(device) -> Callable[[Callable], Optional[float]]:
 
         return measure
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+        libc = ctypes.CDLL("libc.so.6")
         _status_kib("VmHWM")
     except (OSError, StopIteration):
         return lambda fn: None
 
     def measure(fn):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the high-water mark to the current resident set
-        before = _status_kib("VmRSS")
-        fn()
-        return (_status_kib("VmHWM") - before) / 1024
+        libc.mallopt(M_MMAP_THRESHOLD, MEASURE_MMAP_THRESHOLD)
+        libc.malloc_trim(0)  # give back the free pages the timed calls left in the heap
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the high-water mark to the current resident set
+            before = _status_kib("VmRSS")
+            fn()
+            return (_status_kib("VmHWM") - before) / 1024
+        finally:
+            libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD_MAX)
+            libc.mallopt(M_TRIM_THRESHOLD, 2 * DEFAULT_MMAP_THRESHOLD_MAX)
 
     return measure
 
@@ -116,11 +125,11 @@ def test_bench_lfq_loss_forward_backward(benchmark, device, peak_memory, bits, i
 
     benchmark.group = f"lfq loss fwd+bwd d={bits} N={N} ({device.type})"
     step()  # warm-up (and compilation)
-    benchmark.extra_info["peak_memory_mib"] = peak_memory(step)
     cpu = f"cpu, {torch.get_num_threads()} threads"
     benchmark.extra_info["device"] = torch.cuda.get_device_name() if device.type == "cuda" else cpu
     if impl == "upstream_softmax":
         benchmark.pedantic(step, rounds=UPSTREAM_ROUNDS, iterations=1)
     else:
         benchmark(step)
+    benchmark.extra_info["peak_memory_mib"] = peak_memory(step)
     assert torch.isfinite(x.grad).all()
