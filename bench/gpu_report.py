@@ -18,7 +18,11 @@ a row that fails is reported as such, so the table always prints):
    step; no perceptual loss) and encode (tokenizer images/s, `flowmo_fast.tokenize.make_encoder`, batch 32);
 5. LFQ loss: forward + backward at one training batch's codes (d = 9 for Lo, 14 for Hi), Triton vs torch
    (a check) and upstream's LFQ;
-6. train step of upstream compiled (its whole-model compile takes minutes; last).
+6. kernels, for `kernels="auto"` (kernels.AUTO_WHEN_COMPILED): each fused op forward + backward at
+   FlowMo-Lo's training shapes in bf16, as plain PyTorch eager, plain PyTorch under torch.compile and the
+   Triton kernel; then FlowMo-Lo's decoder forward and train step with the fast path forced to Triton
+   kernels inside the compiled blocks (`fast_triton`) next to `fast` (auto: plain ops there);
+7. train step of upstream compiled (its whole-model compile takes minutes; last).
 
 Times are the median of the timed calls after a warm-up call (compilation, CUDA-graph capture). Peak
 memory is the allocator's peak during the row minus what was allocated before it (activations, workspace,
@@ -49,6 +53,7 @@ import torch  # noqa: E402
 import flowmo_fast  # noqa: E402
 from bench import flops, upstream  # noqa: E402
 from flowmo_fast import flow  # noqa: E402
+from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS  # noqa: E402
 from flowmo_fast.fast import compile_blocks, raise_recompile_limit  # noqa: E402
 from flowmo_fast.model import autocast_for  # noqa: E402
 from flowmo_fast.token_shards import TokenSpec  # noqa: E402
@@ -261,13 +266,15 @@ class Models:
         key = (name, impl)
         if key not in self.built:
             weights, config = self.initial_weights(name), self.config(name)
-            if impl in OURS:
+            if impl in (*OURS, "fast_triton"):
+                if impl == "fast_triton" and not (self.device.type == "cuda" and triton_available()):
+                    raise Skipped("Triton kernels run on CUDA")
                 with torch.device(self.device):
                     model = flowmo_fast.FlowMo(config)
                 model.load_state_dict(weights)
-                model.kernels = "torch" if impl == "plain" else "auto"
-                model.cuda_graphs = impl == "fast"
-                if impl == "fast":
+                model.kernels = {"plain": "torch", "fast": "auto", "fast_triton": "triton"}[impl]
+                model.cuda_graphs = impl != "plain"
+                if impl != "plain":
                     compile_blocks(model, dynamic=False, backend=self.compile_backend)
             else:
                 reason = upstream.skip_reason()
@@ -361,7 +368,7 @@ class Report:
     def compare(self, row: Row, out: torch.Tensor, kind: str = "rel L2") -> None:
         """Record the row's output against the plain row's (the plain row stores its own)."""
         key = (row.workload, row.model)
-        if row.impl == "plain":
+        if row.impl in ("plain", "torch"):
             self.outputs[key] = out.detach()
             return
         if key not in self.outputs:
@@ -378,7 +385,7 @@ class Report:
         """Budget a model row needs left to start: compiling rows need more."""
         if impl == "upstream_compiled":
             return self.scale.upstream_compile_reserve_s
-        return self.scale.compile_reserve_s if impl == "fast" else self.scale.reserve_s
+        return self.scale.compile_reserve_s if impl.startswith("fast") else self.scale.reserve_s
 
     # --- workloads ------------------------------------------------------------------------------------
 
@@ -461,7 +468,7 @@ class Report:
             @torch.no_grad()
             def fn():
                 with autocast_for(self.device):
-                    if impl in OURS:
+                    if not impl.startswith("upstream"):
                         return model.decode(zt, code, t).float()
                     return model.decode(img=zt, code=code, timesteps=t)[0].float()
 
@@ -485,7 +492,7 @@ class Report:
             def fn():
                 optimizer.zero_grad(set_to_none=True)
                 with autocast_for(self.device):
-                    if impl in OURS:
+                    if not impl.startswith("upstream"):
                         loss = flow.rectified_flow_loss(model, images)[0]
                     else:
                         loss = self.models.upstream_module.rf_loss(model.config, model, {"image": images}, {})[0]
@@ -572,6 +579,48 @@ class Report:
 
         self.attempt(f"LFQ loss {name} {impl}", self.scale.reserve_s, run, row)
 
+    def kernel_op(self, name: str, op: str, impl: str) -> None:
+        """One fused op, forward + backward, at the model's training shapes (bf16 on CUDA): `torch` eager,
+        `torch compiled` (what Inductor makes of the plain op alone) or `triton`."""
+        m = self.models.config(name).model
+        b, length = self.scale.train_batch, (self.scale.size // m.patch_size) ** 2 + m.code_length
+        hidden, head_dim = HIDDEN_PER_WIDTH * m.mup_width, HIDDEN_PER_WIDTH * m.mup_width // NUM_HEADS
+        heads = (b, NUM_HEADS, length, head_dim)
+        shape = f"2 x {list(heads)}" if op == "qk_norm_rope" else f"{[b, length, hidden]}"
+        row = Row(f"kernel fwd+bwd: {op} {shape}", name, impl, b, None)
+
+        def run():
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            g = torch.Generator(self.device).manual_seed(9)
+
+            def rand(*shape):
+                return torch.randn(*shape, generator=g, device=self.device).to(dtype).requires_grad_()
+
+            x, y = rand(b, length, hidden), rand(b, length, hidden)
+            shift, scale, gate = rand(b, 1, hidden), rand(b, 1, hidden), rand(b, 1, hidden)
+            q, k, weight = rand(*heads), rand(*heads), rand(head_dim)
+            cos, sin = (torch.rand(length, head_dim // 2, generator=g, device=self.device) for _ in range(2))
+            if impl == "triton" and not (self.device.type == "cuda" and triton_available()):
+                raise Skipped("Triton kernels run on CUDA")
+            ops = get_ops("triton" if impl == "triton" else "torch", self.device)
+            calls = {
+                "modulate": (lambda: ops.modulate(x, shift, scale, dtype), (x, shift, scale)),
+                "gated_residual": (lambda: ops.gated_residual(x, gate, y), (x, gate, y)),
+                "qk_norm_rope": (lambda: torch.stack(ops.qk_norm_rope(q, k, weight, weight, cos, sin, dtype)), (q, k, weight)),
+            }
+            forward, leaves = calls[op]
+            if impl == "torch compiled":
+                forward = torch.compile(forward, backend=self.args.compile_backend)
+
+            def fn():
+                out = forward()
+                grads = torch.autograd.grad(out.float().square().mean(), leaves)
+                return torch.cat([out.detach().float().flatten(), *(gr.float().flatten() for gr in grads)])
+
+            self.compare(row, self.measure(row, fn))
+
+        self.attempt(f"kernel {op} {impl}", self.reserve("fast" if impl == "torch compiled" else "plain"), run, row)
+
     # --- the whole report -----------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -591,6 +640,12 @@ class Report:
         for name in (lo, *others):
             for impl in ("torch", "triton", "upstream"):
                 self.lfq_loss(name, impl)
+        for op in ("modulate", "gated_residual", "qk_norm_rope"):
+            for impl in ("torch", "torch compiled", "triton"):
+                self.kernel_op(lo, op, impl)
+        self.decoder_forward(lo, "fast_triton")
+        self.train_step(lo, "fast_triton")
+        self.models.release(lo)
         if "upstream_compiled" in upstream_impls:
             for name in (lo, *others):
                 self.train_step(name, "upstream_compiled")

@@ -1,9 +1,10 @@
 """Fused kernels for FlowMo, each beside a plain PyTorch version of the same function.
 
 `get_ops(name, device)` picks one implementation set: "torch" (plain PyTorch, any device), "triton"
-(CUDA; on the CPU only under the Triton interpreter, TRITON_INTERPRET=1, for tests), or "auto" (Triton
-on CUDA when Triton is installed, PyTorch elsewhere). The Triton kernels are `torch.library` custom ops
-with fake implementations, so `torch.compile(fullgraph=True)` traces through them. The Triton modules
+(CUDA; on the CPU only under the Triton interpreter, TRITON_INTERPRET=1, for tests), or "auto": PyTorch
+off CUDA or without Triton; on CUDA the Triton kernel when running eagerly, and inside a torch.compile
+region the implementation `AUTO_WHEN_COMPILED` names per op. The Triton kernels are `torch.library`
+custom ops with fake implementations, so `torch.compile(fullgraph=True)` traces through them. The Triton modules
 are imported on first use: Triton may be missing (non-Linux), and the interpreter switch is read when
 they are imported. This package imports nothing of ours.
 """
@@ -44,6 +45,32 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Inside torch.compile, `auto` takes the plain op where Inductor's own fusion of it with its neighbours
+# (which a custom op blocks: a gated residual and the next LayerNorm + modulation become one kernel) should
+# match a hand-written kernel, and the Triton op where it avoids work Inductor cannot remove (LFQ's code
+# probability tables). A hypothesis until bench/gpu_report.py's kernel rows measure it on a GPU.
+AUTO_WHEN_COMPILED = {"modulate": "torch", "gated_residual": "torch", "qk_norm_rope": "torch", "lfq": "triton"}
+OP_NAMES = tuple(AUTO_WHEN_COMPILED)
+
+
+def _compile_aware(name: str, plain: Callable, fused: Callable) -> Callable:
+    """`fused` eagerly, and inside torch.compile `plain` (dynamo resolves the branch while tracing)."""
+
+    def op(*args, **kwargs):
+        return plain(*args, **kwargs) if torch.compiler.is_compiling() else fused(*args, **kwargs)
+
+    op.__name__ = op.__qualname__ = f"auto_{name}"
+    return op
+
+
+def auto_ops(triton_ops: KernelOps) -> KernelOps:
+    ops = {}
+    for name in OP_NAMES:
+        plain, fused = getattr(TORCH_OPS, name), getattr(triton_ops, name)
+        ops[name] = fused if AUTO_WHEN_COMPILED[name] == "triton" else _compile_aware(name, plain, fused)
+    return KernelOps("auto", **ops)
+
+
 def get_ops(name: str, device: torch.device) -> KernelOps:
     if name not in BACKENDS:
         raise ValueError(f"kernels={name!r}; allowed: {', '.join(BACKENDS)}")
@@ -57,8 +84,6 @@ def get_ops(name: str, device: torch.device) -> KernelOps:
             f"kernels='triton' runs on CUDA devices, got {torch.device(device)}; use kernels='auto' or 'torch' "
             "(or set TRITON_INTERPRET=1 before importing the kernels to run them in the slow CPU interpreter)"
         )
-    # Every op Triton on CUDA for now: whether each beats torch.compile of its plain twin inside the
-    # model (a custom op blocks Inductor's own fusion) is still to be measured on a GPU (bench/).
-    from kernels.triton_ops import TRITON_OPS
+    from kernels.triton_ops import AUTO_OPS, TRITON_OPS
 
-    return TRITON_OPS
+    return AUTO_OPS if name == "auto" else TRITON_OPS

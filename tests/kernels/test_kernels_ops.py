@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import TORCH_OPS, get_ops
+from kernels import AUTO_WHEN_COMPILED, TORCH_OPS, get_ops
 from kernels.adaln_triton import gated_residual_backward_op, gated_residual_op, modulate_backward_op, modulate_op
 from kernels.lfq_triton import lfq_backward_op, lfq_op
 from kernels.rope import rope_tables
@@ -16,13 +16,60 @@ from kernels.rope_triton import norm_rope_backward_op, norm_rope_op
 def test_get_ops_picks_by_name_and_device(monkeypatch):
     assert get_ops("auto", torch.device("cpu")) is TORCH_OPS
     assert get_ops("torch", "cuda") is TORCH_OPS
-    assert get_ops("auto", "cuda").name == "triton"  # building the set touches no GPU
+    assert get_ops("auto", "cuda").name == "auto"  # building the set touches no GPU
     assert get_ops("triton", "cpu").name == "triton"  # TRITON_INTERPRET=1 here
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="runs on CUDA devices.*TRITON_INTERPRET=1"):
         get_ops("triton", "cpu")
     with pytest.raises(ValueError, match="allowed: auto, triton, torch"):
         get_ops("fast", "cpu")
+
+
+def dispatched_ops(fn) -> set[str]:
+    """Names of the operators `fn` sends through the dispatcher (custom ops included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        fn()
+    return record.names
+
+
+def compiled_graph_targets(fn, *args) -> set[str]:
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+
+
+def test_auto_runs_triton_eagerly_and_compiled_as_its_table_says():
+    """`auto` on CUDA (here: the interpreter on CPU tensors): Triton kernels when eager; inside torch.compile
+    the plain ops where AUTO_WHEN_COMPILED says "torch" (Inductor fuses them), Triton where it says "triton"."""
+    auto = get_ops("auto", "cuda")
+    x, shift, scale = torch.randn(2, 5, 16), torch.randn(2, 1, 16), torch.randn(2, 1, 16)
+    code = torch.randn(12, 6)
+    assert "flowmo::modulate" in dispatched_ops(lambda: auto.modulate(x, shift, scale))
+    assert "flowmo::lfq" in dispatched_ops(lambda: auto.lfq(code))
+    compiled = {
+        "modulate": compiled_graph_targets(lambda x: auto.modulate(x, shift, scale), x),
+        "lfq": compiled_graph_targets(lambda c: auto.lfq(c).codebook_entropy, code),
+    }
+    for name, targets in compiled.items():
+        uses_kernel = any(t.startswith("flowmo.") for t in targets)
+        assert uses_kernel == (AUTO_WHEN_COMPILED[name] == "triton"), (name, sorted(targets))
+    torch.testing.assert_close(auto.modulate(x, shift, scale), TORCH_OPS.modulate(x, shift, scale))
 
 
 OP_CASES = (
