@@ -46,7 +46,7 @@ class ModelConfig:
     posttrain_sample: bool = False
     posttrain_sample_enable_cfg: bool = False
     posttrain_sample_k: int = 8
-    kernels: str = "auto"  # ours: auto (on CUDA Triton, or PyTorch inside torch.compile: kernels.AUTO_WHEN_COMPILED) | triton | torch
+    kernels: str = "auto"  # ours: auto (CUDA: Triton, in torch.compile as kernels.AUTO_WHEN_COMPILED) | triton | torch
     attention: str = "auto"  # ours: auto (fastest installed per shape on CUDA) | sdpa | flash_attn_3 | flash_attn_2 | xformers
 
 
