@@ -98,22 +98,22 @@ def sample(
 
     With a `null_code`, steps inside the guidance interval run the conditional and unconditional passes
     as one decoder call on a doubled batch, and use v = v_u + cfg (v_c - v_u). The schedule and the
-    guidance mask are computed once, on the host, so the loop never waits on the device.
+    guidance mask are computed once, on the host, so the loop never waits on the device. Times and step sizes
+    enter as Python floats: no host-to-device copy (a CUDA-graph capture forbids one), and a step size stays
+    exact float32 against a bf16 velocity (as upstream's host scalars do; a device tensor would be rounded).
     """
     ts, dts = sampler_schedule(steps, schedule)
     guided = guided_steps(ts, cfg_interval) if null_code is not None else [False] * steps
     b = z.shape[0]
-    ts_dev = ts.to(z.device)
-    dts_dev = dts.to(z.device)
     both_codes = torch.cat([code_with_mask, null_code]) if null_code is not None else None
-    for i in range(steps):
-        t = ts_dev[i].expand(b)
-        if guided[i]:
+    for t_i, dt_i, guided_i in zip(ts.tolist(), dts.tolist(), guided):
+        t = torch.full((b,), t_i, dtype=ts.dtype, device=z.device)
+        if guided_i:
             v_c, v_u = model.decode(torch.cat([z, z]), both_codes, torch.cat([t, t])).chunk(2)
             v = v_u + cfg * (v_c - v_u)
         else:
             v = model.decode(z, code_with_mask, t)
-        z = z - dts_dev[i] * v
+        z = z - dt_i * v
     return z
 
 

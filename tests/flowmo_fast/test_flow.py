@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import flowmo_fast
 from flowmo_fast import flow
 
 
@@ -78,3 +79,30 @@ def test_posttrain_chain_checkpointed_gradients_equal_plain_chain(parity, parity
     assert torch.allclose(out_c, out_p, atol=1e-5)
     for gc, gp in zip(grads_c, grads_p):
         assert torch.allclose(gc, gp, atol=1e-6, rtol=1e-4)
+
+
+def test_sampler_loop_takes_no_host_tensor():
+    """Inside `flow.sample` no op moves or mixes a host tensor into the model's device (here `meta`): a
+    host-to-device copy would break the CUDA-graph capture of the loop (flowmo_fast.fast). Host-only ops
+    (the schedule) are fine."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    def devices(tree) -> set[str]:
+        return {a.device.type for a in tree_leaves(tree) if isinstance(a, torch.Tensor)}
+
+    class NoHostTensors(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = devices((args, kwargs))
+            assert "cpu" not in inputs or inputs | devices(out) == {"cpu"}, f"{func} takes a host tensor to the device"
+            return out
+
+    with torch.device("meta"):
+        model = flowmo_fast.FlowMo(flowmo_fast.load_config(preset="tiny")).eval()
+        m = model.config.model
+        z = torch.empty(2, 3, 32, 32)
+        code = torch.empty(2, m.code_length, m.context_dim + 1)
+    with torch.no_grad(), NoHostTensors():
+        out = flow.sample(model, z, code, torch.zeros_like(code), steps=3, cfg=1.5, cfg_interval=None)
+    assert out.device.type == "meta" and out.shape == z.shape
