@@ -22,7 +22,9 @@ a row that fails is reported as such, so the table always prints):
    FlowMo-Lo's training shapes in bf16, as plain PyTorch eager, plain PyTorch under torch.compile and the
    Triton kernel; then FlowMo-Lo's decoder forward and train step with the fast path forced to Triton
    kernels inside the compiled blocks (`fast_triton`) next to `fast` (auto: plain ops there);
-7. train step of upstream compiled (its whole-model compile takes minutes; last).
+7. upstream compiled: reconstruct, decoder forward, train step and encode of FlowMo-Lo, train step of
+   FlowMo-Hi (its whole-model compiles take minutes: last, so they cannot crowd out our rows).
+Rows 2-4 run plain, fast and upstream eager.
 
 Times are the median of the timed calls after a warm-up call (compilation, CUDA-graph capture). Peak
 memory is the allocator's peak during the row minus what was allocated before it (activations, workspace,
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import signal
 import statistics
@@ -53,25 +56,15 @@ import torch  # noqa: E402
 import flowmo_fast  # noqa: E402
 from bench import flops, upstream  # noqa: E402
 from flowmo_fast import flow  # noqa: E402
+from flowmo_fast.attention import installed_backends  # noqa: E402
 from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS  # noqa: E402
 from flowmo_fast.fast import compile_blocks, raise_recompile_limit  # noqa: E402
+from flowmo_fast.hardware import peak_bf16_tflops  # noqa: E402
 from flowmo_fast.model import autocast_for  # noqa: E402
 from flowmo_fast.token_shards import TokenSpec  # noqa: E402
 from flowmo_fast.tokenize import make_encoder  # noqa: E402
 from kernels import get_ops, triton_available  # noqa: E402
 
-# Dense bf16 tensor-core peak, TFLOP/s, matched in order against torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = (
-    ("H200 NVL", 835.0),
-    ("H200", 989.4),
-    ("GH200", 989.4),
-    ("H100 NVL", 835.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H800", 989.4),
-    ("A100", 312.0),
-    ("L40S", 362.1),
-)
 OURS = ("plain", "fast")
 UPSTREAM = ("upstream_eager", "upstream_compiled")
 ENTROPY_WEIGHT, COMMIT_WEIGHT = 0.0025, 0.000625  # the LFQ loss weights of the config
@@ -152,7 +145,7 @@ class Budget:
             raise BudgetExceeded()
 
         signal.signal(signal.SIGALRM, alarm)
-        signal.setitimer(signal.ITIMER_REAL, max(self.left(), 1.0))
+        signal.setitimer(signal.ITIMER_REAL, max(self.left(), 1.0), 5.0)  # again every 5 s, should one be swallowed
 
 
 def log(budget: Budget, message: str) -> None:
@@ -189,11 +182,6 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, in float32."""
     a, b = a.detach().float(), b.detach().float()
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-12))
-
-
-def peak_tflops(device_name: str) -> Optional[float]:
-    """Dense bf16 peak of a CUDA device by its name, None when not in the table."""
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
 def device_name(device: torch.device) -> str:
@@ -292,6 +280,7 @@ class Models:
         for key in [k for k in self.built if k[0] == name]:
             del self.built[key]
         self.initial.pop(name, None)
+        gc.collect()  # models sit in reference cycles (the CUDA-graph sampler, compiled modules)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -420,14 +409,15 @@ class Report:
         g = torch.Generator(self.device).manual_seed(6)
         t = torch.rand(b, generator=g, device=self.device)
         noise = torch.randn(b, 3, s, s, generator=g, device=self.device)
-        with autocast_for(self.device):
-            loss, _ = flow.rectified_flow_loss(model, self.images(b), t=t, noise=noise, enable_cfg=False)
-        loss.backward()
-        grads = [p.grad.float().flatten() for p in model.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.cat(grads))
-        model.zero_grad(set_to_none=True)
-        model.eval()
-        return float(loss.detach()), float(norm)
+        try:
+            with autocast_for(self.device):
+                loss, _ = flow.rectified_flow_loss(model, self.images(b), t=t, noise=noise, enable_cfg=False)
+            loss.backward()
+            grads = [p.grad.float().flatten() for p in model.parameters() if p.grad is not None]
+            return float(loss.detach()), float(torch.linalg.vector_norm(torch.cat(grads)))
+        finally:  # later rows get the model in eval mode, without gradients, even after a failure
+            model.zero_grad(set_to_none=True)
+            model.eval()
 
     def reconstruct(self, name: str, impl: str) -> None:
         sc = self.scale
@@ -626,15 +616,13 @@ class Report:
     def run(self) -> None:
         """Rows in order of importance, one model at a time (so a model's weights are freed before the next)."""
         lo, *others = self.scale.models
-        upstream_impls = [i for i in UPSTREAM if not (self.args.dry_run and i == "upstream_compiled")]
         self.attempt(f"check {lo}", 0, lambda: self.run_checks(lo))
         for workload in (self.reconstruct, self.decoder_forward):
-            for impl in (*OURS, *upstream_impls):
+            for impl in (*OURS, "upstream_eager"):
                 workload(lo, impl)
         for name in (lo, *others):
             for impl in (*OURS, "upstream_eager"):
                 self.train_step(name, impl)
-            for impl in (*OURS, *upstream_impls):
                 self.encode(name, impl)
             self.models.release(name)
         for name in (lo, *others):
@@ -646,13 +634,16 @@ class Report:
         self.decoder_forward(lo, "fast_triton")
         self.train_step(lo, "fast_triton")
         self.models.release(lo)
-        if "upstream_compiled" in upstream_impls:
-            for name in (lo, *others):
-                self.train_step(name, "upstream_compiled")
-                self.models.release(name)
-        else:
-            self.rows.append(Row("train step, reconstruct, decoder forward, encode", "all", "upstream_compiled", 0,
+        if self.args.dry_run:
+            self.rows.append(Row("reconstruct, decoder forward, train step, encode", "all", "upstream_compiled", 0,
                                  None, note="not run in --dry-run (inductor compiles for minutes on a CPU)"))
+            return
+        for workload in (self.reconstruct, self.decoder_forward, self.train_step, self.encode):  # compiles longest
+            workload(lo, "upstream_compiled")
+        self.models.release(lo)
+        for name in others:
+            self.train_step(name, "upstream_compiled")
+            self.models.release(name)
 
     # --- output ---------------------------------------------------------------------------------------
 
@@ -663,7 +654,7 @@ class Report:
             import triton
 
             triton = triton.__version__
-        peak = peak_tflops(name)
+        peak = peak_bf16_tflops(name)
         return "\n".join([
             f"# FlowMo GPU report{' (dry run: tiny models on the CPU)' if self.args.dry_run else ''}",
             "",
@@ -671,6 +662,8 @@ class Report:
             f"- device: {name}; bf16 dense peak: {f'{peak:.0f} TFLOP/s' if peak else 'unknown (MFU not shown)'}",
             f"- torch {torch.__version__}, CUDA {torch.version.cuda}, Triton {triton}",
             f"- upstream: {upstream.reference_path() or 'not set (' + str(upstream.skip_reason()) + ')'}",
+            (f"- attention backends installed: {', '.join(b.name for b in installed_backends())} (plain: timed per "
+             "shape, fastest used; fast: SDPA inside the compiled blocks)"),
             (f"- sizes: {self.scale.size}px; reconstruct batch {self.scale.recon_batch}, {self.scale.recon_steps} "
              f"steps, cfg 1.5; train batch {self.scale.train_batch}; encode batch {self.scale.encode_batch}"),
             f"- wall time: {self.budget.elapsed():.0f} s of a {self.budget.seconds:.0f} s budget",
@@ -687,7 +680,7 @@ class Report:
         print("\n## FLOP counts\n\n```\n" + flops.FORMULA + "\n```")
         print("\nvs plain: plain ms / ms; vs best upstream: faster upstream row's ms / ms (above 1: we are faster).")
         print("\n## Timings\n")
-        print(markdown_table(self.rows, peak_tflops(device_name(self.device))))
+        print(markdown_table(self.rows, peak_bf16_tflops(device_name(self.device))))
 
     def save(self, path: str) -> None:
         checks, rows = [asdict(c) for c in self.checks], [asdict(r) for r in self.rows]

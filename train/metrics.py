@@ -11,19 +11,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from flowmo_fast.hardware import peak_bf16_tflops
 from flowmo_fast.model import FlowMo
 from train.objective import FlowMoObjective
 from train.parallel import Distributed, sum_across_ranks
 
-# Dense bf16 peak FLOP/s per GPU, for MFU. Unlisted devices report no MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
-
-
 def peak_flops(device: torch.device) -> Optional[float]:
+    """Dense bf16 peak FLOP/s of a CUDA device (flowmo_fast.hardware), None elsewhere: no MFU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    tflops = peak_bf16_tflops(torch.cuda.get_device_name(device))
+    return tflops * 1e12 if tflops else None
 
 
 def flowmo_flops_per_step(config, micro_batch: int) -> float:

@@ -1,25 +1,9 @@
-"""The GPU report's bookkeeping, without a GPU: device peaks, the table's ratios, budget and failures."""
+"""The GPU report's bookkeeping, without a GPU: the table's ratios, budget and failures."""
 
-import pytest
 import torch
 
 from bench import gpu_report
 from bench.gpu_report import Row
-
-
-@pytest.mark.parametrize(
-    "name, peak",
-    [
-        ("NVIDIA H100 80GB HBM3", 989.4),
-        ("NVIDIA H100 PCIe", 756.0),
-        ("NVIDIA H100 NVL", 835.0),
-        ("NVIDIA H200", 989.4),
-        ("NVIDIA H200 NVL", 835.0),
-        ("NVIDIA GeForce GTX 1080", None),
-    ],
-)
-def test_peak_tflops_by_device_name(name, peak):
-    assert gpu_report.peak_tflops(name) == peak
 
 
 def test_table_ratios_compare_rows_of_one_workload_and_model():

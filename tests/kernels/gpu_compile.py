@@ -37,23 +37,30 @@ def record_launches(lfq_bits: tuple[int, ...]) -> list:
     from kernels.rope import rope_tables
     from kernels.triton_ops import TRITON_OPS as ops
 
-    b, l, heads, head_dim = 2, 300, 6, 64  # FlowMo-Lo's head size; L not a multiple of any block
-    cos, sin = rope_tables(torch.randint(0, 16, (l, 3)), (16, 24, 24))
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(b, l, heads * head_dim, dtype=dtype, requires_grad=True)
-        shift, scale, gate = torch.randn(3, b, 1, heads * head_dim, dtype=dtype, requires_grad=True)
-        weight = torch.ones(head_dim, dtype=dtype, requires_grad=True)
-        h = ops.modulate(x, shift, scale, dtype)
-        qk = h.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [B, H, L, D], strided as in the model
-        q, k = ops.qk_norm_rope(qk, qk * 0.5, weight, weight, cos, sin, dtype)
-        y = ops.gated_residual(x, gate, (q + k).transpose(1, 2).flatten(2))
-        y = ops.gated_residual(y, None, ops.modulate(y, None, None, dtype))
-        loss = y.float().sum()
-        for d in lfq_bits:
-            code = ops.lfq(y.flatten()[: 1000 * d].reshape(1000, d))
-            loss = loss + code.quantized.float().sum() + code.per_sample_entropy + code.codebook_entropy
-        loss.backward()
+    b, l, heads = 2, 300, 12  # L not a multiple of any block
+    # (head dim, RoPE axes, dtypes): the encoder's 12 x 64 (both dtypes), the decoder's 12 x 96 (bf16, as run)
+    for head_dim, axes, dtypes in ((64, (16, 24, 24), (torch.float32, torch.bfloat16)), (96, (24, 36, 36), (torch.bfloat16,))):
+        cos, sin = rope_tables(torch.randint(0, 16, (l, 3)), axes)
+        for dtype in dtypes:
+            x = torch.randn(b, l, heads * head_dim, dtype=dtype, requires_grad=True)
+            shift, scale, gate = torch.randn(3, b, 1, heads * head_dim, dtype=dtype, requires_grad=True)
+            weight = torch.ones(head_dim, dtype=dtype, requires_grad=True)
+            h = ops.modulate(x, shift, scale, dtype)
+            qk = h.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [B, H, L, D], strided as in the model
+            q, k = ops.qk_norm_rope(qk, qk * 0.5, weight, weight, cos, sin, dtype)
+            y = ops.gated_residual(x, gate, (q + k).transpose(1, 2).flatten(2))
+            y = ops.gated_residual(y, None, ops.modulate(y, None, None, dtype))
+            lfq_and_backward(ops, y, lfq_bits if head_dim == 64 else ())
     return launches
+
+
+def lfq_and_backward(ops, y, lfq_bits: tuple[int, ...]) -> None:
+    """LFQ of y's values at each number of bits, then the backward of everything."""
+    loss = y.float().sum()
+    for d in lfq_bits:
+        code = ops.lfq(y.flatten()[: 1000 * d].reshape(1000, d))
+        loss = loss + code.quantized.float().sum() + code.per_sample_entropy + code.codebook_entropy
+    loss.backward()
 
 
 def signature_of(kernel, args, kwargs) -> tuple[dict, dict]:
