@@ -38,6 +38,12 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> None:
             module.compile(**compile_kwargs)
 
 
+def blocks_compiled(model: nn.Module) -> bool:
+    """Whether `compile_blocks` (or `module.compile`) has compiled the model's blocks already."""
+    blocks = [m for m in model.modules() if isinstance(m, DoubleStreamBlock)]
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in blocks)
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
@@ -50,21 +56,31 @@ class _Captured:
 class GraphedSampler:
     """`flow.sample` with the loop replayed from a CUDA graph.
 
-    The first call for a key (shapes, dtypes, steps, cfg, schedule, interval, autocast) warms up on a side
-    stream (compiling the blocks if asked) and captures; later calls copy inputs into the static buffers and
-    replay. Outputs equal eager `flow.sample` up to the compiled kernels' rounding.
+    The first call for a key (device, shapes, dtypes, steps, cfg, schedule, interval, autocast) warms up on a
+    side stream (compiling the blocks first if asked and not done yet) and captures; later calls copy inputs
+    into the static buffers and replay. Each key holds its own graph memory pool (a new batch size is a new
+    capture). The graphs read the weights where they lay at capture: when any parameter moves (`.to()`,
+    `.half()`, `load_state_dict(assign=True)`) or `model.kernels` changes, every capture is dropped and
+    redone. Outputs equal eager `flow.sample` up to the compiled kernels' rounding.
     """
 
     def __init__(self, model: nn.Module, compile: bool = True):
         self.model = model
         self.compile = compile
-        self.compiled = False
         self.captured: dict[tuple, _Captured] = {}
+        self.weights: tuple = ()
+
+    def _weights(self) -> tuple:
+        return (self.model.kernels, *(p.data_ptr() for p in self.model.parameters()))
 
     def __call__(self, z: Tensor, code: Tensor, null_code: Optional[Tensor], **settings) -> Tensor:
+        weights = self._weights()
+        if weights != self.weights:
+            self.captured.clear()
+            self.weights = weights
         autocast = torch.is_autocast_enabled("cuda")
         key = (
-            tuple(z.shape), tuple(code.shape), z.dtype, code.dtype, null_code is not None, autocast,
+            z.device, tuple(z.shape), tuple(code.shape), z.dtype, code.dtype, null_code is not None, autocast,
             tuple(sorted((k, str(v)) for k, v in settings.items())),
         )
         if key not in self.captured:
@@ -78,9 +94,8 @@ class GraphedSampler:
         return entry.out.clone()
 
     def _capture(self, z, code, null_code, autocast: bool, settings: dict) -> _Captured:
-        if self.compile and not self.compiled:
+        if self.compile and not blocks_compiled(self.model):
             compile_blocks(self.model, dynamic=False)
-            self.compiled = True
         static_z, static_code = z.clone(), code.clone()
         static_null = null_code.clone() if null_code is not None else None
         # Autocast's weight-cast cache must be off while capturing (cached casts would escape the graph).

@@ -1,12 +1,13 @@
 """The fast path: compiled blocks give the eager results; the checkpointed chain keeps activations flat in k."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from flowmo_fast import flow
-from flowmo_fast.fast import compile_blocks
+from flowmo_fast.fast import GraphedSampler, blocks_compiled, compile_blocks
 
 
 @pytest.mark.compile
@@ -44,3 +45,44 @@ def test_posttrain_chain_activation_memory_is_flat_in_k(parity, parity_model):
     one_pass = saved_activation_bytes(lambda: parity_model.decode(parity["zt"], code, parity["t"]))
     # Checkpointing keeps only each step's inputs (a few image-sized tensors), not a decoder pass's activations.
     assert per_k[4] - per_k[2] < 0.1 * one_pass
+
+
+def test_graphed_sampler_captures_per_key_and_again_when_weights_move(monkeypatch, tiny_model):
+    """The capture bookkeeping, on the CPU with the capture itself faked: one capture per input key, reused;
+    all dropped when a parameter moves or `kernels` changes (graphs read weights where they were captured)."""
+    captures = []
+
+    def fake_capture(self, z, code, null_code, autocast, settings):
+        captures.append(tuple(z.shape))
+        graph = SimpleNamespace(replay=lambda: None)
+        return SimpleNamespace(graph=graph, z=z.clone(), code=code.clone(), null_code=None, out=torch.zeros_like(z))
+
+    monkeypatch.setattr(GraphedSampler, "_capture", fake_capture)
+    model = copy.deepcopy(tiny_model)
+    sampler = GraphedSampler(model, compile=False)
+    z, code = torch.randn(2, 3, 32, 32), torch.randn(2, model.code_length, 9)
+
+    def run(batch=2, **settings):
+        return sampler(z[:batch], code[:batch], None, steps=2, **settings)
+
+    run(), run()
+    assert len(captures) == 1
+    run(batch=1)
+    run(cfg=2.0)
+    assert len(captures) == 3 and len(sampler.captured) == 3
+    model.float()  # nothing moves
+    run()
+    assert len(captures) == 3
+    model.kernels = "torch" if model.kernels != "torch" else "auto"
+    run()
+    assert len(captures) == 4 and len(sampler.captured) == 1
+    model.double()
+    run()
+    assert len(captures) == 5 and len(sampler.captured) == 1
+
+
+def test_blocks_compiled_after_compile_blocks(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    assert not blocks_compiled(model)
+    compile_blocks(model, dynamic=False)  # lazy: nothing compiles until a block runs
+    assert blocks_compiled(model)
