@@ -20,9 +20,13 @@ GUIDANCE_DROPOUT = 0.1
 
 
 def autocast_for(device: Union[torch.device, str], enabled: bool = True):
-    """bf16 autocast on CUDA; nothing elsewhere (CPU runs float32)."""
+    """bf16 autocast on CUDA; nothing elsewhere (CPU runs float32).
+
+    Without autocast's weight-cast cache: a CUDA-graph capture cannot use it (flowmo_fast.fast), and compiled
+    code guards on the flag, so one setting everywhere lets training, evaluation and the captured sampler
+    share the compiled blocks. A cast gives the same values either way; each weight is cast once per pass."""
     if enabled and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
