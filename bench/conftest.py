@@ -3,11 +3,16 @@ session. (`flowmo_fast.fast.compile_blocks` raises dynamo's recompile limit for 
 
 import pytest
 
-from bench.impls import SAMPLING, TRAINING, Implementations
+from bench.impls import SAMPLING, TINY_SAMPLING, TRAINING, Implementations
 
 @pytest.fixture(scope="session")
 def sampling() -> Implementations:
     return Implementations(SAMPLING, train=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sampling() -> Implementations:
+    return Implementations(TINY_SAMPLING, train=False)
 
 
 @pytest.fixture(scope="session")

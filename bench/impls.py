@@ -53,8 +53,9 @@ class Setting:
         return f"{self.name}: width {m.mup_width}, {m.enc_depth}+{m.dec_depth} blocks, {self.size}px, batch {self.batch}"
 
 
-# Issue 7's CPU setting for the sampler: width 2, 4 decoder blocks, 64px, batch 4.
+# Issue 7's CPU setting for the sampler: width 2, 4 decoder blocks, 64px, batch 4; and the tiny preset as is.
 SAMPLING = Setting("sampling", ("model.dec_depth=4",), size=64, batch=4)
+TINY_SAMPLING = Setting("tiny sampling", (), size=32, batch=4)
 TRAINING = Setting("training", (), size=32, batch=4)
 
 

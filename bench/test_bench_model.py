@@ -3,9 +3,9 @@ upstream_compiled (bench/impls.py), so the ratios read off the table.
 
 - block: one decoder DoubleStreamBlock forward (sampling setting; upstream has no compiled block);
 - encode: the encoder, images -> code before quantization (sampling setting);
-- reconstruct: encode, quantize, then the guided sampler (sampling setting, issue 7's CPU target),
-  RECONSTRUCT_STEPS steps instead of evaluation's 25 to fit the time budget: the time per decoder pass,
-  and so the ratios, do not depend on the step count;
+- reconstruct: encode, quantize, then the guided sampler, for the tiny preset (32px) and the sampling
+  setting (issue 7's CPU target), RECONSTRUCT_STEPS steps instead of evaluation's 25 to fit the time
+  budget: the time per decoder pass, and so the ratios, do not depend on the step count;
 - train step: forward + backward + Adam step (training setting). Its upstream_compiled row runs only with
   FLOWMO_BENCH_FULL=1: compiling upstream's whole training graph takes ~5 minutes on a 2-core CPU, which
   would take the suite past its 10 minutes.
@@ -127,12 +127,14 @@ def reconstruct_fn(impls: Implementations, impl: str) -> Callable[[], tuple]:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bench_reconstruct(benchmark, sampling, impl):
-    fn = reconstruct_fn(sampling, impl)
-    check(benchmark, sampling, "reconstruct", impl, fn(), lambda: reconstruct_fn(sampling, "plain")())
-    s = sampling.setting
-    per_image = flops.reconstruct_flops(sampling.config, s.size, s.size, RECONSTRUCT_STEPS, CFG)
-    time_row(benchmark, sampling, "reconstruct", impl, fn, per_image)
+@pytest.mark.parametrize("setting", ["tiny_sampling", "sampling"])
+def test_bench_reconstruct(benchmark, request, setting, impl):
+    impls = request.getfixturevalue(setting)
+    fn = reconstruct_fn(impls, impl)
+    check(benchmark, impls, "reconstruct", impl, fn(), lambda: reconstruct_fn(impls, "plain")())
+    s = impls.setting
+    per_image = flops.reconstruct_flops(impls.config, s.size, s.size, RECONSTRUCT_STEPS, CFG)
+    time_row(benchmark, impls, "reconstruct", impl, fn, per_image)
 
 
 # --- train step ----------------------------------------------------------------------------------------
