@@ -6,9 +6,10 @@ upstream_compiled (bench/impls.py), so the ratios read off the table.
 - reconstruct: encode, quantize, then the guided sampler, for the tiny preset (32px) and the sampling
   setting (issue 7's CPU target), RECONSTRUCT_STEPS steps instead of evaluation's 25 to fit the time
   budget: the time per decoder pass, and so the ratios, do not depend on the step count;
-- train step: forward + backward + Adam step (training setting). Its upstream_compiled row runs only with
-  FLOWMO_BENCH_FULL=1: compiling upstream's whole training graph takes ~5 minutes on a 2-core CPU, which
-  would take the suite past its 10 minutes.
+- train step: forward + backward + Adam step (training setting).
+The upstream_compiled rows of the train step (compiling upstream's whole training graph takes ~5 minutes
+on a 2-core CPU) and of the tiny reconstruct (another minute) run only with FLOWMO_BENCH_FULL=1: they would
+take the suite past its 10 minutes.
 
 Before a row is timed, its first call (which also compiles) is checked against our plain model's values;
 the largest difference is recorded in the row's extra_info.
@@ -35,6 +36,12 @@ CFG = 1.5
 # when another process runs.
 ROUNDS = {"block": 5, "encode": 5, "reconstruct": 4, "train step": 5}
 TOLERANCE = 1e-4  # float32: compiled kernels and upstream's op order round differently
+
+
+def skip_unless_full(impl: str, why: str) -> None:
+    """Skip an upstream_compiled row whose compile would take the suite past 10 minutes, unless asked for."""
+    if impl == "upstream_compiled" and upstream.skip_reason() is None and os.environ.get("FLOWMO_BENCH_FULL") != "1":
+        pytest.skip(f"{why}; set FLOWMO_BENCH_FULL=1")
 
 
 def time_row(benchmark, impls: Implementations, workload: str, impl: str, fn: Callable, flops_per_image: int,
@@ -129,6 +136,8 @@ def reconstruct_fn(impls: Implementations, impl: str) -> Callable[[], tuple]:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("setting", ["tiny_sampling", "sampling"])
 def test_bench_reconstruct(benchmark, request, setting, impl):
+    if setting == "tiny_sampling":
+        skip_unless_full(impl, "upstream compiled at the tiny preset's shapes: another minute of compiling")
     impls = request.getfixturevalue(setting)
     fn = reconstruct_fn(impls, impl)
     check(benchmark, impls, "reconstruct", impl, fn(), lambda: reconstruct_fn(impls, "plain")())
@@ -187,8 +196,7 @@ def train_step_fn(impls: Implementations, impl: str) -> Callable[[], None]:
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bench_train_step(benchmark, training, impl):
-    if impl == "upstream_compiled" and upstream.skip_reason() is None and os.environ.get("FLOWMO_BENCH_FULL") != "1":
-        pytest.skip("compiling upstream's training graph takes ~5 min on a 2-core CPU; set FLOWMO_BENCH_FULL=1")
+    skip_unless_full(impl, "compiling upstream's training graph takes ~5 min on a 2-core CPU")
     values = gradient_check(training, impl)  # before any step, so every implementation has the same weights
     plain_values = (lambda: values) if impl == "plain" else (lambda: gradient_check(training, "plain"))
     reference = training.reference("train step", plain_values)
