@@ -1,5 +1,6 @@
 """LFQ entropy loss, forward + backward at N = 8192 codes of d = 9 and 14 bits: ours (exact, never an
-N x 2^d tensor) against upstream's formulation (a softmax over all 2^d codes), time and peak memory.
+N x 2^d tensor) against upstream's formulation (a softmax over all 2^d codes; written out here, and as
+upstream's own LFQ module when FLOWMO_REFERENCE is set), time and peak memory.
 
 One benchmark group per d; the table's ratios compare the rows. CUDA when available, else the CPU. On
 CUDA the Triton kernel and `torch.compile` of the plain PyTorch version run too: `kernels=auto` should
@@ -19,13 +20,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench import upstream
 from kernels import triton_available
 from kernels.lfq import LFQOutput, indices_to_codes, lfq_torch
 
 N = 8192
 BITS = (9, 14)
-IMPLEMENTATIONS = ("upstream_softmax", "ours_torch", "ours_torch_compiled", "ours_triton")
+IMPLEMENTATIONS = ("upstream_softmax", "upstream_lfq", "ours_torch", "ours_torch_compiled", "ours_triton")
 CUDA_ONLY = ("ours_torch_compiled", "ours_triton")
+UPSTREAM = ("upstream_softmax", "upstream_lfq")
 UPSTREAM_ROUNDS = 3  # seconds per call at d = 14 on a CPU
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters
 MEASURE_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD_MAX = 64 * 2**10, 32 * 2**20
@@ -49,9 +52,24 @@ def our_loss(lfq: Callable[[torch.Tensor], LFQOutput]) -> Callable:
     return loss
 
 
-def loss_fn(impl: str) -> Callable:
+def upstream_lfq_loss(bits: int, device: torch.device) -> Callable:
+    """Upstream's own LFQ module (from $FLOWMO_REFERENCE) in training mode: its entropy and commitment losses."""
+    quantizer = upstream.import_upstream().lookup_free_quantize.LFQ(
+        codebook_size=2**bits, dim=bits, num_codebooks=1, token_factorization=False
+    ).to(device).train()
+
+    def loss(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        (_, entropy_aux, _), breakdown = quantizer(x.T[None], return_loss_breakdown=True)  # [1, d, N]
+        return entropy_aux + breakdown.commitment
+
+    return loss
+
+
+def loss_fn(impl: str, bits: int, device: torch.device) -> Callable:
     if impl == "upstream_softmax":
         return upstream_softmax_loss
+    if impl == "upstream_lfq":
+        return upstream_lfq_loss(bits, device)
     if impl == "ours_torch":
         return our_loss(lfq_torch)
     if impl == "ours_torch_compiled":
@@ -112,10 +130,12 @@ def peak_memory(device) -> Callable[[Callable], Optional[float]]:
 def test_bench_lfq_loss_forward_backward(benchmark, device, peak_memory, bits, impl):
     if impl in CUDA_ONLY and not (device.type == "cuda" and triton_available()):
         pytest.skip("GPU comparison: needs CUDA and Triton")
+    if impl == "upstream_lfq" and upstream.skip_reason() is not None:
+        pytest.skip(upstream.skip_reason())
     g = torch.Generator().manual_seed(bits)
     x = (0.1 * torch.randn(N, bits, generator=g)).to(device).requires_grad_()
     codes = indices_to_codes(torch.arange(2**bits, device=device), bits)
-    loss = loss_fn(impl)
+    loss = loss_fn(impl, bits, device)
 
     def step():
         x.grad = None
@@ -127,7 +147,7 @@ def test_bench_lfq_loss_forward_backward(benchmark, device, peak_memory, bits, i
     step()  # warm-up (and compilation)
     cpu = f"cpu, {torch.get_num_threads()} threads"
     benchmark.extra_info["device"] = torch.cuda.get_device_name() if device.type == "cuda" else cpu
-    if impl == "upstream_softmax":
+    if impl in UPSTREAM:
         benchmark.pedantic(step, rounds=UPSTREAM_ROUNDS, iterations=1)
     else:
         benchmark(step)
