@@ -596,7 +596,9 @@ class Report:
             calls = {
                 "modulate": (lambda: ops.modulate(x, shift, scale, dtype), (x, shift, scale)),
                 "gated_residual": (lambda: ops.gated_residual(x, gate, y), (x, gate, y)),
-                "qk_norm_rope": (lambda: torch.stack(ops.qk_norm_rope(q, k, weight, weight, cos, sin, dtype)), (q, k, weight)),
+                "qk_norm_rope": (
+                    lambda: torch.stack(ops.qk_norm_rope(q, k, weight, weight, cos, sin, dtype)), (q, k, weight)
+                ),
             }
             forward, leaves = calls[op]
             if impl == "torch compiled":

@@ -20,7 +20,9 @@ import torch
 
 ARCHS = {"quick": (90,), "full": (90, 80)}  # Hopper, Ampere
 LFQ_BITS = {"quick": (1, 14), "full": (1, 9, 14, 18)}
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"}
+DTYPE_NAMES = {
+    torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32",
+}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
@@ -39,7 +41,8 @@ def record_launches(lfq_bits: tuple[int, ...]) -> list:
 
     b, l, heads = 2, 300, 12  # L not a multiple of any block
     # (head dim, RoPE axes, dtypes): the encoder's 12 x 64 (both dtypes), the decoder's 12 x 96 (bf16, as run)
-    for head_dim, axes, dtypes in ((64, (16, 24, 24), (torch.float32, torch.bfloat16)), (96, (24, 36, 36), (torch.bfloat16,))):
+    shapes = ((64, (16, 24, 24), (torch.float32, torch.bfloat16)), (96, (24, 36, 36), (torch.bfloat16,)))
+    for head_dim, axes, dtypes in shapes:
         cos, sin = rope_tables(torch.randint(0, 16, (l, 3)), axes)
         for dtype in dtypes:
             x = torch.randn(b, l, heads * head_dim, dtype=dtype, requires_grad=True)
