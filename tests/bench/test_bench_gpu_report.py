@@ -1,5 +1,7 @@
 """The GPU report's bookkeeping, without a GPU: the table's ratios, budget and failures."""
 
+import json
+
 import torch
 
 from bench import gpu_report
@@ -49,3 +51,23 @@ def test_a_failing_row_is_recorded_and_the_report_goes_on():
     measured = Row("encode", "Lo", "plain", 2, None)
     r.attempt("encode", reserve_s=0.0, fn=lambda: r.measure(measured, lambda: torch.zeros(1)), row=measured)
     assert measured.ms is not None and measured.note == ""
+
+
+def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
+    """`--dry-run`: every phase runs on tiny CPU models through the same code as on a GPU; the checks pass,
+    every row that can run here has a time and no row failed; the JSON holds what the table shows."""
+    monkeypatch.delenv("FLOWMO_REFERENCE", raising=False)
+    out = tmp_path / "report.json"
+    rc = gpu_report.main(["--dry-run", "--target-s", "0", "--max-iters", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and printed.rstrip().splitlines()[-1].startswith("| ")  # the table prints last
+    saved = json.loads(out.read_text())
+    assert saved["checks"] and all(c["value"] <= c["tolerance"] for c in saved["checks"])
+    rows = [Row(**r) for r in saved["rows"]]
+    assert not [r for r in rows if r.note.startswith("error")]
+    timed = {(r.workload.split(":")[0], r.model, r.impl) for r in rows if r.ms is not None}
+    for workload in ("reconstruct", "decoder forward", "train step", "encode (token ids)"):
+        assert {(workload, "FlowMo-Lo (tiny)", impl) for impl in ("plain", "fast")} <= timed, workload
+    assert ("kernel fwd+bwd", "FlowMo-Lo (tiny)", "torch compiled") in timed
+    skipped = {r.impl: r.note for r in rows if r.ms is None}
+    assert skipped["triton"].startswith("skipped") and skipped["upstream_eager"].startswith("skipped")
