@@ -3,6 +3,7 @@
     python bench/gpu_report.py                    # on a CUDA machine (H100 / H200): at most ~8 minutes
     FLOWMO_REFERENCE=/path/to/FlowMo python bench/gpu_report.py    # adds upstream's rows
     python bench/gpu_report.py --dry-run          # anywhere: tiny models on the CPU, the same code paths
+    python bench/gpu_report.py --phases train,lfq # a subset (e.g. what a first run's budget skipped)
 
 fast = regional torch.compile of the blocks + Triton kernels (`kernels="auto"`) + the CUDA-graph sampler;
 plain = eager, PyTorch kernels, no CUDA graphs; upstream_eager / upstream_compiled = upstream's FlowMo
@@ -65,6 +66,7 @@ from flowmo_fast.token_shards import TokenSpec  # noqa: E402
 from flowmo_fast.tokenize import make_encoder  # noqa: E402
 from kernels import get_ops, triton_available  # noqa: E402
 
+PHASES = ("check", "reconstruct", "decoder", "train", "encode", "lfq", "kernels", "upstream_compiled")
 OURS = ("plain", "fast")
 UPSTREAM = ("upstream_eager", "upstream_compiled")
 ENTROPY_WEIGHT, COMMIT_WEIGHT = 0.0025, 0.000625  # the LFQ loss weights of the config
@@ -108,6 +110,7 @@ class Row:
     flops_per_image: Optional[int]
     ms: Optional[float] = None
     peak_gib: Optional[float] = None
+    first_s: Optional[float] = None  # the warm-up call: compiling, autotuning, CUDA-graph capture
     check: str = ""  # difference from the plain row's output
     note: str = ""
 
@@ -201,14 +204,15 @@ def markdown_table(rows: list[Row], peak: Optional[float]) -> str:
         if r.impl in ("plain", "torch"):
             plain_ms[key] = r.ms
     lines = [
-        "| workload | model | impl | ms | images/s | TFLOP/s | MFU | peak GiB | vs plain | vs best upstream | check | note |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|",
+        "| workload | model | impl | ms | images/s | TFLOP/s | MFU | peak GiB | vs plain | vs best upstream "
+        "| first call s | check | note |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
     ]
     for r in rows:
         key = (r.workload, r.model)
         cells = [r.workload, r.model, r.impl]
         if r.ms is None:
-            cells += ["—"] * 7
+            cells += ["—"] * 8
         else:
             tf = flops.tflops(r.flops_per_image, r.images, r.ms / 1000) if r.flops_per_image else None
             util = flops.mfu(tf, peak) if tf is not None else None
@@ -220,6 +224,7 @@ def markdown_table(rows: list[Row], peak: Optional[float]) -> str:
                 f"{r.peak_gib:.2f}" if r.peak_gib is not None else "—",
                 f"{plain_ms[key] / r.ms:.2f}x" if key in plain_ms and not r.impl.startswith("upstream") else "—",
                 f"{best_upstream[key] / r.ms:.2f}x" if key in best_upstream else "—",
+                f"{r.first_s:.1f}" if r.first_s is not None else "—",
             ]
         cells += [r.check, r.note]
         lines.append("| " + " | ".join(cells) + " |")
@@ -335,14 +340,16 @@ class Report:
 
     def measure(self, row: Row, fn: Callable[[], object]) -> object:
         """Warm up (compile, capture), then time `fn` until `--target-s` or `--max-iters`; fills row.ms
-        (median) and row.peak_gib. Returns the warm-up call's output."""
+        (median), row.first_s and row.peak_gib. Returns the warm-up call's output."""
         device = self.device
         sync(device)
         if device.type == "cuda":
             baseline = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
         out = fn()
         sync(device)
+        row.first_s = time.perf_counter() - start
         times: list[float] = []
         while not times or (sum(times) < self.args.target_s and len(times) < self.args.max_iters):
             start = time.perf_counter()
@@ -616,26 +623,36 @@ class Report:
     # --- the whole report -----------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Rows in order of importance, one model at a time (so a model's weights are freed before the next)."""
+        """Rows in order of importance, one model at a time (so a model's weights are freed before the next);
+        only the phases of `--phases`."""
         lo, *others = self.scale.models
-        self.attempt(f"check {lo}", 0, lambda: self.run_checks(lo))
-        for workload in (self.reconstruct, self.decoder_forward):
-            for impl in (*OURS, "upstream_eager"):
-                workload(lo, impl)
+        phases = self.args.phases
+        if "check" in phases:
+            self.attempt(f"check {lo}", 0, lambda: self.run_checks(lo))
+        for phase, workload in (("reconstruct", self.reconstruct), ("decoder", self.decoder_forward)):
+            if phase in phases:
+                for impl in (*OURS, "upstream_eager"):
+                    workload(lo, impl)
         for name in (lo, *others):
             for impl in (*OURS, "upstream_eager"):
-                self.train_step(name, impl)
-                self.encode(name, impl)
+                if "train" in phases:
+                    self.train_step(name, impl)
+                if "encode" in phases:
+                    self.encode(name, impl)
             self.models.release(name)
-        for name in (lo, *others):
-            for impl in ("torch", "triton", "upstream"):
-                self.lfq_loss(name, impl)
-        for op in ("modulate", "gated_residual", "qk_norm_rope"):
-            for impl in ("torch", "torch compiled", "triton"):
-                self.kernel_op(lo, op, impl)
-        self.decoder_forward(lo, "fast_triton")
-        self.train_step(lo, "fast_triton")
-        self.models.release(lo)
+        if "lfq" in phases:
+            for name in (lo, *others):
+                for impl in ("torch", "triton", "upstream"):
+                    self.lfq_loss(name, impl)
+        if "kernels" in phases:
+            for op in ("modulate", "gated_residual", "qk_norm_rope"):
+                for impl in ("torch", "torch compiled", "triton"):
+                    self.kernel_op(lo, op, impl)
+            self.decoder_forward(lo, "fast_triton")
+            self.train_step(lo, "fast_triton")
+            self.models.release(lo)
+        if "upstream_compiled" not in phases:
+            return
         if self.args.dry_run:
             self.rows.append(Row("reconstruct, decoder forward, train step, encode", "all", "upstream_compiled", 0,
                                  None, note="not run in --dry-run (inductor compiles for minutes on a CPU)"))
@@ -678,7 +695,7 @@ class Report:
         for c in self.checks:
             print(f"| {c.name} | {c.value:.2e} | {c.tolerance:.0e} | {'pass' if c.passed else 'FAIL'} |")
         if not self.checks:
-            print("| (no check ran) | | | FAIL |")
+            print("| (no check ran) | | | FAIL |" if "check" in self.args.phases else "| (not asked for: --phases) | | | |")
         print("\n## FLOP counts\n\n```\n" + flops.FORMULA + "\n```")
         print("\nvs plain: plain ms / ms; vs best upstream: faster upstream row's ms / ms (above 1: we are faster).")
         print("\n## Timings\n")
@@ -699,7 +716,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend of the fast path (default: inductor; eager in --dry-run)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"comma-separated subset of {','.join(PHASES)} (default: all; e.g. to rerun what a first "
+                        "run's budget skipped)")
     args = p.parse_args(argv)
+    args.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+    unknown = sorted(set(args.phases) - set(PHASES))
+    if unknown or not args.phases:
+        p.error(f"--phases: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(PHASES)}")
     if args.compile_backend is None:
         args.compile_backend = "eager" if args.dry_run else "inductor"
     return args
@@ -727,7 +751,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.json:
             report.save(args.json)
     failed = [c for c in report.checks if not c.passed]
-    return 1 if failed or not report.checks else 0
+    return 1 if failed or (not report.checks and "check" in args.phases) else 0
 
 
 if __name__ == "__main__":

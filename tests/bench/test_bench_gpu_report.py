@@ -1,7 +1,8 @@
-"""The GPU report's bookkeeping, without a GPU: the table's ratios, budget and failures."""
+"""The GPU report without a GPU: the table's ratios, budget, failures, phases, and a dry run end to end."""
 
 import json
 
+import pytest
 import torch
 
 from bench import gpu_report
@@ -21,7 +22,7 @@ def test_table_ratios_compare_rows_of_one_workload_and_model():
     table = gpu_report.markdown_table(rows, peak=80.0).splitlines()
     fast = table[3].split(" | ")
     # 4 images x 1 TFLOP in 0.1 s = 40 TFLOP/s = 50% of 80; 4x the plain row, 3x the faster upstream row
-    assert fast[3:11] == ["100.0", "40.0", "40", "50.0%", "1.50", "4.00x", "3.00x", ""]
+    assert fast[3:12] == ["100.0", "40.0", "40", "50.0%", "1.50", "4.00x", "3.00x", "—", ""]
     assert table[4].split(" | ")[8:10] == ["—", "0.60x"]  # upstream rows: no `vs plain`; vs the faster upstream
     assert table[6].split(" | ")[8:10] == ["—", "—"]
     assert table[7].split(" | ")[3] == "—" and "skipped: budget" in table[7]
@@ -71,3 +72,15 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert ("kernel fwd+bwd", "FlowMo-Lo (tiny)", "torch compiled") in timed
     skipped = {r.impl: r.note for r in rows if r.ms is None}
     assert skipped["triton"].startswith("skipped") and skipped["upstream_eager"].startswith("skipped")
+
+
+def test_phases_select_rows(monkeypatch, capsys):
+    monkeypatch.delenv("FLOWMO_REFERENCE", raising=False)
+    rc = gpu_report.main(["--dry-run", "--target-s", "0", "--max-iters", "1", "--phases", "lfq,decoder"])
+    printed = capsys.readouterr().out
+    workloads = {line.split(" | ")[0].lstrip("| ") for line in printed.splitlines() if line.startswith("| ")}
+    assert rc == 0 and "not asked for: --phases" in printed
+    assert {"decoder forward", "LFQ loss (N=64, d=9)"} <= workloads
+    assert not {"reconstruct", "train step", "encode (token ids)"} & workloads
+    with pytest.raises(SystemExit):
+        gpu_report.parse_args(["--phases", "reconstruct,warp"])
