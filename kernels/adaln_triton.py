@@ -42,6 +42,16 @@ def _per_sample(v: Tensor, b: int, d: int) -> Tensor:
     return v.reshape(b, d).contiguous()
 
 
+@triton.jit
+def _row_tile(b, l0, L, D, cols, col_mask, BLOCK_L: tl.constexpr):
+    """Rows l0 .. l0 + BLOCK_L of sample b in a contiguous [B, L, D] tensor: (flat row ids, row mask,
+    element mask, int64 element offsets)."""
+    rows = b * L + l0 + tl.arange(0, BLOCK_L)
+    row_mask = l0 + tl.arange(0, BLOCK_L) < L
+    mask = row_mask[:, None] & col_mask[None, :]
+    return rows, row_mask, mask, rows.to(tl.int64)[:, None] * D + cols[None, :]
+
+
 # ---------------------------------------------------------------------------------------------- modulate
 
 
@@ -59,10 +69,7 @@ def _modulate_fwd_kernel(
         shift = tl.load(shift_ptr + b * D + cols, mask=col_mask, other=0.0).to(tl.float32)
     start = chunk * rows_per_program
     for l0 in range(start, tl.minimum(start + rows_per_program, L), BLOCK_L):
-        rows = b * L + l0 + tl.arange(0, BLOCK_L)
-        row_mask = l0 + tl.arange(0, BLOCK_L) < L
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        rows, row_mask, mask, offs = _row_tile(b, l0, L, D, cols, col_mask, BLOCK_L)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / D
         centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -91,10 +98,7 @@ def _modulate_bwd_kernel(
     grad_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
     start = chunk * rows_per_program
     for l0 in range(start, tl.minimum(start + rows_per_program, L), BLOCK_L):
-        rows = b * L + l0 + tl.arange(0, BLOCK_L)
-        row_mask = l0 + tl.arange(0, BLOCK_L) < L
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        rows, row_mask, mask, offs = _row_tile(b, l0, L, D, cols, col_mask, BLOCK_L)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
@@ -214,9 +218,7 @@ def _gated_residual_fwd_kernel(
     gate = tl.load(gate_ptr + b * D + cols, mask=col_mask, other=0.0).to(tl.float32)
     start = chunk * rows_per_program
     for l0 in range(start, tl.minimum(start + rows_per_program, L), BLOCK_L):
-        rows = b * L + l0 + tl.arange(0, BLOCK_L)
-        mask = (l0 + tl.arange(0, BLOCK_L) < L)[:, None] & col_mask[None, :]
-        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        _, _, mask, offs = _row_tile(b, l0, L, D, cols, col_mask, BLOCK_L)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, (x + gate[None, :] * y).to(out_ptr.dtype.element_ty), mask=mask)
@@ -235,9 +237,7 @@ def _gated_residual_bwd_kernel(
     grad_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
     start = chunk * rows_per_program
     for l0 in range(start, tl.minimum(start + rows_per_program, L), BLOCK_L):
-        rows = b * L + l0 + tl.arange(0, BLOCK_L)
-        mask = (l0 + tl.arange(0, BLOCK_L) < L)[:, None] & col_mask[None, :]
-        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        _, _, mask, offs = _row_tile(b, l0, L, D, cols, col_mask, BLOCK_L)
         g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         grad_gate += tl.sum(g * y, axis=0)

@@ -33,11 +33,13 @@ def _row_offsets(rows, H, L, stride_b, stride_h, stride_l):
 
 
 @triton.jit
-def _norm_rope_fwd_kernel(
-    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr, n_rows, H, L, stride_b, stride_h, stride_l,
+def _load_tile(
+    x_ptr, w_ptr, cos_ptr, sin_ptr, n_rows, H, L, stride_b, stride_h, stride_l,
     HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (b, h, l)
+    """This program's rows (flat (b, h, l)) and masks, with their input pairs (x[2j], x[2j+1]) in float32,
+    the weight's pairs and the rotation (cos, sin) of each row's position."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     pairs = tl.arange(0, BLOCK_P)
     mask = row_mask[:, None] & (pairs < HALF)[None, :]
@@ -45,16 +47,27 @@ def _norm_rope_fwd_kernel(
     x_offs = x_row[:, None] + 2 * pairs[None, :]
     x0 = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(x_ptr + x_offs + 1, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt((tl.sum(x0 * x0, axis=1) + tl.sum(x1 * x1, axis=1)) / (2 * HALF) + EPS)
     w0 = tl.load(w_ptr + 2 * pairs, mask=pairs < HALF, other=0.0).to(tl.float32)
     w1 = tl.load(w_ptr + 2 * pairs + 1, mask=pairs < HALF, other=0.0).to(tl.float32)
+    cs_offs = pos[:, None] * HALF + pairs[None, :]
+    cos = tl.load(cos_ptr + cs_offs, mask=mask, other=0.0)
+    sin = tl.load(sin_ptr + cs_offs, mask=mask, other=0.0)
+    return rows, row_mask, pairs, mask, x0, x1, w0, w1, cos, sin
+
+
+@triton.jit
+def _norm_rope_fwd_kernel(
+    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr, n_rows, H, L, stride_b, stride_h, stride_l,
+    HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    rows, row_mask, pairs, mask, x0, x1, w0, w1, cos, sin = _load_tile(
+        x_ptr, w_ptr, cos_ptr, sin_ptr, n_rows, H, L, stride_b, stride_h, stride_l, HALF, BLOCK_R, BLOCK_P
+    )
+    rstd = 1.0 / tl.sqrt((tl.sum(x0 * x0, axis=1) + tl.sum(x1 * x1, axis=1)) / (2 * HALF) + EPS)
     x_ty = x_ptr.dtype.element_ty
     out_ty = out_ptr.dtype.element_ty
     n0 = ((x0 * rstd[:, None]).to(x_ty).to(tl.float32) * w0[None, :]).to(out_ty).to(tl.float32)
     n1 = ((x1 * rstd[:, None]).to(x_ty).to(tl.float32) * w1[None, :]).to(out_ty).to(tl.float32)
-    cs_offs = pos[:, None] * HALF + pairs[None, :]
-    cos = tl.load(cos_ptr + cs_offs, mask=mask, other=0.0)
-    sin = tl.load(sin_ptr + cs_offs, mask=mask, other=0.0)
     out_offs = rows[:, None] * (2 * HALF) + 2 * pairs[None, :]
     tl.store(out_ptr + out_offs, (cos * n0 - sin * n1).to(out_ty), mask=mask)
     tl.store(out_ptr + out_offs + 1, (sin * n0 + cos * n1).to(out_ty), mask=mask)
@@ -67,20 +80,10 @@ def _norm_rope_bwd_kernel(
     n_rows, H, L, stride_b, stride_h, stride_l,
     HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < n_rows
-    pairs = tl.arange(0, BLOCK_P)
-    mask = row_mask[:, None] & (pairs < HALF)[None, :]
-    x_row, pos = _row_offsets(rows, H, L, stride_b, stride_h, stride_l)
-    x_offs = x_row[:, None] + 2 * pairs[None, :]
-    x0 = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
-    x1 = tl.load(x_ptr + x_offs + 1, mask=mask, other=0.0).to(tl.float32)
+    rows, row_mask, pairs, mask, x0, x1, w0, w1, cos, sin = _load_tile(
+        x_ptr, w_ptr, cos_ptr, sin_ptr, n_rows, H, L, stride_b, stride_h, stride_l, HALF, BLOCK_R, BLOCK_P
+    )
     rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-    w0 = tl.load(w_ptr + 2 * pairs, mask=pairs < HALF, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + 2 * pairs + 1, mask=pairs < HALF, other=0.0).to(tl.float32)
-    cs_offs = pos[:, None] * HALF + pairs[None, :]
-    cos = tl.load(cos_ptr + cs_offs, mask=mask, other=0.0)
-    sin = tl.load(sin_ptr + cs_offs, mask=mask, other=0.0)
     g_offs = rows[:, None] * (2 * HALF) + 2 * pairs[None, :]
     g0 = tl.load(grad_out_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
     g1 = tl.load(grad_out_ptr + g_offs + 1, mask=mask, other=0.0).to(tl.float32)
