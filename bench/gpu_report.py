@@ -260,8 +260,8 @@ class Models:
         if key not in self.built:
             weights, config = self.initial_weights(name), self.config(name)
             if impl in (*OURS, "fast_triton"):
-                if impl == "fast_triton" and not (self.device.type == "cuda" and triton_available()):
-                    raise Skipped("Triton kernels run on CUDA")
+                if impl == "fast_triton":
+                    require_triton(self.device)
                 with torch.device(self.device):
                     model = flowmo_fast.FlowMo(config)
                 model.load_state_dict(weights)
@@ -292,6 +292,12 @@ class Models:
 
 class Skipped(Exception):
     """A row that cannot run here; the message says why."""
+
+
+def require_triton(device: torch.device) -> None:
+    """Skip the calling row unless Triton kernels can run: Triton installed and a CUDA device."""
+    if not (device.type == "cuda" and triton_available()):
+        raise Skipped("Triton kernels run on CUDA")
 
 
 class Report:
@@ -549,8 +555,8 @@ class Report:
                     (_, aux, _), breakdown = quantizer(x.T[None], return_loss_breakdown=True)  # [1, d, N]
                     return ENTROPY_WEIGHT * aux + COMMIT_WEIGHT * breakdown.commitment
             else:
-                if impl == "triton" and not (self.device.type == "cuda" and triton_available()):
-                    raise Skipped("the Triton kernel runs on CUDA")
+                if impl == "triton":
+                    require_triton(self.device)
                 lfq = get_ops(impl, self.device).lfq
 
                 def loss_of(x):
@@ -587,6 +593,8 @@ class Report:
         row = Row(f"kernel fwd+bwd: {op} {shape}", name, impl, b, None)
 
         def run():
+            if impl == "triton":
+                require_triton(self.device)
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             g = torch.Generator(self.device).manual_seed(9)
 
@@ -597,8 +605,6 @@ class Report:
             shift, scale, gate = rand(b, 1, hidden), rand(b, 1, hidden), rand(b, 1, hidden)
             q, k, weight = rand(*heads), rand(*heads), rand(head_dim)
             cos, sin = (torch.rand(length, head_dim // 2, generator=g, device=self.device) for _ in range(2))
-            if impl == "triton" and not (self.device.type == "cuda" and triton_available()):
-                raise Skipped("Triton kernels run on CUDA")
             ops = get_ops("triton" if impl == "triton" else "torch", self.device)
             calls = {
                 "modulate": (lambda: ops.modulate(x, shift, scale, dtype), (x, shift, scale)),
