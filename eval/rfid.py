@@ -158,7 +158,8 @@ IMAGE_NOISE, POSTERIOR_NOISE = 0, 1  # independent random streams per (seed, row
 
 
 def row_seed(seed: int, row: int, stream: int = IMAGE_NOISE) -> int:
-    """A 32-bit generator seed for (seed, data-set row, stream), well mixed (the CPU generator keeps only 32 bits)."""
+    """A 32-bit generator seed for (seed, data-set row, stream), well mixed (the CPU generator keeps only
+    32 bits)."""
     return int(np.random.SeedSequence([seed, row, stream]).generate_state(1)[0])
 
 

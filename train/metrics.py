@@ -16,6 +16,7 @@ from flowmo_fast.model import FlowMo
 from train.objective import FlowMoObjective
 from train.parallel import Distributed, sum_across_ranks
 
+
 def peak_flops(device: torch.device) -> Optional[float]:
     """Dense bf16 peak FLOP/s of a CUDA device (flowmo_fast.hardware), None elsewhere: no MFU."""
     if device.type != "cuda":
