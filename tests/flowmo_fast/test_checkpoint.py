@@ -88,6 +88,31 @@ def test_truncated_and_empty_files(tmp_path, tiny_checkpoint):
         load_checkpoint(path)
 
 
+class RunsCodeWhenUnpickled:
+    """A pickled object whose unpickling calls os.mkdir(marker): what a checkpoint carrying code can do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path, tiny_model):
+    """weights_only=True: a file whose unpickling would run code (here: make a folder) is refused, and the code
+    never runs, though the file is otherwise a complete checkpoint."""
+    sd = tiny_model.state_dict()
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "payload.pth"
+    ckpt = {"model_ema_state_dict": sd, "model_state_dict": sd, "config": tiny_model.config.to_dict()}
+    torch.save({**ckpt, "note": RunsCodeWhenUnpickled(marker)}, path)
+    with pytest.raises(CheckpointError, match="payload.pth is not a readable PyTorch checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists(), "loading the checkpoint ran the code pickled in it"
+    torch.save(ckpt, path)
+    load_checkpoint(path)  # the same file without the payload loads
+
+
 def test_wrong_content(tmp_path):
     path = tmp_path / "list.pth"
     torch.save([1, 2, 3], path)
