@@ -40,10 +40,10 @@ def test_non_square_images(tiny_model):
     images = torch.rand(2, 3, 16, 40) * 2 - 1
     code = tiny_model.encode(images)
     assert code.shape == (2, 16, 18)
-    quantized, indices, _ = tiny_model.quantize(code)
+    quantized = tiny_model.quantize(code).quantized
     v = tiny_model.decode(images, tiny_model.with_mask(quantized), torch.rand(2))
     assert v.shape == images.shape
-    assert tiny_model.reconstruct(images, steps=2).shape == images.shape
+    assert tiny_model.reconstruct(images, tiny_model.sampling().replace(steps=2)).shape == images.shape
 
 
 def test_bad_inputs_name_the_problem(tiny_model):
@@ -65,7 +65,8 @@ def test_kl_and_noop_quantizers(quantization):
     model = flowmo_fast.FlowMo(flowmo_fast.load_config([f"model.quantization_type={quantization}"], preset="tiny"))
     code = torch.randn(3, 16, model.encoder_context_dim)
     model.train()
-    quantized, indices, loss = model.quantize(code)
+    out = model.quantize(code)
+    quantized, indices, loss = out.quantized, out.indices, out.loss
     assert quantized.shape == (3, 16, 18) and indices is None
     if quantization == "kl":
         mean, logvar = code[..., :18], code[..., 18:].clamp(-30, 20)
@@ -73,23 +74,34 @@ def test_kl_and_noop_quantizers(quantization):
         assert torch.allclose(loss, ref)
         g = torch.Generator().manual_seed(3)
         noise = torch.randn((3, 18, 16), generator=g).transpose(1, 2)  # upstream's (f t) draw order
-        out = model.quantize(code, generator=torch.Generator().manual_seed(3))[0]
+        out = model.quantize(code, generator=torch.Generator().manual_seed(3)).quantized
         assert torch.allclose(out, mean + (0.5 * logvar).exp() * noise)
     else:
         assert torch.equal(quantized, code) and loss.item() == 0
     model.eval()
-    assert model.quantize(code)[2].item() == 0
+    assert model.quantize(code).loss.item() == 0
 
 
-def full_mmdit(mmdit, images, code, timesteps, ops, output):
-    """The MMDiT computed in full (every stream of every block), as upstream does."""
+def upstream_position_ids(code_length: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Upstream's RoPE ids written out one by one (shared/reference/README.md): code token i -> (i, i, i), then
+    the image patches row by row, patch (row r of grid_h, column c of grid_w) -> (0, r, c). [L, 3] float32."""
+    ids = [[i, i, i] for i in range(code_length)]
+    ids += [[0, r, c] for r in range(grid_h) for c in range(grid_w)]
+    return torch.tensor(ids, dtype=torch.float32)
+
+
+def full_mmdit(mmdit, images, code, timesteps, ops, output, transpose_grid=False):
+    """The MMDiT computed in full (every stream of every block), as upstream does, with hand-built position ids
+    (`transpose_grid`: the wrong ids, width and height swapped)."""
     from flowmo_fast.attention import sdpa
-    from flowmo_fast.mmdit import position_ids
     from kernels.rope import rope_tables
 
     p = mmdit.params.patch_size
     h, w = images.shape[-2:]
-    rope = rope_tables(position_ids(code.shape[1], h // p, w // p, images.device), mmdit.params.axes_dim)
+    ids = upstream_position_ids(code.shape[1], h // p, w // p)
+    if transpose_grid:
+        ids = upstream_position_ids(code.shape[1], w // p, h // p)[:, [0, 2, 1]]
+    rope = rope_tables(ids, mmdit.params.axes_dim)
     img, txt = mmdit.img_in(patchify(images, p)), mmdit.txt_in(code)
     vec = None if timesteps is None else mmdit.time_in(flowmo_fast.layers.timestep_embedding(timesteps))
     for block in mmdit.double_blocks:
@@ -118,11 +130,31 @@ def test_skipped_dead_compute_changes_no_output_or_gradient(parity, parity_model
             assert (a is None and (b is None or b.abs().max() == 0)) or torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_non_square_images_take_row_then_column_positions(parity_model):
+    """32 x 48 images (8 x 12 patches): encoder and decoder equal the full computation with upstream's ids built
+    by hand, and differ clearly from it with height and width swapped (so a swap cannot pass)."""
+    model = parity_model
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 48, generator=g) * 2 - 1
+    m = model.config.model
+    code = torch.randn(2, m.code_length, m.context_dim + 1, generator=g)
+    empty = torch.zeros(2, m.code_length, m.context_dim)
+    t = torch.rand(2, generator=g)
+    ops = model.ops(torch.device("cpu"))
+    for ours, tower, args in (
+        (model.encode(images), model.encoder, (images, empty, None, ops, "txt")),
+        (model.decode(images, code, t), model.decoder, (images, code, t, ops, "img")),
+    ):
+        torch.testing.assert_close(ours, full_mmdit(tower, *args), rtol=0, atol=1e-5)
+        assert (ours - full_mmdit(tower, *args, transpose_grid=True)).abs().max() > 1e-2
+
+
 def test_dead_parameters_take_no_gradient_but_stay_in_state_dict(tiny_model):
     dead = set(tiny_model.dead_parameter_names())
     assert dead and dead <= set(tiny_model.state_dict())
     tiny_model.train()
-    loss, _ = flowmo_fast.flow.rectified_flow_loss(tiny_model, torch.rand(2, 3, 32, 32) * 2 - 1)
+    loss = flowmo_fast.flow.rectified_flow_loss(tiny_model, torch.rand(2, 3, 32, 32) * 2 - 1).loss
     loss.backward()
     without_grad = {n for n, p in tiny_model.named_parameters() if p.grad is None}
     assert without_grad == dead  # every other parameter is used: DDP can run find_unused_parameters=False
