@@ -133,6 +133,27 @@ def test_lpips_backbone_comes_from_the_given_file(lpips_backbones):
         metrics.build_lpips("alex", str(lpips_backbones["vgg"]))
 
 
+def test_reconstruction_metrics_lpips_is_lpips_on_minus_one_to_one_images(lpips_backbones):
+    """ReconstructionMetrics' LPIPS = the lpips package called directly, as upstream does, on [-1, 1] images (the
+    reconstructions clamped): not on the [0, 1] levels of PSNR and SSIM, which makes LPIPS about 3x smaller. AlexNet
+    only (every net goes through the same line; building the VGG takes seconds)."""
+    nets = {"alex": metrics.build_lpips("alex", str(lpips_backbones["alex"]))}
+    features = torch.nn.Flatten()  # stands in for the Inception (slow at 299 px), whose features are tested above
+    measure = metrics.ReconstructionMetrics(features, nets).eval()
+    g = torch.Generator().manual_seed(0)
+    originals = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    reconstructions = originals + 0.3 * torch.randn(originals.shape, generator=g)  # partly outside [-1, 1]
+    per_image, _, _ = measure(originals, reconstructions)
+    clamped = reconstructions.clamp(-1, 1)
+    net = nets["alex"]
+    with torch.no_grad():
+        expected = net(originals, clamped).flatten().double()
+        from_unit_range = net((originals + 1) / 2, (clamped + 1) / 2, normalize=True).flatten().double()
+    torch.testing.assert_close(from_unit_range, expected, rtol=1e-5, atol=0)  # lpips' own range convention
+    assert expected.min() > 0
+    torch.testing.assert_close(per_image["lpips_alex"], expected, rtol=1e-6, atol=0)
+
+
 def test_a_file_that_is_not_the_inception_is_refused(lpips_backbones):
     with pytest.raises(weights.WeightsUnavailable, match="pt_inception-2015-12-05-6726825d.pth"):
         metrics.InceptionPool3(str(lpips_backbones["alex"]))
