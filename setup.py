@@ -23,7 +23,11 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7.0", "pytest-benchmark>=4.0", "pytest-timeout>=2.1", "pytorch-fid>=0.3"],
+        "test": [
+            "pytest>=7.0", "pytest-benchmark>=4.0", "pytest-timeout>=2.1", "pytorch-fid>=0.3",
+            "transformers>=4.40",  # tests/flowmo_fast/test_llm_infill.py: a tiny random Qwen2, no download
+        ],
+        "llm": ["transformers>=4.40"],  # model.quantization_type=qwen2.5-coder-0.5b (flowmo_fast.llm_infill)
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25", "nvtx>=0.2"],
         "reference": ["mup>=1.0", "omegaconf>=2.1"],  # bench/: upstream's code from $FLOWMO_REFERENCE
     },
