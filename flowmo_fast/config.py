@@ -11,6 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union, get_args, get_origin, get_type_hints
 
+from flowmo_fast.llm_infill import (
+    DEFAULT_LLM_PATH, LLM_QUANTIZATION, SPAN_FORM, check_llm_settings, is_llm_quantization,
+)
+
 
 @dataclass
 class DataConfig:
@@ -48,6 +52,8 @@ class ModelConfig:
     posttrain_sample_k: int = 8
     kernels: str = "auto"  # ours: auto (CUDA: Triton, in torch.compile as kernels.AUTO_WHEN_COMPILED) | triton | torch
     attention: str = "auto"  # ours: auto (fastest installed per shape on CUDA) | sdpa | flash_attn_3 | flash_attn_2 | xformers
+    llm_path: str = DEFAULT_LLM_PATH  # ours, quantization_type qwen2.5-coder-0.5b: a HF model folder or a cached hub id
+    llm_fim_ids: Optional[str] = None  # ours: "prefix,middle,suffix" ids; None: the model's tokenizer, else Qwen's
 
 
 @dataclass
@@ -141,7 +147,7 @@ PRESETS: dict[str, list[str]] = {
 }
 
 ALLOWED = {
-    "model.quantization_type": ("lfq", "kl", "noop"),
+    "model.quantization_type": ("lfq", "kl", "noop", LLM_QUANTIZATION, SPAN_FORM),
     "model.fix_norm_mode": ("l2", "channel"),
     "model.kernels": ("auto", "triton", "torch"),
     "model.attention": ("auto", "sdpa", "flash_attn_3", "flash_attn_2", "xformers"),
@@ -291,9 +297,13 @@ def validate(config: Config) -> None:
         node = config
         for part in section.split("."):
             node = getattr(node, part)
+        if key == "model.quantization_type" and is_llm_quantization(getattr(node, leaf)):
+            continue  # qwen2.5-coder-0.5b[_span_P]: check_llm_settings below
         if getattr(node, leaf) not in allowed:
             raise ValueError(f"{key}={getattr(node, leaf)!r}; allowed: {', '.join(allowed)}")
     m, d = config.model, config.data
+    if is_llm_quantization(m.quantization_type):
+        check_llm_settings(m)
     for key, value in (
         ("model.mup_width", m.mup_width),
         ("model.enc_mup_width", m.enc_mup_width if m.enc_mup_width is not None else m.mup_width),
