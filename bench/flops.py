@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from flowmo_fast import flow
+from flowmo_fast.sampling import SamplingOptions
 from flowmo_fast.config import HIDDEN_PER_WIDTH, Config
 from flowmo_fast.mmdit import TIME_EMBED_DIM
 
@@ -71,17 +71,14 @@ def decoder_flops(config: Config, height: int, width: int) -> int:
                        m.context_dim + 1, patch_dim, keep="img", timestep=True)
 
 
-def decoder_passes(steps: int, cfg: float, schedule: str = "pow_0.25", cfg_interval=(0.17, 1.02)) -> int:
+def decoder_passes(sampling: SamplingOptions) -> int:
     """Decoder passes per image of the sampler: one per step, two on guided steps (`flow.sample`)."""
-    ts, _ = flow.sampler_schedule(steps, schedule)
-    guided = sum(flow.guided_steps(ts, cfg_interval)) if cfg != 1.0 else 0
-    return steps + guided
+    return sampling.steps + sum(sampling.plan().guided)
 
 
-def reconstruct_flops(config: Config, height: int, width: int, steps: int, cfg: float,
-                      schedule: str = "pow_0.25", cfg_interval=(0.17, 1.02)) -> int:
+def reconstruct_flops(config: Config, height: int, width: int, sampling: SamplingOptions) -> int:
     """One image encoded, then sampled back (`FlowMo.reconstruct`)."""
-    passes = decoder_passes(steps, cfg, schedule, cfg_interval)
+    passes = decoder_passes(sampling)
     return encoder_flops(config, height, width) + passes * decoder_flops(config, height, width)
 
 

@@ -28,6 +28,7 @@ from bench.impls import IMPLS, Implementations
 from flowmo_fast import flow
 from flowmo_fast.layers import timestep_embedding
 from flowmo_fast.mmdit import TIME_EMBED_DIM, position_ids
+from flowmo_fast.sampling import UPSTREAM
 from kernels.rope import rope_tables
 
 RECONSTRUCT_STEPS = 4  # pow_0.25: one of the 4 steps is guided, 5 decoder passes (evaluation: 25 and 6)
@@ -130,7 +131,8 @@ def reconstruct_fn(impls: Implementations, impl: str) -> Callable[[], tuple]:
         noise = s.noise()
         module = impls.upstream_module
         return lambda: (upstream.upstream_reconstruct(module, model, images, noise, RECONSTRUCT_STEPS, CFG),)
-    return lambda: (model.reconstruct(images, steps=RECONSTRUCT_STEPS, cfg=CFG, generator=s.noise_generator()),)
+    sampling = UPSTREAM.replace(steps=RECONSTRUCT_STEPS, cfg=CFG)
+    return lambda: (model.reconstruct(images, sampling, generator=s.noise_generator()),)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -142,7 +144,7 @@ def test_bench_reconstruct(benchmark, request, setting, impl):
     fn = reconstruct_fn(impls, impl)
     check(benchmark, impls, "reconstruct", impl, fn(), lambda: reconstruct_fn(impls, "plain")())
     s = impls.setting
-    per_image = flops.reconstruct_flops(impls.config, s.size, s.size, RECONSTRUCT_STEPS, CFG)
+    per_image = flops.reconstruct_flops(impls.config, s.size, s.size, UPSTREAM.replace(steps=RECONSTRUCT_STEPS, cfg=CFG))
     time_row(benchmark, impls, "reconstruct", impl, fn, per_image)
 
 
@@ -155,7 +157,7 @@ def loss_fn(impls: Implementations, impl: str) -> Callable[..., torch.Tensor]:
     if not impl.startswith("upstream"):
         return lambda t=None, noise=None, enable_cfg=True: flow.rectified_flow_loss(
             model, images, t=t, noise=noise, enable_cfg=enable_cfg
-        )[0]
+        ).loss
     models = impls.upstream_module
 
     def upstream_loss(t=None, noise=None, enable_cfg=True):

@@ -18,26 +18,21 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from eval import distributed, metrics, weights
-from eval.distributed import Processes
-from flowmo_fast import load_checkpoint
+from eval import metrics, weights
+from flowmo_fast import commands, load_checkpoint
 from flowmo_fast.checkpoint import CheckpointError, atomic_write, file_sha256, read_checkpoint
-from flowmo_fast.config import parse_cfg_interval, parse_schedule
-from flowmo_fast.data import ImageFolderDataset, IndexedTarDataset, SamplePhotosDataset, collate_images
-from flowmo_fast.images import image_grid, to_uint8
-from flowmo_fast.model import autocast_for
-
-GRID_IMAGES = 8
-MAX_SEED = 2**31
+from flowmo_fast.commands import Processes
+from flowmo_fast.data import collate_images
+from flowmo_fast.images import GRID_IMAGES, image_grid, to_uint8
+from flowmo_fast.sampling import SamplingOptions, add_sampler_flags
 METRIC_DEFINITIONS = {
     "rfid": "FID between the 2048-d pool features of pytorch-fid's FID Inception on originals and reconstructions",
     "psnr": "mean over images of each image's PSNR on 8-bit pixels (upstream: every image counts its batch's PSNR)",
@@ -47,15 +42,6 @@ METRIC_DEFINITIONS = {
 }
 
 
-@dataclass(frozen=True)
-class SamplerSettings:
-    steps: int
-    cfg: float
-    schedule: str
-    cfg_interval: Optional[tuple[float, float]]
-    seed: int
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m eval.rfid",
@@ -63,21 +49,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--ckpt", required=True, help="upstream or flowmo-fast checkpoint (config inferred from it)")
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="which weights of the checkpoint")
-    data = p.add_argument_group("data (default: the scikit-image sample photos)")
-    data.add_argument("--data", metavar="DIR", help="an image folder (searched recursively)")
-    data.add_argument("--imagenet-tar", metavar="T", help="ImageNet val tar, with --imagenet-index")
-    data.add_argument("--imagenet-index", metavar="J", help="upstream's JSON index of the tar")
-    data.add_argument("--subsample", type=int, default=1, metavar="N",
+    commands.add_data_flags(p)
+    data = p.add_argument_group("which images, how many at once")
+    data.add_argument("--subsample", type=commands.positive_int, default=1, metavar="N",
                       help="keep every N-th image (upstream's eval.subsample_rate)")
-    data.add_argument("--max-images", type=int, metavar="K", help="stop after the first K kept images")
-    data.add_argument("--batch-size", type=int, default=16, help="images per batch and process")
-    data.add_argument("--workers", type=int, default=4, help="data loader processes per process")
-    s = p.add_argument_group("sampler (defaults: the checkpoint's eval.sampling; upstream: 25, 1.5, pow_0.25, .17,1.02)")
-    s.add_argument("--steps", type=int)
-    s.add_argument("--cfg", type=float)
-    s.add_argument("--schedule", help="linear or pow_P")
-    s.add_argument("--cfg-interval", help="'lo,hi' EDM sigmas where guidance applies, or 'none' for every step")
-    s.add_argument("--seed", type=int, default=0, help=f"noise seed, 0 <= S < {MAX_SEED}")
+    data.add_argument("--max-images", type=commands.positive_int, metavar="K", help="stop after the first K kept images")
+    data.add_argument("--batch-size", type=commands.positive_int, default=16, help="images per batch and process")
+    data.add_argument("--workers", type=commands.non_negative_int, default=commands.default_workers(),
+                      help="data loader processes per process (default: the CPUs beside this one, at most 8)")
+    add_sampler_flags(p)
     w = p.add_argument_group("metric network weights (default: torch hub cache, downloading if missing)")
     w.add_argument(weights.INCEPTION.flag, metavar="PATH", help=f"pt_inception-2015-12-05-6726825d.pth (or ${weights.INCEPTION.env})")
     w.add_argument(weights.LPIPS_ALEX.flag, metavar="PATH", help=f"torchvision alexnet-owt-7be5be79.pth (or ${weights.LPIPS_ALEX.env})")
@@ -86,28 +66,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="default: eval_results/<checkpoint name>")
     o.add_argument("--save-reconstructions", action="store_true", help="also write every reconstruction as a PNG")
-    o.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    commands.add_device_flag(o)
     args = p.parse_args(argv)
-
-    if args.data and (args.imagenet_tar or args.imagenet_index):
-        p.error("give either --data DIR or --imagenet-tar T --imagenet-index J, not both")
-    if bool(args.imagenet_tar) != bool(args.imagenet_index):
-        p.error("--imagenet-tar and --imagenet-index go together (the tar and upstream's JSON index of it)")
-    for name in ("subsample", "max_images", "batch_size", "steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.workers < 0:
-        p.error(f"--workers must be 0 or more, got {args.workers}")
-    if not 0 <= args.seed < MAX_SEED:
-        p.error(f"--seed must be in [0, {MAX_SEED}), got {args.seed}")
-    try:
-        if args.schedule is not None:
-            parse_schedule(args.schedule)
-        if args.cfg_interval is not None:
-            parse_cfg_interval(args.cfg_interval)
-    except ValueError as e:
-        p.error(str(e))
+    commands.check_data_flags(p, args)
     args.out = args.out or os.path.join("eval_results", os.path.splitext(os.path.basename(args.ckpt))[0])
     return args
 
@@ -127,69 +88,11 @@ def build_metrics(paths: dict[str, str], device: torch.device) -> metrics.Recons
     return metrics.ReconstructionMetrics(inception, lpips_nets).to(device).eval()
 
 
-def sampler_settings(args, sampling) -> SamplerSettings:
-    """Command-line values over the checkpoint config's `eval.sampling`."""
-    interval = args.cfg_interval if args.cfg_interval is not None else sampling.cfg_interval
-    return SamplerSettings(
-        steps=args.steps if args.steps is not None else sampling.sample_steps,
-        cfg=args.cfg if args.cfg is not None else sampling.cfg,
-        schedule=args.schedule if args.schedule is not None else sampling.schedule,
-        cfg_interval=parse_cfg_interval(interval),
-        seed=args.seed,
-    )
-
-
-def build_dataset(args, size: int):
-    if args.data:
-        return ImageFolderDataset(args.data, size)
-    if args.imagenet_tar:
-        return IndexedTarDataset(args.imagenet_tar, args.imagenet_index, size)
-    return SamplePhotosDataset(size)
-
-
 def batches_of_rank(num_rows: int, args, procs: Processes) -> list[list[int]]:
     """Every `subsample`-th row (at most `max_images`), cut into batches; process r takes batches r, r + W, ..."""
     rows = list(range(0, num_rows, args.subsample))[: args.max_images]
     batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
     return batches[procs.rank :: procs.world_size]
-
-
-IMAGE_NOISE, POSTERIOR_NOISE = 0, 1  # independent random streams per (seed, row)
-
-
-def row_seed(seed: int, row: int, stream: int = IMAGE_NOISE) -> int:
-    """A 32-bit generator seed for (seed, data-set row, stream), well mixed (the CPU generator keeps only
-    32 bits)."""
-    return int(np.random.SeedSequence([seed, row, stream]).generate_state(1)[0])
-
-
-def image_noise(rows: Sequence[int], seed: int, shape: Sequence[int]) -> Tensor:
-    """One N(0, 1) image [C, H, W] per data-set row from a generator of its own -> [B, C, H, W] on the CPU."""
-    g = torch.Generator()
-    return torch.stack([torch.randn(tuple(shape), generator=g.manual_seed(row_seed(seed, r))) for r in rows])
-
-
-def quantize_per_image(model, code: Tensor, rows: Sequence[int], seed: int) -> Tensor:
-    """Quantize each image's code [1, T, F] with a generator of its own, so a KL posterior sample depends only
-    on (seed, row), not on the batch; LFQ and no quantization draw nothing. -> [B, T, context_dim]."""
-    g = torch.Generator(code.device)
-    return torch.cat([
-        model.quantize(code[i : i + 1], generator=g.manual_seed(row_seed(seed, row, POSTERIOR_NOISE)))[0]
-        for i, row in enumerate(rows)
-    ])
-
-
-@torch.no_grad()
-def reconstruct(model, images: Tensor, rows: Sequence[int], settings: SamplerSettings) -> Tensor:
-    """Encode, quantize, sample: model.reconstruct with per-image noise (sampler and KL posterior)."""
-    device = images.device
-    with autocast_for(device):
-        quantized = quantize_per_image(model, model.encode(images), rows, settings.seed)
-    noise = image_noise(rows, settings.seed, images.shape[1:]).to(device)
-    return model.sample_images(
-        quantized, images.shape[-2:], steps=settings.steps, cfg=settings.cfg, schedule=settings.schedule,
-        cfg_interval=settings.cfg_interval, noise=noise,
-    )
 
 
 def save_pngs(folder: str, rows: Sequence[int], names: Sequence[str], images: Tensor) -> None:
@@ -234,7 +137,7 @@ class Collected:
     grid: list = field(default_factory=list)  # (originals, reconstructions) of the first batches, main process
 
 
-def reconstruct_and_measure(model, measure, loader, settings, args, procs: Processes, total: int) -> Collected:
+def reconstruct_and_measure(model, measure, loader, sampling: SamplingOptions, args, procs: Processes, total: int) -> Collected:
     got = Collected(values={name: [] for name in measure.names})
     recon_dir = os.path.join(args.out, "reconstructions")
     psnr_sum = 0.0
@@ -246,7 +149,7 @@ def reconstruct_and_measure(model, measure, loader, settings, args, procs: Proce
             continue
         images = batch["image"].to(procs.device, non_blocking=True)
         rows = batch["index"].tolist()
-        reconstructions = reconstruct(model, images, rows, settings)
+        reconstructions = model.reconstruct_rows(images, rows, args.seed, sampling)
         values, fx, fr = measure(images, reconstructions)
         got.rows += rows
         got.features_x.append(fx)
@@ -268,14 +171,14 @@ def gather_in_row_order(got: Collected, procs: Processes) -> tuple[dict[str, Ten
     """All processes' results, sorted by data-set row: (per-image values, features x, features r, skipped)."""
 
     def gathered(parts: list, empty: Tensor) -> Tensor:
-        return distributed.gather_rows(torch.cat(parts) if parts else empty, procs)
+        return commands.gather_rows(torch.cat(parts) if parts else empty, procs)
 
     order = torch.argsort(gathered([torch.tensor(got.rows, dtype=torch.long)], torch.zeros(0, dtype=torch.long)))
     no_features = torch.zeros((0, metrics.FEATURE_DIM))
     features_x = gathered(got.features_x, no_features)[order]
     features_r = gathered(got.features_r, no_features)[order]
     values = {n: gathered(v, torch.zeros(0, dtype=torch.float64))[order] for n, v in got.values.items()}
-    skipped = sum(distributed.gather_objects(got.skipped, procs), [])
+    skipped = sum(commands.gather_objects(got.skipped, procs), [])
     return values, features_x, features_r, skipped
 
 
@@ -286,15 +189,15 @@ def evaluate(args, procs: Processes) -> Optional[dict]:
     measure = build_metrics(paths, procs.device)  # ... or unusable
     model = load_checkpoint(args.ckpt, which=args.which, device=procs.device)
     config = model.config
-    settings = sampler_settings(args, config.eval.sampling)
-    dataset = build_dataset(args, config.data.image_size)
+    sampling = SamplingOptions.from_flags(args, model.sampling())
+    dataset = commands.dataset_from_flags(args, config.data.image_size)
     batches = batches_of_rank(len(dataset), args, procs)
     os.makedirs(os.path.join(args.out, "reconstructions") if args.save_reconstructions else args.out, exist_ok=True)
     if procs.is_main:
         print(
             f"eval.rfid: {args.ckpt} ({args.which}), {dataset.describe()}, evaluating "
             f"{len(range(0, len(dataset), args.subsample)[: args.max_images])} at {config.data.image_size}px "
-            f"on {procs.world_size} x {procs.device}; sampler {asdict(settings)}",
+            f"on {procs.world_size} x {procs.device}; sampler {sampling.to_dict()}, seed {args.seed}",
             flush=True,
         )
     loader = DataLoader(
@@ -302,7 +205,7 @@ def evaluate(args, procs: Processes) -> Optional[dict]:
         pin_memory=procs.device.type == "cuda",
     )
     loop_start = time.perf_counter()
-    got = reconstruct_and_measure(model, measure, loader, settings, args, procs, sum(map(len, batches)))
+    got = reconstruct_and_measure(model, measure, loader, sampling, args, procs, sum(map(len, batches)))
     values, features_x, features_r, skipped = gather_in_row_order(got, procs)
     loop_seconds = time.perf_counter() - loop_start
     if not procs.is_main:
@@ -326,7 +229,7 @@ def evaluate(args, procs: Processes) -> Optional[dict]:
         "metric_weights": {name: os.path.abspath(path) for name, path in paths.items()},
         "inception_weights_sha256": file_sha256(paths["inception"]),
         "config": config.to_dict(),
-        "sampler": asdict(settings),
+        "sampler": {**sampling.to_dict(), "seed": args.seed},
         "data": {
             "dataset": dataset.describe(),
             "subsample": args.subsample,
@@ -347,13 +250,11 @@ def evaluate(args, procs: Processes) -> Optional[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     args = parse_args(argv)
-    procs = distributed.setup(args.device)
     try:
-        result = evaluate(args, procs)
-    except (weights.WeightsUnavailable, CheckpointError, FileNotFoundError) as e:  # bad input: no traceback
+        with commands.processes(args.device) as procs:
+            result = evaluate(args, procs)
+    except (weights.WeightsUnavailable, CheckpointError, FileNotFoundError, ValueError) as e:  # bad input: one line
         sys.exit(f"eval.rfid: {e}")
-    finally:
-        distributed.teardown()
     if result is not None:
         print(f"{summary_line(result)} -> {os.path.join(args.out, 'metrics.json')}", flush=True)
     return result

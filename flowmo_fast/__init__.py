@@ -4,12 +4,14 @@ from flowmo_fast import flow
 from flowmo_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from flowmo_fast.config import Config, load_config
 from flowmo_fast.model import FlowMo
+from flowmo_fast.sampling import SamplingOptions
 from flowmo_fast.tokenizer import Tokenizer
 
 __all__ = [
     "CheckpointError",
     "Config",
     "FlowMo",
+    "SamplingOptions",
     "Tokenizer",
     "flow",
     "load_checkpoint",

@@ -250,6 +250,18 @@ def bundled_photos_dir(cache_dir: Optional[str] = None) -> str:
     return cache_dir
 
 
+def open_dataset(
+    size: int, random_crop: bool = False, folder: Optional[str] = None, tar: Optional[str] = None,
+    index: Optional[str] = None,
+) -> ImageDataset:
+    """An image folder, an ImageNet tar with upstream's JSON index of it, or (neither) the bundled sample photos."""
+    if folder:
+        return ImageFolderDataset(folder, size, random_crop)
+    if tar or index:
+        return IndexedTarDataset(tar, index, size, random_crop)
+    return SamplePhotosDataset(size, random_crop)
+
+
 def build_dataset(data_config, split: str) -> ImageDataset:
     """The data set a config names, for split "train" (random crops) or "val" (centre crops):
     `data.data_dir` if set (an image folder); else the ImageNet tar + index of the split if both exist;
@@ -259,15 +271,13 @@ def build_dataset(data_config, split: str) -> ImageDataset:
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; allowed: train, val")
     size, random_crop = data_config.image_size, split == "train"
-    if data_config.data_dir:
-        return ImageFolderDataset(data_config.data_dir, size, random_crop)
     tar_key, index_key = f"imagenet_{split}_tar", f"imagenet_{split}_index"
     tar, index = getattr(data_config, tar_key), getattr(data_config, index_key)
-    if os.path.isfile(tar) and os.path.isfile(index):
-        return IndexedTarDataset(tar, index, size, random_crop)
+    if data_config.data_dir or (os.path.isfile(tar) and os.path.isfile(index)):
+        return open_dataset(size, random_crop, folder=data_config.data_dir, tar=tar, index=index)
     defaults = DataConfig()
     if tar == getattr(defaults, tar_key) and index == getattr(defaults, index_key):
-        return SamplePhotosDataset(size, random_crop)
+        return open_dataset(size, random_crop)
     missing = tar if not os.path.isfile(tar) else index
     raise FileNotFoundError(
         f"data.{tar_key}={tar!r} / data.{index_key}={index!r}: {missing} not found. Give existing paths, "

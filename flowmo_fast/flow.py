@@ -6,28 +6,46 @@ predicts v = z1 - x, and sampling integrates from t = 1 down to 0.
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
-from flowmo_fast.config import parse_cfg_interval, parse_schedule
+from flowmo_fast.noise import normal, uniform
+from flowmo_fast.sampling import SamplingOptions
+
+if TYPE_CHECKING:
+    from flowmo_fast.model import ModelOutput
 
 TRAIN_SCHEDULES = ("lognormal", "fat_lognormal", "uniform")
+GUIDANCE_DROPOUT = 0.1  # upstream: the fraction of training samples whose code is dropped
 
 
 def sample_times(schedule: str, batch: int, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
     """Training times t [batch] in (0, 1)."""
     if schedule == "uniform":
-        return torch.rand((batch,), device=device, generator=generator)
+        return uniform((batch,), generator, device)
     if schedule not in TRAIN_SCHEDULES:
         raise ValueError(f"time schedule {schedule!r}; allowed: {', '.join(TRAIN_SCHEDULES)}")
-    t = torch.sigmoid(torch.randn((batch,), device=device, generator=generator))
+    t = torch.sigmoid(normal((batch,), generator, device))
     if schedule == "fat_lognormal":  # 10% of samples uniform instead
-        use_lognormal = torch.rand((batch,), device=device, generator=generator) <= 0.9
-        t = torch.where(use_lognormal, t, torch.rand((batch,), device=device, generator=generator))
+        use_lognormal = uniform((batch,), generator, device) <= 0.9
+        t = torch.where(use_lognormal, t, uniform((batch,), generator, device))
     return t
+
+
+@dataclass
+class FlowLoss:
+    """The training loss and what perceptual losses and logs need of its forward pass."""
+
+    loss: Tensor  # diffusion loss + quantizer loss, scalar
+    diffusion_loss: Tensor  # mean((z1 - v - x)^2), float32 scalar
+    x_pred: Tensor  # the one-step estimate of x, z_t - t v  [B, 3, H, W]
+    t: Tensor  # [B]
+    noise: Tensor  # z1 [B, 3, H, W]
+    model: "ModelOutput"  # the model's forward: velocity, code, quantizer output
 
 
 def rectified_flow_loss(
@@ -38,79 +56,52 @@ def rectified_flow_loss(
     noise: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     enable_cfg: bool = True,
-) -> tuple[Tensor, dict]:
-    """Diffusion loss mean((z1 - v - x)^2) plus the quantizer loss (`enable_cfg`: guidance dropout on).
-
-    Returns (loss, aux) where aux holds `diffusion_loss`, `quantizer_loss`, `x_pred` (the one-step estimate
-    of x, for perceptual losses), `t`, `noise` and the model's own aux entries.
-    """
+) -> FlowLoss:
+    """Diffusion loss mean((z1 - v - x)^2) plus the quantizer loss (`enable_cfg`: guidance dropout on)."""
     b = images.shape[0]
     if t is None:
         t = sample_times(schedule, b, images.device, generator)
     if noise is None:
-        noise = torch.randn(images.shape, device=images.device, generator=generator, dtype=images.dtype)
+        noise = normal(images.shape, generator, images.device, images.dtype)
     tb = t.view(b, 1, 1, 1).to(images.dtype)
     zt = ((1 - tb) * images + tb * noise).to(images.dtype)
-    v, aux = model(images, zt, t.to(images.dtype), enable_cfg=enable_cfg, generator=generator)
-    diffusion_loss = (noise - v - images).float().pow(2).mean()
-    aux.update(
+    out = model(images, zt, t.to(images.dtype), enable_cfg=enable_cfg, generator=generator)
+    diffusion_loss = (noise - out.velocity - images).float().pow(2).mean()
+    return FlowLoss(
+        loss=diffusion_loss + out.quantizer.loss,
         diffusion_loss=diffusion_loss,
-        x_pred=zt - v * tb,
+        x_pred=zt - out.velocity * tb,
         t=t,
         noise=noise,
-        velocity=v,
+        model=out,
     )
-    return diffusion_loss + aux["quantizer_loss"], aux
 
 
-def sampler_schedule(steps: int, schedule: str = "pow_0.25") -> tuple[Tensor, Tensor]:
-    """(times [steps], step sizes [steps]) on the CPU, from t = 1 towards 0, float32 as upstream."""
-    if steps < 1:
-        raise ValueError(f"steps={steps}: must be at least 1")
-    p = parse_schedule(schedule)
-    if p is None:
-        ts = torch.arange(1, steps + 1).flip(0) / steps
-        return ts, torch.ones_like(ts) * (1.0 / steps)
-    ts = torch.arange(0, steps + 1).flip(0) ** (1 / p) / steps ** (1 / p)
-    return ts[:-1], ts[:-1] - ts[1:]
+def guidance_dropout(code_with_mask: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Training's classifier-free guidance: the whole code (mask channel included) zeroed for a random
+    GUIDANCE_DROPOUT fraction of the samples."""
+    b = code_with_mask.shape[0]
+    keep = uniform((b,), generator, code_with_mask.device) > GUIDANCE_DROPOUT
+    return code_with_mask * keep[:, None, None].to(code_with_mask.dtype)
 
 
-def guided_steps(ts: Tensor, cfg_interval) -> list[bool]:
-    """Which steps get guidance: t inside the interval, given as EDM sigmas and mapped to sigma / (1 + sigma)."""
-    interval = parse_cfg_interval(cfg_interval)
-    if interval is None:
-        return [True] * len(ts)
-    lo, hi = (s / (1 + s) for s in interval)
-    return [lo <= t <= hi for t in ts.tolist()]
-
-
-def sample(
-    model,
-    z: Tensor,
-    code_with_mask: Tensor,
-    null_code: Optional[Tensor] = None,
-    steps: int = 25,
-    cfg: float = 1.5,
-    schedule: str = "pow_0.25",
-    cfg_interval=(0.17, 1.02),
-) -> Tensor:
+def sample(model, z: Tensor, code_with_mask: Tensor, null_code: Optional[Tensor], options: SamplingOptions) -> Tensor:
     """Euler sampler from noise z [B, 3, H, W]; returns the final sample (not clipped).
 
     With a `null_code`, steps inside the guidance interval run the conditional and unconditional passes
-    as one decoder call on a doubled batch, and use v = v_u + cfg (v_c - v_u). The schedule and the
-    guidance mask are computed once, on the host, so the loop never waits on the device. Times and step sizes
+    as one decoder call on a doubled batch, and use v = v_u + cfg (v_c - v_u). The plan (times, step sizes,
+    guided steps) is computed once, on the host, so the loop never waits on the device. Times and step sizes
     enter as Python floats: no host-to-device copy (a CUDA-graph capture forbids one), and a step size stays
     exact float32 against a bf16 velocity (as upstream's host scalars do; a device tensor would be rounded).
     """
-    ts, dts = sampler_schedule(steps, schedule)
-    guided = guided_steps(ts, cfg_interval) if null_code is not None else [False] * steps
+    plan = options.plan()
     b = z.shape[0]
     both_codes = torch.cat([code_with_mask, null_code]) if null_code is not None else None
-    for t_i, dt_i, guided_i in zip(ts.tolist(), dts.tolist(), guided):
-        t = torch.full((b,), t_i, dtype=ts.dtype, device=z.device)
-        if guided_i:
+    for t_i, dt_i, guided_i in zip(plan.times, plan.step_sizes, plan.guided):
+        t = torch.full((b,), t_i, dtype=torch.float32, device=z.device)
+        if guided_i and null_code is not None:
             v_c, v_u = model.decode(torch.cat([z, z]), both_codes, torch.cat([t, t])).chunk(2)
-            v = v_u + cfg * (v_c - v_u)
+            v = v_u + options.cfg * (v_c - v_u)
         else:
             v = model.decode(z, code_with_mask, t)
         z = z - dt_i * v
@@ -128,16 +119,13 @@ def posttrain_chain(
     """Post-training's differentiable sample: k Euler steps at random sorted times from 1 to 0, each decoder
     pass checkpointed (non-reentrant, correct under torch.compile), so activation memory stays flat in k."""
     b, device = code_with_mask.shape[0], code_with_mask.device
-    z = torch.randn((b, 3, *size), device=device, generator=generator)
-    ts = torch.rand((b, k + 1), device=device, generator=generator).cumsum(dim=1)
+    z = normal((b, 3, *size), generator, device)
+    ts = uniform((b, k + 1), generator, device).cumsum(dim=1)
     ts = ts - ts[:, :1]
     ts = (ts / ts[:, -1:]).flip(dims=(1,))
     dts = ts[:, :-1] - ts[:, 1:]
     for i in range(k):
-        code = code_with_mask
-        if enable_cfg:
-            keep = torch.rand((b,), device=device, generator=generator) > 0.1
-            code = code * keep[:, None, None].to(code.dtype)
+        code = guidance_dropout(code_with_mask, generator) if enable_cfg else code_with_mask
         v = torch.utils.checkpoint.checkpoint(model.decode, z, code, ts[:, i], use_reentrant=False)
         z = z - dts[:, i, None, None, None] * v
     return z

@@ -93,6 +93,9 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+GRID_IMAGES = 8  # images per row of the grids that commands write (training progress, evaluation)
+
+
 def image_grid(rows: Sequence[Tensor], pad: int = 2) -> Image.Image:
     """Rows of images (each [B, 3, H, W] in [-1, 1], same shapes) -> one PIL image, a row each."""
     arrays = [to_uint8(r) for r in rows]

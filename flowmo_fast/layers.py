@@ -98,6 +98,15 @@ def _mlp(hidden: int, mlp_ratio: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden))
 
 
+STREAMS = ("both", "img", "txt")  # which streams a block's caller needs after its attention
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """A mode string that must be one of `allowed`: a ValueError naming them otherwise."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
+
+
 class DoubleStreamBlock(nn.Module):
     """Joint attention over [code tokens; image patches], separate weights per stream.
 
@@ -126,6 +135,7 @@ class DoubleStreamBlock(nn.Module):
         attention: Callable[[Tensor, Tensor, Tensor, float], Tensor],  # q, k, v [B, H, L, Dh], scale
         keep: str = "both",
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        check_choice("keep", keep, STREAMS)
         cos, sin = rope
         n_txt = txt.shape[1]
         img_mod1, img_mod2 = self.img_mod(vec)

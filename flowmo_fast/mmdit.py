@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from flowmo_fast.attention import sdpa
-from flowmo_fast.layers import DoubleStreamBlock, LastLayer, MLPEmbedder, timestep_embedding
+from flowmo_fast.layers import DoubleStreamBlock, LastLayer, MLPEmbedder, check_choice, timestep_embedding
 from kernels import KernelOps
 from kernels.rope import rope_tables
 
 TIME_EMBED_DIM = 256
+OUTPUTS = ("img", "txt")  # which stream an MMDiT call reads out
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class MMDiT(nn.Module):
         attention: Callable = sdpa,
         output: str = "img",
     ) -> Tensor:
+        check_choice("output", output, OUTPUTS)
         p = self.params.patch_size
         _, _, h, w = images.shape
         ids = position_ids(code.shape[1], h // p, w // p, images.device)

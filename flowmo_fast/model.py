@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -13,10 +14,10 @@ from flowmo_fast.attention import Attention
 from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS, Config, rope_axes
 from flowmo_fast.fast import GraphedSampler
 from flowmo_fast.mmdit import MMDiT, MMDiTParams
+from flowmo_fast.noise import POSTERIOR_NOISE, image_noise, normal, row_generator
 from flowmo_fast.quantizers import QuantizerOutput, build_quantizer
+from flowmo_fast.sampling import SamplingOptions
 from kernels import BACKENDS, KernelOps, get_ops
-
-GUIDANCE_DROPOUT = 0.1
 
 
 def autocast_for(device: Union[torch.device, str], enabled: bool = True):
@@ -28,6 +29,16 @@ def autocast_for(device: Union[torch.device, str], enabled: bool = True):
     if enabled and torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
+
+
+@dataclass
+class ModelOutput:
+    """The training forward's results."""
+
+    velocity: Tensor  # the decoder's velocity [B, 3, H, W]
+    code: Tensor  # the encoder's code before quantization [B, T, encoder_context_dim]
+    quantizer: QuantizerOutput  # quantized code, indices, loss and its breakdown
+    code_with_mask: Tensor  # quantized code + mask channel [B, T, context_dim + 1], before guidance dropout
 
 
 class FlowMo(nn.Module):
@@ -111,17 +122,12 @@ class FlowMo(nn.Module):
         empty = images.new_zeros((images.shape[0], self.code_length, self.encoder_context_dim))
         return self.encoder(images, empty, None, self.ops(images.device), self.attention, output="txt")
 
-    def quantize_full(self, code: Tensor, generator: Optional[torch.Generator] = None) -> QuantizerOutput:
-        """Like `quantize`, with the loss breakdown."""
+    def quantize(self, code: Tensor, generator: Optional[torch.Generator] = None) -> QuantizerOutput:
+        """code [B, T, F] -> quantized [B, T, context_dim], indices [B, n_tokens] (LFQ) or None, loss, breakdown."""
         expected = (self.code_length, self.encoder_context_dim)
         if code.ndim != 3 or tuple(code.shape[1:]) != expected:
             raise ValueError(f"code must be [B, {expected[0]}, {expected[1]}], got {tuple(code.shape)}")
         return self.quantizer(code, self.ops(code.device), generator=generator)
-
-    def quantize(self, code: Tensor, generator: Optional[torch.Generator] = None):
-        """code [B, T, F] -> (quantized [B, T, context_dim], indices [B, n_tokens] or None, quantizer_loss)."""
-        out = self.quantize_full(code, generator)
-        return out.quantized, out.indices, out.loss
 
     def decode(self, noised_images: Tensor, code_with_mask: Tensor, timesteps: Tensor) -> Tensor:
         """Velocity [B, 3, H, W] at noised images [B, 3, H, W], code [B, T, context_dim + 1], times [B]."""
@@ -141,62 +147,77 @@ class FlowMo(nn.Module):
         timesteps: Tensor,
         enable_cfg: bool = True,
         generator: Optional[torch.Generator] = None,
-    ) -> tuple[Tensor, dict]:
+    ) -> ModelOutput:
         """Training forward: encode, quantize, drop the whole code for 10% of samples, decode the velocity."""
         code = self.encode(images)
-        q = self.quantize_full(code, generator)
-        code_with_mask = self.with_mask(q.quantized)
-        aux = dict(original_code=code, quantizer_loss=q.loss, quantizer_breakdown=q.breakdown, code=code_with_mask)
+        quantized = self.quantize(code, generator)
+        code_with_mask = self.with_mask(quantized.quantized)
+        decoder_code = code_with_mask
         if self.config.model.enable_cfg and enable_cfg:
-            b = images.shape[0]
-            keep = torch.rand((b,), device=images.device, generator=generator) > GUIDANCE_DROPOUT
-            code_with_mask = code_with_mask * keep[:, None, None]
-        return self.decode(noised_images, code_with_mask, timesteps), aux
+            decoder_code = flow.guidance_dropout(code_with_mask, generator)
+        velocity = self.decode(noised_images, decoder_code, timesteps)
+        return ModelOutput(velocity, code, quantized, code_with_mask)
+
+    def sampling(self, options: Optional[SamplingOptions] = None) -> SamplingOptions:
+        """`options`, or this model's own `eval.sampling` settings when None."""
+        return options if options is not None else SamplingOptions.from_config(self.config.eval.sampling)
 
     @torch.no_grad()
     def sample_images(
         self,
         quantized: Tensor,
         size: Sequence[int],
-        steps: int = 25,
-        cfg: float = 1.5,
-        schedule: str = "pow_0.25",
-        cfg_interval=(0.17, 1.02),
+        sampling: Optional[SamplingOptions] = None,
         generator: Optional[torch.Generator] = None,
         noise: Optional[Tensor] = None,
     ) -> Tensor:
-        """Quantized code [B, T, context_dim] -> images [B, 3, H, W] in [-1, 1] (float32) via the sampler."""
-        b = quantized.shape[0]
-        h, w = size
+        """Quantized code [B, T, context_dim] -> images [B, 3, H, W] in [-1, 1] (float32) via the sampler.
+
+        `sampling`: default the model's `eval.sampling`. Noise: `noise` [B, 3, H, W], else drawn from `generator`
+        on its own device (a CPU generator gives the same images on any device), else from the global RNG."""
+        options = self.sampling(sampling)
+        b, (h, w) = quantized.shape[0], size
         with autocast_for(quantized.device):
             code = self.with_mask(quantized)
             if noise is None:
-                noise = torch.randn((b, 3, h, w), generator=generator, device=quantized.device)
-            null_code = code * 0.0 if cfg != 1.0 else None
-            settings = dict(steps=steps, cfg=cfg, schedule=schedule, cfg_interval=cfg_interval)
+                noise = normal((b, 3, h, w), generator, quantized.device)
+            null_code = code * 0.0 if options.guidance else None
             if quantized.device.type == "cuda" and self.cuda_graphs:
                 if self._graphed_sampler is None:
                     self._graphed_sampler = GraphedSampler(self)
-                out = self._graphed_sampler(noise, code, null_code, **settings)
+                out = self._graphed_sampler(noise.to(quantized.device), code, null_code, options)
             else:
-                out = flow.sample(self, noise, code, null_code, **settings)
+                out = flow.sample(self, noise.to(quantized.device), code, null_code, options)
         return out.clamp(-1, 1).float()
 
     @torch.no_grad()
     def reconstruct(
         self,
         images: Tensor,
-        steps: int = 25,
-        cfg: float = 1.5,
-        schedule: str = "pow_0.25",
-        cfg_interval=(0.17, 1.02),
+        sampling: Optional[SamplingOptions] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
         """images [B, 3, H, W] in [-1, 1] -> reconstructions, same shape, in [-1, 1]."""
         self.check_images(images)
         with autocast_for(images.device):
-            quantized = self.quantize(self.encode(images))[0]
-        return self.sample_images(
-            quantized, images.shape[-2:], steps=steps, cfg=cfg, schedule=schedule,
-            cfg_interval=cfg_interval, generator=generator,
-        )
+            quantized = self.quantize(self.encode(images)).quantized
+        return self.sample_images(quantized, images.shape[-2:], sampling, generator)
+
+    @torch.no_grad()
+    def reconstruct_rows(
+        self, images: Tensor, rows: Sequence[int], seed: int = 0, sampling: Optional[SamplingOptions] = None
+    ) -> Tensor:
+        """Like `reconstruct`, with each image's random draws (sampler noise, KL posterior sample) from its own
+        generators, seeded by (seed, its row in the data set): a reconstruction does not depend on batching or
+        on the number of processes (flowmo_fast.noise)."""
+        self.check_images(images)
+        if len(rows) != images.shape[0]:
+            raise ValueError(f"{len(rows)} rows for {images.shape[0]} images: give one data-set row per image")
+        with autocast_for(images.device):
+            code = self.encode(images)
+            quantized = torch.cat([
+                self.quantize(code[i : i + 1], row_generator(seed, row, POSTERIOR_NOISE)).quantized
+                for i, row in enumerate(rows)
+            ])
+        noise = image_noise(rows, seed, images.shape[1:])
+        return self.sample_images(quantized, images.shape[-2:], sampling, noise=noise)

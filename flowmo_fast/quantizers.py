@@ -6,17 +6,20 @@ weighted quantizer loss of upstream; in eval mode it is zero.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from flowmo_fast.config import ModelConfig
+from flowmo_fast.noise import normal
 from kernels import KernelOps
 from kernels.lfq import indices_to_codes
 
 
-class QuantizerOutput(NamedTuple):
+@dataclass(frozen=True)
+class QuantizerOutput:
     quantized: Tensor  # [B, T, context_dim]
     indices: Optional[Tensor]  # [B, n_tokens] int64 for LFQ, else None
     loss: Tensor  # scalar
@@ -76,7 +79,7 @@ class KLQuantizer(nn.Module):
         b, t, f = code.shape
         mean, logvar = code[..., : f // 2], code[..., f // 2 :].clamp(-30.0, 20.0)
         # Noise drawn in upstream's (f t) order, so a seeded global RNG gives upstream's sample.
-        noise = torch.randn((b, f // 2, t), generator=generator, device=code.device, dtype=code.dtype).transpose(1, 2)
+        noise = normal((b, f // 2, t), generator, code.device, code.dtype).transpose(1, 2)
         quantized = mean + torch.exp(0.5 * logvar) * noise
         if not self.training:
             return QuantizerOutput(quantized, None, code.new_zeros((), dtype=torch.float32), {})

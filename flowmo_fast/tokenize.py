@@ -19,28 +19,21 @@ are left out of the rows and listed in the manifest's "failed".
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import sys
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from flowmo_fast.checkpoint import file_sha256, load_checkpoint
-from flowmo_fast.data import (
-    ImageDataset,
-    ImageFolderDataset,
-    IndexedTarDataset,
-    SamplePhotosDataset,
-    collate_images,
-)
+from flowmo_fast import commands
+from flowmo_fast.data import ImageDataset, collate_images
 from flowmo_fast.model import FlowMo, autocast_for
 from flowmo_fast.token_shards import (
     INDEX,
@@ -71,80 +64,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--ckpt", required=True, help="FlowMo checkpoint (upstream .pth or ours)")
     p.add_argument("--which", default="ema", choices=("ema", "model"), help="EMA or raw weights (default: ema)")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--data", metavar="DIR", help="image folder (recursive; sub-folders are classes)")
-    source.add_argument("--imagenet-tar", metavar="T", help="ImageNet tar file (with --imagenet-index)")
-    p.add_argument("--imagenet-index", metavar="J", help="upstream's JSON index of the tar")
+    commands.add_data_flags(p)
     p.add_argument("--out", required=True, help="output folder (created; reused by a rerun)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call, per process (default 64)")
-    p.add_argument("--image-size", type=int, default=None, help="crop side (default: the checkpoint's, 256)")
-    p.add_argument("--shard-size", type=int, default=4096, help="images per shard file (default 4096)")
-    p.add_argument("--num-workers", type=int, default=4, help="data loader processes per rank (default 4)")
-    p.add_argument("--device", default=None, help="default: this rank's GPU if there is one, else cpu")
+    p.add_argument("--batch-size", type=commands.positive_int, default=64, help="images per encoder call, per process (default 64)")
+    p.add_argument("--image-size", type=commands.positive_int, default=None, help="crop side (default: the checkpoint's, 256)")
+    p.add_argument("--shard-size", type=commands.positive_int, default=4096, help="images per shard file (default 4096)")
+    p.add_argument("--num-workers", type=commands.non_negative_int, default=commands.default_workers(),
+                   help="data loader processes per rank (default: the CPUs beside this one, at most 8)")
+    commands.add_device_flag(p)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the encoder on CUDA")
     args = p.parse_args(argv)
-    if (args.imagenet_tar is None) != (args.imagenet_index is None):
-        p.error("--imagenet-tar and --imagenet-index go together")
-    for name in ("batch_size", "shard_size", "image_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.num_workers < 0:
-        p.error(f"--num-workers must be 0 or more, got {args.num_workers}")
+    commands.check_data_flags(p, args)
     return args
 
 
 def log(message: str) -> None:
     print(f"tokenize: {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def process_group() -> Iterator[tuple[int, int]]:
-    """(rank, world size): torchrun's, over Gloo (only small objects and barriers travel), or (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        yield 0, 1
-        return
-    dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-    try:
-        yield dist.get_rank(), world
-    finally:
-        dist.destroy_process_group()
-
-
-def on_rank0(fn: Callable, rank: int, world: int):
-    """fn() run on rank 0; every rank gets its result, or raises its error."""
-    box = [None]
-    if rank == 0:
-        try:
-            box = [(True, fn())]
-        except Exception as e:
-            box = [(False, e)]
-    if world > 1:
-        dist.broadcast_object_list(box, src=0)
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
-
-
-def pick_device(requested: Optional[str]) -> torch.device:
-    if requested is not None:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
-def open_dataset(args: argparse.Namespace, size: int) -> ImageDataset:
-    """The image folder, the ImageNet tar, or (neither given) the bundled sample photos; centre crops."""
-    if args.data is not None:
-        return ImageFolderDataset(args.data, size)
-    if args.imagenet_tar is not None:
-        return IndexedTarDataset(args.imagenet_tar, args.imagenet_index, size)
-    return SamplePhotosDataset(size)
 
 
 def make_encoder(model: FlowMo, spec: TokenSpec, compile: bool, batch_size: int) -> Callable[[Tensor], np.ndarray]:
@@ -243,14 +178,14 @@ def finish(out: str, planned: dict, ranges: list[range]) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    with process_group() as (rank, world):
-        device = pick_device(args.device)
+    with commands.processes(args.device, timeout=BARRIER_TIMEOUT) as procs:
+        rank, world, device = procs.rank, procs.world_size, procs.device
         model = load_checkpoint(args.ckpt, which=args.which, device=device)
         spec = TokenSpec.for_model(model)
         size = args.image_size or model.config.data.image_size
         if size % model.patch_size:
             raise SystemExit(f"--image-size {size} must be a multiple of the patch size {model.patch_size}")
-        dataset = open_dataset(args, size)
+        dataset = commands.dataset_from_flags(args, size)
         ranges = shard_ranges(len(dataset), args.shard_size)
 
         def plan() -> tuple[dict, list[int]]:
@@ -260,7 +195,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             planned = new_manifest(checkpoint, model.config.to_dict(), spec, data, args.shard_size)
             return planned, prepare(args.out, planned, ranges, spec)
 
-        planned, pending = on_rank0(plan, rank, world)
+        planned, pending = commands.on_rank0(plan, procs)
         done = len(ranges) - len(pending)
         if rank == 0:
             log(f"{dataset.describe()} -> {len(ranges)} shards of {args.shard_size} in {args.out}; "
@@ -278,9 +213,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             log(f"rank {rank}: {count} images in {len(mine)} shards, {seconds:.1f} s, {count / seconds:.1f} images/s")
         elif rank == 0 and not pending:
             log("all shards already done; nothing to encode")
-        if world > 1:
-            dist.barrier()
-        manifest = on_rank0(lambda: finish(args.out, planned, ranges), rank, world)
+        commands.barrier(procs)
+        manifest = commands.on_rank0(lambda: finish(args.out, planned, ranges), procs)
         if rank == 0:
             c = manifest["counts"]
             log(f"{c['rows']} rows ({spec.kind} {spec.dtype} {list(spec.row_shape)}), {c['failed']} failed images")
@@ -290,10 +224,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 def cli() -> None:
     """main() with bad input (missing files, wrong settings, a foreign output folder) reported in one line."""
-    try:
+    with commands.one_line_errors("tokenize"):
         main()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"tokenize: error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from torch import Tensor
 from flowmo_fast.checkpoint import load_checkpoint
 from flowmo_fast.images import ImageLike, to_model_input
 from flowmo_fast.model import FlowMo, autocast_for
+from flowmo_fast.sampling import SamplingOptions
 from kernels.lfq import lfq_indices
 
 
@@ -56,7 +57,7 @@ class Tokenizer:
         """Images (uint8 HWC arrays, PIL images, or float tensors in [-1, 1]) -> LongTensor [B, n_tokens]."""
         x = to_model_input(images).to(self.device)
         with autocast_for(x.device):
-            return self.model.quantize(self.model.encode(x))[1]
+            return self.model.quantize(self.model.encode(x)).indices
 
     def code_to_ids(self, quantized: Tensor) -> Tensor:
         """Quantized code [B, T, context_dim] -> ids [B, n_tokens]."""
@@ -77,18 +78,14 @@ class Tokenizer:
     def decode(
         self,
         ids: Tensor,
-        steps: int = 25,
-        cfg: float = 1.5,
-        schedule: str = "pow_0.25",
-        cfg_interval=(0.17, 1.02),
+        sampling: Optional[SamplingOptions] = None,
         size: Optional[Sequence[int]] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
-        """ids [B, n_tokens] -> images [B, 3, H, W] float32 in [-1, 1]; size defaults to data.image_size."""
+        """ids [B, n_tokens] -> images [B, 3, H, W] float32 in [-1, 1]; size defaults to data.image_size, the
+        sampler to the checkpoint's `eval.sampling`."""
         code = self.ids_to_code(ids)
         if size is None:
             s = self.model.config.data.image_size
             size = (s, s)
-        return self.model.sample_images(
-            code, size, steps=steps, cfg=cfg, schedule=schedule, cfg_interval=cfg_interval, generator=generator
-        )
+        return self.model.sample_images(code, size, sampling, generator)

@@ -1,5 +1,6 @@
-"""The training loop of `train.pretrain` and `train.posttrain` (upstream `flowmo/train.py`), top to bottom:
-start point, model, objective and wrapping, optimizer, data, then steps with logging, samples, checkpoints.
+"""The training loop of `train.pretrain` and `train.posttrain` (upstream `flowmo/train.py`). A run is set up by
+named parts (start point, data, model and optimizer, RNG), then `train` steps through it with logging,
+progress grids and checkpoints.
 
 Each step: one batch per rank, split into `opt.n_grad_acc` micro-batches (gradients reduced on the last),
 bf16 autocast on CUDA, Adam step, weight norms reset to their initial values, EMA every 10 steps.
@@ -11,15 +12,18 @@ import argparse
 import contextlib
 import json
 import os
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from flowmo_fast.checkpoint import CheckpointError, check_state_dict, read_checkpoint, select_state_dict
+from flowmo_fast.commands import Processes, gather_objects, min_across_ranks, processes
 from flowmo_fast.config import Config
-from flowmo_fast.data import build_dataset, first_valid_images, make_loader
+from flowmo_fast.images import GRID_IMAGES
+from flowmo_fast.data import ImageDataset, build_dataset, first_valid_images, make_loader
 from flowmo_fast.model import FlowMo, autocast_for
 from train import checkpointing, parallel
 from train.checkpointing import Progress
@@ -28,7 +32,7 @@ from train.metrics import MetricLogger, flowmo_flops_per_step, peak_flops
 from train.norms import WeightNormFixer
 from train.objective import FlowMoObjective
 from train.perceptual import build_perceptual_loss
-from train.samples import GRID_IMAGES, grid_path, reconstruction_grid
+from train.samples import save_grid
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -49,7 +53,7 @@ def total_norm(tensors) -> torch.Tensor:
     return parallel.full_tensor(torch.nn.utils.get_total_norm(list(tensors)))
 
 
-def train_step(wrapped, objective, model, images, optimizer, config: Config, device) -> dict[str, torch.Tensor]:
+def train_step(wrapped, model, images, optimizer, config: Config, device) -> dict[str, torch.Tensor]:
     """One optimizer step on one batch; returns the loss terms (mean over micro-batches) and norms."""
     optimizer.zero_grad(set_to_none=True)
     n = config.opt.n_grad_acc
@@ -69,7 +73,7 @@ def train_step(wrapped, objective, model, images, optimizer, config: Config, dev
     return terms
 
 
-def next_images(batches: Iterator[dict], minimum: int, config: Config, data_size: int, note) -> tuple[torch.Tensor, int, int]:
+def next_images(batches: Iterator[dict], minimum: int, config: Config, data_size: int, note: Callable[[str], None]) -> tuple[torch.Tensor, int, int]:
     """(images, images skipped, samples drawn): the next batch with at least `minimum` decodable images."""
     skipped = drawn = 0
     while True:
@@ -96,10 +100,10 @@ class NonFiniteWatch:
     def observe(self, loss: torch.Tensor, step: int) -> None:
         self.first = torch.where((self.first < 0) & ~torch.isfinite(loss), step, self.first)
 
-    def check(self, env: parallel.Distributed, last_good: str) -> None:
+    def check(self, procs: Processes, last_good: str) -> None:
         """Raise on every rank if any rank saw a non-finite loss."""
         first = int(self.first.item())
-        first = parallel.min_across_ranks(first if first >= 0 else 2**62, env)
+        first = min_across_ranks(first if first >= 0 else 2**62, procs)
         if first < 2**62:
             raise NonFiniteLoss(
                 f"the loss became NaN or inf at step {first}; stopping without saving. "
@@ -110,188 +114,224 @@ class NonFiniteWatch:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     """Train until trainer.max_steps (or SIGTERM); returns the process exit code."""
-    env = parallel.init_distributed()
-    try:
-        return train(args, config, env)
-    except NonFiniteLoss as e:
-        if env.is_main:
-            print(f"error: {e}", flush=True)
-        return 1
-    except (FileNotFoundError, CheckpointError) as e:  # a missing or unusable input file: say which
-        if env.is_main:
-            print(f"error: {e}", flush=True)
-        return 2
-    finally:
-        parallel.shutdown()
+    with processes(always_group=True) as procs:
+        try:
+            return train(args, config, procs)
+        except NonFiniteLoss as e:
+            say(procs, f"error: {e}")
+            return 1
+        except (FileNotFoundError, CheckpointError) as e:  # a missing or unusable input file: say which
+            say(procs, f"error: {e}")
+            return 2
 
 
-def train(args: argparse.Namespace, config: Config, env: parallel.Distributed) -> int:
-    device = env.device
+def say(procs: Processes, message: str) -> None:
+    """A line on rank 0's stdout."""
+    if procs.is_main:
+        print(message, flush=True)
 
-    def log(message: str) -> None:
-        if env.is_main:
-            print(message, flush=True)
 
-    def note(message: str) -> None:  # from any rank, without breaking rank 0's progress bar
-        if env.is_main:
-            metrics.write(message)
-        else:
-            print(f"[rank {env.rank}] {message}", flush=True)
+@dataclass
+class StartPoint:
+    """Where training starts: a checkpoint (its path and contents) or nothing, and the progress to continue."""
 
-    log_dir = os.path.join(args.results_dir, args.experiment_name)
-    os.makedirs(log_dir, exist_ok=True)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("medium")
-        torch.backends.cudnn.benchmark = True
-    log(f"{env.world_size} process(es) on {device.type}; experiment folder {log_dir}")
+    path: str  # "" from scratch
+    ckpt: Optional[dict]
+    progress: Progress
+    resuming: bool  # exact resume from this experiment's own checkpoint (optimizer, EMA, RNG, data position)
 
-    # Start point: this experiment's newest checkpoint (exact resume), else --resume-from-ckpt's weights
-    # and step count (upstream: fresh optimizer and EMA), else from scratch.
-    newest = checkpointing.newest_readable(log_dir, log)
-    resuming = newest is not None
-    if resuming:
-        start_path, ckpt = newest
-        progress = checkpointing.progress_of(ckpt, env.world_size, log)
-        log(f"resuming from {start_path} (step {progress.total_steps})")
-    elif args.resume_from_ckpt:
-        start_path, ckpt = args.resume_from_ckpt, read_checkpoint(args.resume_from_ckpt)
+
+def find_start(args: argparse.Namespace, log_dir: str, procs: Processes) -> StartPoint:
+    """This experiment's newest checkpoint (exact resume), else --resume-from-ckpt's weights and step count
+    (upstream: fresh optimizer and EMA), else from scratch."""
+    newest = checkpointing.newest_readable(log_dir, lambda m: say(procs, m))
+    if newest is not None:
+        path, ckpt = newest
+        progress = checkpointing.progress_of(ckpt, procs.world_size, lambda m: say(procs, m))
+        say(procs, f"resuming from {path} (step {progress.total_steps})")
+        return StartPoint(path, ckpt, progress, resuming=True)
+    if args.resume_from_ckpt:
+        ckpt = read_checkpoint(args.resume_from_ckpt)
         progress = Progress(total_steps=int(ckpt.get("total_steps", 0)))
-        log(f"starting from the weights of {start_path} (step {progress.total_steps})")
-    else:
-        start_path, ckpt, progress = "", None, Progress()
-    if progress.total_steps >= config.trainer.max_steps:
-        log(f"nothing to do: already at step {progress.total_steps} >= trainer.max_steps={config.trainer.max_steps}; "
-            "set trainer.max_steps higher to train further")
-        return 0
+        say(procs, f"starting from the weights of {args.resume_from_ckpt} (step {progress.total_steps})")
+        return StartPoint(args.resume_from_ckpt, ckpt, progress, resuming=False)
+    return StartPoint("", None, Progress(), resuming=False)
 
-    # Data: an endless per-rank stream, continued from the checkpoint's position.
+
+@dataclass
+class Data:
+    dataset: ImageDataset  # the training set
+    batches: Iterator[dict]  # this rank's endless stream, continued from the start point's position
+    grid_images: torch.Tensor  # [N, 3, H, W] fixed validation images for the progress grid, on the device
+
+
+def build_data(config: Config, procs: Processes, progress: Progress) -> Data:
     dataset = build_dataset(config.data, "train")
-    log(f"training data: {dataset.describe()}")
+    say(procs, f"training data: {dataset.describe()}")
     loader = make_loader(
-        dataset,
-        config.data.batch_size,
-        env.rank,
-        env.world_size,
-        seed=config.global_seed,
-        start=progress.data_position,
-        num_workers=config.data.num_workers,
-        pin_memory=device.type == "cuda",
+        dataset, config.data.batch_size, procs.rank, procs.world_size, seed=config.global_seed,
+        start=progress.data_position, num_workers=config.data.num_workers, pin_memory=procs.device.type == "cuda",
     )
-    batches = iter(loader)
-    grid_images = first_valid_images(build_dataset(config.data, "val"), GRID_IMAGES).to(device)
+    grid_images = first_valid_images(build_dataset(config.data, "val"), GRID_IMAGES).to(procs.device)
+    return Data(dataset, iter(loader), grid_images)
 
-    # Model: same initial weights on every rank (FlowMo freezes the parameters no output depends on).
+
+@dataclass
+class Trainee:
+    """The model and everything that updates it."""
+
+    model: FlowMo
+    objective: FlowMoObjective
+    wrapped: torch.nn.Module  # the objective under DDP (or itself: one process, FSDP)
+    ema: EMA
+    norms: Optional[WeightNormFixer]
+    optimizer: torch.optim.Optimizer
+
+
+def build_trainee(config: Config, procs: Processes, start: StartPoint) -> Trainee:
+    """Same initial weights on every rank (the parameters no output depends on frozen), the start point's
+    weights, the objective wrapped for several processes, EMA, norm fixer and optimizer (their states on resume)."""
     torch.manual_seed(config.global_seed)
-    model = FlowMo(config).to(device)
-    model.cuda_graphs = False  # progress grids sample eagerly: no graph capture or block compile of the trained model
-    if ckpt is not None:
-        state = select_state_dict(ckpt, "model", start_path)
-        check_state_dict(model, state, start_path)
+    model = FlowMo(config).to(procs.device)
+    model.cuda_graphs = False  # progress grids sample eagerly: no graph capture of the trained model
+    if start.ckpt is not None:
+        state = select_state_dict(start.ckpt, "model", start.path)
+        check_state_dict(model, state, start.path)
         model.load_state_dict(state)
-    if progress.encoder_frozen:
+    if start.progress.encoder_frozen:
         model.encoder.requires_grad_(False)
-    objective = FlowMoObjective(model, build_perceptual_loss(config.opt, device))
-    wrapped = parallel.wrap(objective, model, config, env)
-    n_params = sum(p.numel() for p in model.parameters())
-    layout = "FSDP2" if config.trainer.fsdp else "DDP" if env.world_size > 1 else "one process"
-    log(f"FlowMo: {n_params / 1e6:.2f}M parameters; {layout}")
-
-    ema = EMA(model, config.model.ema_decay)
+    objective = FlowMoObjective(model, build_perceptual_loss(config.opt, procs.device))
     norms = WeightNormFixer(model, config.model.fix_norm_mode) if config.model.fix_initial_norms else None
-    optimizer = build_optimizer(model, config)
-    if resuming:
-        ema.load(select_state_dict(ckpt, "ema", start_path))
-        if norms is not None and ckpt.get("initial_norms"):
-            norms.load_state_dict(ckpt["initial_norms"])
-        if "optimizer_state_dict" in ckpt:  # absent from upstream's files
-            set_optimizer_state_dict(
-                model, optimizer, ckpt["optimizer_state_dict"], options=StateDictOptions(full_state_dict=True)
-            )
+    trainee = Trainee(model, objective, parallel.wrap(objective, model, config, procs),
+                      EMA(model, config.model.ema_decay), norms, build_optimizer(model, config))
+    if start.resuming:
+        load_training_state(trainee, start)
+    n_params = sum(p.numel() for p in model.parameters())
+    layout = "FSDP2" if config.trainer.fsdp else "DDP" if procs.world_size > 1 else "one process"
+    say(procs, f"FlowMo: {n_params / 1e6:.2f}M parameters; {layout}")
+    return trainee
 
-    if env.is_main:
-        with open(os.path.join(log_dir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
-    trainer = config.trainer
-    flops = None
-    if peak_flops(device):  # MFU is reported where the device's peak is known
-        flops = flowmo_flops_per_step(config, config.data.batch_size // config.opt.n_grad_acc)
-        log(f"FlowMo forward + backward: {flops / 1e12:.3g} TFLOP per step per rank")
-    metrics = MetricLogger(
-        env, log_dir, trainer.max_steps, progress.total_steps, config.data.batch_size * env.world_size, flops
-    )
-    watch = NonFiniteWatch(device)
-    last_good = start_path if resuming else ""
-    skipped_total = 0
 
-    def save(step: int) -> str:
-        """Every rank gathers (FSDP needs all); rank 0 writes, then prunes."""
-        path = checkpointing.checkpoint_path(log_dir, step)
-        model_state = parallel.full_state_dict(model.state_dict(), keep=env.is_main)
-        ema_state = parallel.full_state_dict(ema.tensors, keep=env.is_main)
-        optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL)
-        rng = parallel.all_gather_objects(checkpointing.capture_rng())
-        if env.is_main:
-            checkpointing.save(
-                path, config, model_state, ema_state, progress, optimizer_state, rng,
-                norms.state_dict() if norms is not None else None, env.world_size,
-            )
-            checkpointing.prune(log_dir, trainer.keep_every)
-            metrics.write(f"saved {path}")
-        return path
+def load_training_state(trainee: Trainee, start: StartPoint) -> None:
+    ckpt = start.ckpt
+    trainee.ema.load(select_state_dict(ckpt, "ema", start.path))
+    if trainee.norms is not None and ckpt.get("initial_norms"):
+        trainee.norms.load_state_dict(ckpt["initial_norms"])
+    if "optimizer_state_dict" in ckpt:  # absent from upstream's files
+        set_optimizer_state_dict(
+            trainee.model, trainee.optimizer, ckpt["optimizer_state_dict"],
+            options=StateDictOptions(full_state_dict=True),
+        )
 
-    # RNG: upstream's per-rank seed; a resumed run continues every rank's streams where they stopped.
-    seed = config.global_seed * env.world_size + env.rank
+
+def seed_rngs(config: Config, procs: Processes, start: StartPoint) -> None:
+    """Upstream's per-rank seed; a resumed run continues every rank's streams where they stopped."""
+    seed = config.global_seed * procs.world_size + procs.rank
     torch.manual_seed(seed)
     np.random.seed(seed)
-    rng_states = ckpt.get("rng_state_per_rank", []) if resuming else []
-    if len(rng_states) == env.world_size:
-        checkpointing.restore_rng(rng_states[env.rank])
+    states = start.ckpt.get("rng_state_per_rank", []) if start.resuming else []
+    if len(states) == procs.world_size:
+        checkpointing.restore_rng(states[procs.rank])
 
-    log(f"training from step {progress.total_steps} to {trainer.max_steps}")
-    with parallel.StopRequest(env) as stop, contextlib.closing(metrics):
+
+def build_metrics(config: Config, procs: Processes, log_dir: str, progress: Progress) -> MetricLogger:
+    """Logs to stdout and TensorBoard; MFU where the device's peak is known."""
+    flops = None
+    if peak_flops(procs.device):
+        flops = flowmo_flops_per_step(config, config.data.batch_size // config.opt.n_grad_acc)
+        say(procs, f"FlowMo forward + backward: {flops / 1e12:.3g} TFLOP per step per rank")
+    images_per_step = config.data.batch_size * procs.world_size
+    return MetricLogger(procs, log_dir, config.trainer.max_steps, progress.total_steps, images_per_step, flops)
+
+
+def freeze_encoder_if_due(trainee: Trainee, config: Config, procs: Processes, progress: Progress,
+                          metrics: MetricLogger) -> None:
+    """Upstream's `opt.freeze_encoder` / `opt.freeze_encoder_after`: freeze once, then rebuild the optimizer."""
+    if progress.encoder_frozen or not (
+        config.opt.freeze_encoder or progress.total_steps >= config.opt.freeze_encoder_after
+    ):
+        return
+    metrics.write(f"freezing the encoder and rebuilding the optimizer at step {progress.total_steps}")
+    trainee.model.encoder.requires_grad_(False)
+    progress.encoder_frozen = True
+    if not config.trainer.fsdp:  # DDP must know the new trainable set
+        trainee.wrapped = parallel.wrap(trainee.objective, trainee.model, config, procs)
+    trainee.optimizer = build_optimizer(trainee.model, config)
+
+
+def save(trainee: Trainee, config: Config, procs: Processes, log_dir: str, progress: Progress,
+         metrics: MetricLogger) -> str:
+    """Every rank gathers (FSDP needs all); rank 0 writes, then prunes. Returns the path."""
+    path = checkpointing.checkpoint_path(log_dir, progress.total_steps)
+    model_state = parallel.full_state_dict(trainee.model.state_dict(), keep=procs.is_main)
+    ema_state = parallel.full_state_dict(trainee.ema.tensors, keep=procs.is_main)
+    optimizer_state = get_optimizer_state_dict(trainee.model, trainee.optimizer, options=FULL)
+    rng = gather_objects(checkpointing.capture_rng(), procs)
+    if procs.is_main:
+        norms = trainee.norms.state_dict() if trainee.norms is not None else None
+        checkpointing.save(path, config, model_state, ema_state, progress, optimizer_state, rng, norms, procs.world_size)
+        checkpointing.prune(log_dir, config.trainer.keep_every)
+        metrics.write(f"saved {path}")
+    return path
+
+
+def prepare(args: argparse.Namespace, config: Config, procs: Processes) -> str:
+    """The experiment folder (created, config.json written by rank 0) and CUDA settings; returns the folder."""
+    log_dir = os.path.join(args.results_dir, args.experiment_name)
+    os.makedirs(log_dir, exist_ok=True)
+    if procs.device.type == "cuda":
+        torch.set_float32_matmul_precision("medium")
+        torch.backends.cudnn.benchmark = True
+    if procs.is_main:
+        with open(os.path.join(log_dir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
+    say(procs, f"{procs.world_size} process(es) on {procs.device.type}; experiment folder {log_dir}")
+    return log_dir
+
+
+def train(args: argparse.Namespace, config: Config, procs: Processes) -> int:
+    log_dir = prepare(args, config, procs)
+    start = find_start(args, log_dir, procs)
+    progress, trainer = start.progress, config.trainer
+    if progress.total_steps >= trainer.max_steps:
+        say(procs, f"nothing to do: already at step {progress.total_steps} >= trainer.max_steps={trainer.max_steps}; "
+            "set trainer.max_steps higher to train further")
+        return 0
+    data = build_data(config, procs, progress)
+    trainee = build_trainee(config, procs, start)
+    metrics = build_metrics(config, procs, log_dir, progress)
+    seed_rngs(config, procs, start)
+    watch, last_good, skipped_total = NonFiniteWatch(procs.device), start.path if start.resuming else "", 0
+    say(procs, f"training from step {progress.total_steps} to {trainer.max_steps}")
+    with parallel.StopRequest(procs) as stop, contextlib.closing(metrics):
         while progress.total_steps < trainer.max_steps:
-            if not progress.encoder_frozen and (config.opt.freeze_encoder or progress.total_steps >= config.opt.freeze_encoder_after):
-                metrics.write(f"freezing the encoder and rebuilding the optimizer at step {progress.total_steps}")
-                model.encoder.requires_grad_(False)
-                progress.encoder_frozen = True
-                if not trainer.fsdp:
-                    wrapped = parallel.wrap(objective, model, config, env)  # DDP must know the new trainable set
-                optimizer = build_optimizer(model, config)
-
-            images, skipped, drawn = next_images(batches, config.opt.n_grad_acc, config, len(dataset), note)
+            freeze_encoder_if_due(trainee, config, procs, progress, metrics)
+            images, skipped, drawn = next_images(data.batches, config.opt.n_grad_acc, config, len(data.dataset), metrics.note)
             progress.data_position += drawn
             skipped_total += skipped
-            images = images.to(device, non_blocking=True)
-
-            objective.train()
-            terms = train_step(wrapped, objective, model, images, optimizer, config, device)
-            if norms is not None:
-                norms.apply(model)
-            ema.update(model, progress.total_steps)
+            trainee.objective.train()
+            terms = train_step(trainee.wrapped, trainee.model, images.to(procs.device, non_blocking=True),
+                               trainee.optimizer, config, procs.device)
+            if trainee.norms is not None:
+                trainee.norms.apply(trainee.model)
+            trainee.ema.update(trainee.model, progress.total_steps)
             progress.total_steps += 1
             step = progress.total_steps  # steps done; the log, checkpoints and messages count this way
             watch.observe(terms["total_loss"], step)
             metrics.add(terms)
-
             stopping = stop.agreed()
             final = step == trainer.max_steps or stopping
             if step % trainer.log_every == 0 or final:
-                watch.check(env, last_good)
-                encoder_checksum = sum(parallel.full_tensor(p.mean()) for p in model.encoder.parameters())
-                metrics.log(step, {"encoder_checksum": float(encoder_checksum)}, skipped_total)
-            if (step % trainer.sample_every == 0 or final) and len(grid_images):
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    grid = reconstruction_grid(model, grid_images)
-                if env.is_main:
-                    os.makedirs(os.path.dirname(grid_path(log_dir, step)), exist_ok=True)
-                    grid.save(grid_path(log_dir, step))
-                    metrics.add_image("reconstructions", grid, step)
-                    metrics.write(f"wrote {grid_path(log_dir, step)} (top: inputs, bottom: reconstructions)")
+                watch.check(procs, last_good)
+                checksum = sum(parallel.full_tensor(p.mean()) for p in trainee.model.encoder.parameters())
+                metrics.log(step, {"encoder_checksum": float(checksum)}, skipped_total)
+            if (step % trainer.sample_every == 0 or final) and len(data.grid_images):
+                save_grid(trainee.model, data.grid_images, log_dir, step, procs, metrics)
             if step % trainer.checkpoint_every == 0 or final:
-                watch.check(env, last_good)
-                last_good = save(step)
+                watch.check(procs, last_good)
+                last_good = save(trainee, config, procs, log_dir, progress, metrics)
             if stopping:
-                log(f"stopped by SIGTERM after step {step}; rerun the same command to resume")
+                say(procs, f"stopped by SIGTERM after step {step}; rerun the same command to resume")
                 break
-    log(f"done at step {progress.total_steps}; newest checkpoint {last_good}")
+    say(procs, f"done at step {progress.total_steps}; newest checkpoint {last_good}")
     return 0

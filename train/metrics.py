@@ -14,7 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from flowmo_fast.hardware import peak_bf16_tflops
 from flowmo_fast.model import FlowMo
 from train.objective import FlowMoObjective
-from train.parallel import Distributed, sum_across_ranks
+from flowmo_fast.commands import Processes
+from train.parallel import sum_across_ranks
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
@@ -49,22 +50,22 @@ class MetricLogger:
 
     def __init__(
         self,
-        env: Distributed,
+        procs: Processes,
         log_dir: str,
         max_steps: int,
         start_step: int,
         images_per_step: int,
         flops_per_step: Optional[float],
     ):
-        self.env = env
+        self.procs = procs
         self.images_per_step = images_per_step  # over all ranks
-        self.peak = peak_flops(env.device)
+        self.peak = peak_flops(procs.device)
         self.flops_per_step = flops_per_step  # per rank; None: no MFU
         self.sums: dict[str, Tensor] = {}
         self.count = 0
         self.tic, self.tic_step = time.perf_counter(), start_step
         self.writer = self.bar = None
-        if env.is_main:
+        if procs.is_main:
             from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
 
@@ -83,18 +84,18 @@ class MetricLogger:
         far on all ranks (every rank must call: one all-reduce); returns what was written."""
         values = {k: v / max(self.count, 1) for k, v in self.sums.items()}
         values["skipped_images"] = torch.tensor(float(skipped_images))
-        totals = sum_across_ranks(values, self.env.device)
-        means = {k: v / self.env.world_size for k, v in totals.items() if k != "skipped_images"}
+        totals = sum_across_ranks(values, self.procs.device)
+        means = {k: v / self.procs.world_size for k, v in totals.items() if k != "skipped_images"}
         means["skipped_images"] = totals["skipped_images"]
         elapsed = time.perf_counter() - self.tic
         steps_per_sec = (step - self.tic_step) / elapsed if elapsed > 0 else 0.0
         means.update(extra)
         means["steps_per_sec"] = steps_per_sec
         means["images_per_sec"] = steps_per_sec * self.images_per_step
-        means["peak_memory_gb"] = peak_memory_gb(self.env.device)
+        means["peak_memory_gb"] = peak_memory_gb(self.procs.device)
         if self.peak and self.flops_per_step:
             means["mfu"] = self.flops_per_step * steps_per_sec / self.peak
-        if self.env.is_main:
+        if self.procs.is_main:
             for k, v in means.items():
                 self.writer.add_scalar(k, v, global_step=step)
             self.writer.flush()
@@ -108,6 +109,13 @@ class MetricLogger:
         """A line on stdout that does not break the progress bar (rank 0 only)."""
         if self.bar is not None:
             self.bar.write(line)
+
+    def note(self, line: str) -> None:
+        """A line from any rank: through the progress bar on rank 0, with the rank's number elsewhere."""
+        if self.procs.is_main:
+            self.write(line)
+        else:
+            print(f"[rank {self.procs.rank}] {line}", flush=True)
 
     def add_image(self, tag: str, image, step: int) -> None:
         if self.writer is not None:

@@ -27,22 +27,28 @@ class FlowMoObjective(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """images [B, 3, H, W] in [-1, 1] -> (loss, named loss terms, all detached scalars)."""
         config = self.model.config
-        loss, aux = flow.rectified_flow_loss(self.model, images, schedule=config.opt.schedule)
-        terms = {"diffusion_loss": aux["diffusion_loss"], "quantizer_loss": aux["quantizer_loss"]}
-        terms.update({f"quantizer/{k}": v for k, v in aux["quantizer_breakdown"].items()})
+        out = flow.rectified_flow_loss(self.model, images, schedule=config.opt.schedule)
+        loss, quantizer = out.loss, out.model.quantizer
+        terms = {"diffusion_loss": out.diffusion_loss, "quantizer_loss": quantizer.loss}
+        terms.update({f"quantizer/{k}": v for k, v in quantizer.breakdown.items()})
         if self.perceptual is not None:
-            if config.model.posttrain_sample:
-                prediction = flow.posttrain_chain(
-                    self.model,
-                    aux["code"],  # before guidance dropout, as upstream
-                    images.shape[-2:],
-                    k=config.model.posttrain_sample_k,
-                    enable_cfg=config.model.posttrain_sample_enable_cfg,
-                )
-            else:
-                prediction = aux["x_pred"]
-            perceptual = config.opt.lpips_weight * self.perceptual(images, prediction)
+            # (prediction, target): the loss's gradient flows through its first argument (ResNetLogitLoss: the target's
+            # logits are computed without one)
+            perceptual = config.opt.lpips_weight * self.perceptual(self.prediction(images, out), images)
             terms["lpips_loss"] = perceptual
             loss = loss + perceptual
         terms["total_loss"] = loss
         return loss, {k: v.detach().float() for k, v in terms.items()}
+
+    def prediction(self, images: Tensor, out: flow.FlowLoss) -> Tensor:
+        """What the perceptual loss sees: post-training's k-step sample, else the one-step estimate of x."""
+        m = self.model.config.model
+        if not m.posttrain_sample:
+            return out.x_pred
+        return flow.posttrain_chain(
+            self.model,
+            out.model.code_with_mask,  # before guidance dropout, as upstream
+            images.shape[-2:],
+            k=m.posttrain_sample_k,
+            enable_cfg=m.posttrain_sample_enable_cfg,
+        )

@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import flowmo_fast
 from bench import flops
 from flowmo_fast import flow
+from flowmo_fast.sampling import UPSTREAM
 
 BATCH, SIZE = 2, 32
 
@@ -58,16 +59,16 @@ def test_decoder_flops_match_the_counter(model, images):
 
 def test_reconstruct_flops_count_the_guided_passes(model, images):
     steps = 5  # pow_0.25 with the default interval guides one of these steps
-    assert flops.decoder_passes(steps, cfg=1.5) == steps + 1
-    assert flops.decoder_passes(steps, cfg=1.0) == steps
+    assert flops.decoder_passes(UPSTREAM.replace(steps=steps)) == steps + 1
+    assert flops.decoder_passes(UPSTREAM.replace(steps=steps, cfg=1.0)) == steps
     with torch.no_grad():
-        n = counted(lambda: model.reconstruct(images, steps=steps, cfg=1.5))
-    assert n == BATCH * flops.reconstruct_flops(model.config, SIZE, SIZE, steps=steps, cfg=1.5)
+        n = counted(lambda: model.reconstruct(images, UPSTREAM.replace(steps=steps)))
+    assert n == BATCH * flops.reconstruct_flops(model.config, SIZE, SIZE, UPSTREAM.replace(steps=steps))
 
 
 def test_train_step_flops_are_three_forwards(model, images):
     model.train()
-    n = counted(lambda: flow.rectified_flow_loss(model, images)[0].backward())
+    n = counted(lambda: flow.rectified_flow_loss(model, images).loss.backward())
     expected = BATCH * flops.train_step_flops(model.config, SIZE, SIZE)
     # Backward skips input gradients of the first layers and adds the LFQ entropy matmul: within 2%.
     assert n == pytest.approx(expected, rel=0.02)

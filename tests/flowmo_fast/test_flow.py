@@ -5,6 +5,7 @@ import torch
 
 import flowmo_fast
 from flowmo_fast import flow
+from flowmo_fast.sampling import UPSTREAM, SamplingOptions
 
 
 def test_training_time_schedules_stay_in_unit_interval():
@@ -20,38 +21,20 @@ def test_training_time_schedules_stay_in_unit_interval():
         flow.sample_times("cosine", 4)
 
 
-def test_sampler_schedules_match_upstream_definition():
-    ts, dts = flow.sampler_schedule(4, "linear")
-    assert torch.allclose(ts, torch.tensor([1.0, 0.75, 0.5, 0.25])) and torch.allclose(dts, torch.full((4,), 0.25))
-    ts, dts = flow.sampler_schedule(25, "pow_0.25")
-    assert ts[0] == 1 and len(ts) == 25 and torch.all(dts > 0)
-    assert torch.isclose(dts.sum(), torch.tensor(1.0))  # integrates from t = 1 to exactly 0
-    assert torch.isclose(ts[-1], torch.tensor((1 / 25) ** 4))
-    with pytest.raises(ValueError, match="pow_P"):
-        flow.sampler_schedule(4, "cosine")
-
-
-def test_guidance_interval_is_in_edm_sigmas():
-    ts = torch.tensor([1.0, 0.6, 0.5, 0.2, 0.1])
-    # (.17, 1.02) -> t in [0.1453, 0.5050]
-    assert flow.guided_steps(ts, (0.17, 1.02)) == [False, False, True, True, False]
-    assert flow.guided_steps(ts, ".17,1.02") == [False, False, True, True, False]
-    assert flow.guided_steps(ts, None) == [True] * 5
-
-
 @torch.no_grad()
 def test_batched_guidance_equals_two_passes(parity, parity_model):
     code = parity["code_with_mask"]
     z = parity["sampler_noise"]
     null = code * 0
-    ts, dts = flow.sampler_schedule(6, "linear")
+    options = SamplingOptions(steps=6, cfg=2.0, schedule="linear", cfg_interval=None)
+    ts, dts = options.schedule_tensors()
     ref = z
     for t, dt in zip(ts, dts):
         tb = t.expand(z.shape[0])
         vc = parity_model.decode(ref, code, tb)
         vu = parity_model.decode(ref, null, tb)
         ref = ref - dt * (vu + 2.0 * (vc - vu))
-    out = flow.sample(parity_model, z, code, null, steps=6, cfg=2.0, schedule="linear", cfg_interval=None)
+    out = flow.sample(parity_model, z, code, null, options)
     assert torch.allclose(out, ref, atol=1e-5)
 
 
@@ -104,5 +87,5 @@ def test_sampler_loop_takes_no_host_tensor():
         z = torch.empty(2, 3, 32, 32)
         code = torch.empty(2, m.code_length, m.context_dim + 1)
     with torch.no_grad(), NoHostTensors():
-        out = flow.sample(model, z, code, torch.zeros_like(code), steps=3, cfg=1.5, cfg_interval=None)
+        out = flow.sample(model, z, code, torch.zeros_like(code), UPSTREAM.replace(steps=3, cfg_interval=None))
     assert out.device.type == "meta" and out.shape == z.shape

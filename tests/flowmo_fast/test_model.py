@@ -40,10 +40,10 @@ def test_non_square_images(tiny_model):
     images = torch.rand(2, 3, 16, 40) * 2 - 1
     code = tiny_model.encode(images)
     assert code.shape == (2, 16, 18)
-    quantized, indices, _ = tiny_model.quantize(code)
+    quantized = tiny_model.quantize(code).quantized
     v = tiny_model.decode(images, tiny_model.with_mask(quantized), torch.rand(2))
     assert v.shape == images.shape
-    assert tiny_model.reconstruct(images, steps=2).shape == images.shape
+    assert tiny_model.reconstruct(images, tiny_model.sampling().replace(steps=2)).shape == images.shape
 
 
 def test_bad_inputs_name_the_problem(tiny_model):
@@ -57,6 +57,12 @@ def test_bad_inputs_name_the_problem(tiny_model):
         tiny_model.quantize(torch.zeros(1, 16, 19))
     with pytest.raises(ValueError, match="allowed: auto, triton, torch"):
         tiny_model.kernels = "cuda"
+    images = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="output='code'; allowed: img, txt"):
+        tiny_model.encoder(images, torch.zeros(1, 16, 18), None, tiny_model.ops(images.device), output="code")
+    block = tiny_model.decoder.double_blocks[0]
+    with pytest.raises(ValueError, match="keep='image'; allowed: both, img, txt"):
+        block(None, None, None, None, None, None, keep="image")
 
 
 @pytest.mark.parametrize("quantization", ["kl", "noop"])
@@ -65,7 +71,8 @@ def test_kl_and_noop_quantizers(quantization):
     model = flowmo_fast.FlowMo(flowmo_fast.load_config([f"model.quantization_type={quantization}"], preset="tiny"))
     code = torch.randn(3, 16, model.encoder_context_dim)
     model.train()
-    quantized, indices, loss = model.quantize(code)
+    out = model.quantize(code)
+    quantized, indices, loss = out.quantized, out.indices, out.loss
     assert quantized.shape == (3, 16, 18) and indices is None
     if quantization == "kl":
         mean, logvar = code[..., :18], code[..., 18:].clamp(-30, 20)
@@ -73,12 +80,12 @@ def test_kl_and_noop_quantizers(quantization):
         assert torch.allclose(loss, ref)
         g = torch.Generator().manual_seed(3)
         noise = torch.randn((3, 18, 16), generator=g).transpose(1, 2)  # upstream's (f t) draw order
-        out = model.quantize(code, generator=torch.Generator().manual_seed(3))[0]
+        out = model.quantize(code, generator=torch.Generator().manual_seed(3)).quantized
         assert torch.allclose(out, mean + (0.5 * logvar).exp() * noise)
     else:
         assert torch.equal(quantized, code) and loss.item() == 0
     model.eval()
-    assert model.quantize(code)[2].item() == 0
+    assert model.quantize(code).loss.item() == 0
 
 
 def upstream_position_ids(code_length: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -153,7 +160,7 @@ def test_dead_parameters_take_no_gradient_but_stay_in_state_dict(tiny_model):
     dead = set(tiny_model.dead_parameter_names())
     assert dead and dead <= set(tiny_model.state_dict())
     tiny_model.train()
-    loss, _ = flowmo_fast.flow.rectified_flow_loss(tiny_model, torch.rand(2, 3, 32, 32) * 2 - 1)
+    loss = flowmo_fast.flow.rectified_flow_loss(tiny_model, torch.rand(2, 3, 32, 32) * 2 - 1).loss
     loss.backward()
     without_grad = {n for n, p in tiny_model.named_parameters() if p.grad is None}
     assert without_grad == dead  # every other parameter is used: DDP can run find_unused_parameters=False

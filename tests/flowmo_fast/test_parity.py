@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from flowmo_fast import flow
+from flowmo_fast.sampling import UPSTREAM, SamplingOptions
 
 
 def assert_close(ours, ref, name, floor=1.0):
@@ -23,7 +24,7 @@ def test_encode(parity, parity_model):
 def test_quantize_train_mode_and_loss_breakdown(parity, parity_model):
     parity_model.train()
     try:
-        out = parity_model.quantize_full(parity["code_prequant"])
+        out = parity_model.quantize(parity["code_prequant"])
     finally:
         parity_model.eval()
     assert_close(out.quantized, parity["train_quantized"], "quantized")
@@ -35,7 +36,8 @@ def test_quantize_train_mode_and_loss_breakdown(parity, parity_model):
 
 @torch.no_grad()
 def test_quantize_eval_mode(parity, parity_model):
-    quantized, indices, loss = parity_model.quantize(parity["code_prequant"])
+    out = parity_model.quantize(parity["code_prequant"])
+    quantized, indices, loss = out.quantized, out.indices, out.loss
     assert_close(quantized, parity["eval_quantized"], "quantized")
     assert torch.equal(indices.flatten(), parity["eval_indices"])
     assert loss.item() == 0.0
@@ -49,26 +51,26 @@ def test_velocity(parity, parity_model):
 
 @torch.no_grad()
 def test_diffusion_loss_with_injected_times_and_noise(parity, parity_model):
-    loss, aux = flow.rectified_flow_loss(
+    out = flow.rectified_flow_loss(
         parity_model, parity["images"], t=parity["t"], noise=parity["z1"], enable_cfg=False
     )
-    assert_close(aux["diffusion_loss"], parity["diffusion_loss"], "diffusion loss")
-    assert_close(aux["velocity"], parity["velocity"], "velocity")
-    assert loss.item() == pytest.approx(aux["diffusion_loss"].item())  # eval mode: quantizer loss 0
+    assert_close(out.diffusion_loss, parity["diffusion_loss"], "diffusion loss")
+    assert_close(out.model.velocity, parity["velocity"], "velocity")
+    assert out.loss.item() == pytest.approx(out.diffusion_loss.item())  # eval mode: quantizer loss 0
 
 
 @torch.no_grad()
 def test_sampler_pow_schedule_with_guidance(parity, parity_model):
     code = parity["code_with_mask"]
-    out = flow.sample(parity_model, parity["sampler_noise"], code, code * 0, steps=25, cfg=1.5,
-                      schedule="pow_0.25", cfg_interval=(0.17, 1.02))
+    options = SamplingOptions(steps=25, cfg=1.5, schedule="pow_0.25", cfg_interval=(0.17, 1.02))
+    out = flow.sample(parity_model, parity["sampler_noise"], code, code * 0, options)
     assert_close(out, parity["sample_pow025_cfg"], "sample pow_0.25 cfg 1.5")
 
 
 @torch.no_grad()
 def test_sampler_linear_schedule_without_guidance(parity, parity_model):
-    out = flow.sample(parity_model, parity["sampler_noise"], parity["code_with_mask"], None, steps=10,
-                      cfg=1.0, schedule="linear")
+    options = SamplingOptions(steps=10, cfg=1.0, schedule="linear", cfg_interval=(0.17, 1.02))
+    out = flow.sample(parity_model, parity["sampler_noise"], parity["code_with_mask"], None, options)
     assert_close(out, parity["sample_linear10_nocfg"], "sample linear 10")
 
 
@@ -78,10 +80,10 @@ def test_reconstruct_uses_the_same_sampler(parity, parity_model):
     images = parity["images"]
     g = torch.Generator().manual_seed(123)
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(123))
-    out = parity_model.reconstruct(images, steps=25, cfg=1.5, generator=g)
-    quantized = parity_model.quantize(parity_model.encode(images))[0]
+    out = parity_model.reconstruct(images, UPSTREAM, generator=g)
+    quantized = parity_model.quantize(parity_model.encode(images)).quantized
     code = parity_model.with_mask(quantized)
-    ref = flow.sample(parity_model, noise, code, code * 0, steps=25, cfg=1.5).clamp(-1, 1)
+    ref = flow.sample(parity_model, noise, code, code * 0, UPSTREAM).clamp(-1, 1)
     assert out.dtype == torch.float32 and out.shape == images.shape
     assert_close(out, ref, "reconstruct")
     assert out.min() >= -1 and out.max() <= 1

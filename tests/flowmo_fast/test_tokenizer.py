@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from flowmo_fast import Tokenizer
+from flowmo_fast.sampling import UPSTREAM
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,8 @@ def test_ids_equal_the_models_lfq_indices(tokenizer):
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         code = tokenizer.model.encode(images)
-        quantized, indices, _ = tokenizer.model.quantize(code)
+        out = tokenizer.model.quantize(code)
+        quantized, indices = out.quantized, out.indices
     assert torch.equal(tokenizer.encode(images), indices)
     # upstream bit order: bit i of group (t, h) is sign of feature i * fh + h of code token t, weight 2^i
     fh = 18 // 9
@@ -79,11 +81,11 @@ def test_rejects_bad_ids(tokenizer):
 
 def test_decode_is_reproducible_with_a_generator(tokenizer):
     ids = tokenizer.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
-    a = tokenizer.decode(ids, steps=3, generator=torch.Generator().manual_seed(1))
-    b = tokenizer.decode(ids, steps=3, generator=torch.Generator().manual_seed(1))
+    a = tokenizer.decode(ids, UPSTREAM.replace(steps=3), generator=torch.Generator().manual_seed(1))
+    b = tokenizer.decode(ids, UPSTREAM.replace(steps=3), generator=torch.Generator().manual_seed(1))
     assert a.shape == (2, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
     assert a.min() >= -1 and a.max() <= 1
-    assert tokenizer.decode(ids, steps=2, size=(16, 24)).shape == (2, 3, 16, 24)
+    assert tokenizer.decode(ids, UPSTREAM.replace(steps=2), size=(16, 24)).shape == (2, 3, 16, 24)
 
 
 def test_kl_checkpoints_are_refused(tmp_path):

@@ -1,0 +1,140 @@
+"""What sampler settings are used, in one place: `SamplingOptions` (steps, guidance scale, time schedule, guidance
+interval) and the plan of one sampling run computed from it (times, step sizes, guided steps).
+
+The defaults are upstream's `eval.sampling` (flowmo_fast/config.py `SamplingConfig`): 25 steps, cfg 1.5, schedule
+pow_0.25, guidance for EDM sigmas in (0.17, 1.02). A model samples with its own config's settings unless given
+others; commands build them from their flags with `SamplingOptions.from_flags`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from flowmo_fast.commands import non_negative_int, positive_int
+from flowmo_fast.config import SamplingConfig, parse_cfg_interval, parse_schedule
+from flowmo_fast.noise import MAX_SEED
+
+
+@dataclass(frozen=True)
+class SamplerPlan:
+    """One sampling run, from t = 1 towards 0: the time and step size (Python floats, float32-rounded as
+    upstream's host tensors) and whether guidance applies, per step."""
+
+    times: tuple[float, ...]
+    step_sizes: tuple[float, ...]
+    guided: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The evaluation sampler's settings. Hashable (a CUDA-graph capture is keyed by it)."""
+
+    steps: int
+    cfg: float
+    schedule: str  # "linear" or "pow_P"
+    cfg_interval: Optional[tuple[float, float]]  # EDM sigmas (lo, hi) where guidance applies; None: every step
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"sampler steps={self.steps!r}: must be a positive integer")
+        parse_schedule(self.schedule)
+        object.__setattr__(self, "cfg", float(self.cfg))
+        object.__setattr__(self, "cfg_interval", parse_cfg_interval(self.cfg_interval))
+
+    @classmethod
+    def from_config(cls, sampling: SamplingConfig) -> "SamplingOptions":
+        """A config's `eval.sampling` (upstream's keys) as options."""
+        return cls(sampling.sample_steps, sampling.cfg, sampling.schedule, sampling.cfg_interval)
+
+    @classmethod
+    def from_flags(cls, args, base: "SamplingOptions") -> "SamplingOptions":
+        """Command-line `--steps --cfg --schedule --cfg-interval` (None: not given) over `base`."""
+        given = {name: getattr(args, name, None) for name in ("steps", "cfg", "schedule", "cfg_interval")}
+        return base.replace(**{k: v for k, v in given.items() if v is not None})
+
+    def replace(self, **changes) -> "SamplingOptions":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def guidance(self) -> bool:
+        """Whether any step runs the unconditional pass (cfg 1 makes it a no-op)."""
+        return self.cfg != 1.0
+
+    def plan(self) -> SamplerPlan:
+        """Times, step sizes and guided steps, computed once per sampling run (never on the device)."""
+        ts, dts = self.schedule_tensors()
+        guided = tuple(self.in_interval(t) and self.guidance for t in ts.tolist())
+        return SamplerPlan(tuple(ts.tolist()), tuple(dts.tolist()), guided)
+
+    def schedule_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(times [steps], step sizes [steps]) on the CPU in float32, as upstream computes them."""
+        p = parse_schedule(self.schedule)
+        if p is None:
+            ts = torch.arange(1, self.steps + 1).flip(0) / self.steps
+            return ts, torch.ones_like(ts) * (1.0 / self.steps)
+        ts = torch.arange(0, self.steps + 1).flip(0) ** (1 / p) / self.steps ** (1 / p)
+        return ts[:-1], ts[:-1] - ts[1:]
+
+    def in_interval(self, t: float) -> bool:
+        """Whether time t lies in the guidance interval (EDM sigma s maps to t = s / (1 + s))."""
+        if self.cfg_interval is None:
+            return True
+        lo, hi = (s / (1 + s) for s in self.cfg_interval)
+        return lo <= t <= hi
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _checked(parse):
+    """An argparse `type` that turns a ValueError into argparse's one-line usage error."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+def _seed(text: str) -> int:
+    value = non_negative_int(text)
+    if value >= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}), got {value}")
+    return value
+
+
+def _schedule(text: str) -> str:
+    parse_schedule(text)
+    return text
+
+
+def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+    """--steps --cfg --schedule --cfg-interval (None when not given: the checkpoint's `eval.sampling` then
+    applies, through `SamplingOptions.from_flags`) and --seed of the per-image noise."""
+    s = parser.add_argument_group(
+        "sampler (defaults: the checkpoint's eval.sampling; upstream's are "
+        f"{UPSTREAM.steps} steps, cfg {UPSTREAM.cfg}, {UPSTREAM.schedule}, interval {UPSTREAM.cfg_interval})"
+    )
+    s.add_argument("--steps", type=positive_int, help="sampler steps")
+    s.add_argument("--cfg", type=float, help="guidance scale (1: no guidance)")
+    s.add_argument("--schedule", type=_checked(_schedule), help="linear or pow_P")
+    s.add_argument("--cfg-interval", type=_checked(parse_cfg_interval_flag),
+                   help="'lo,hi' EDM sigmas where guidance applies, or 'none' for every step")
+    s.add_argument("--seed", type=_seed, default=0,
+                   help=f"noise seed, 0 <= S < {MAX_SEED}: image row r draws from its own (S, r) generator")
+
+
+def parse_cfg_interval_flag(text: str):
+    """--cfg-interval: 'lo,hi' -> (lo, hi); 'none' -> the string "none" (guidance at every step; kept distinct
+    from an absent flag, which means the checkpoint's setting)."""
+    return "none" if parse_cfg_interval(text) is None else parse_cfg_interval(text)
+
+
+UPSTREAM = SamplingOptions.from_config(SamplingConfig())  # upstream's defaults, from the config's one copy
