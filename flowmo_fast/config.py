@@ -81,6 +81,7 @@ class TrainerConfig:
     gs_checkpoint_bucket: str = ""
     sample_every: int = 5000  # ours: write a PNG grid of reconstructions every N steps
     fsdp: bool = False  # ours: FSDP2 instead of DDP
+    compile: Optional[bool] = None  # ours: torch.compile the transformer blocks; None: on CUDA only
 
 
 @dataclass

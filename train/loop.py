@@ -24,7 +24,7 @@ from flowmo_fast.commands import Processes, gather_objects, min_across_ranks, pr
 from flowmo_fast.config import Config
 from flowmo_fast.images import GRID_IMAGES
 from flowmo_fast.data import ImageDataset, build_dataset, first_valid_images, make_loader
-from flowmo_fast.model import FlowMo, autocast_for
+from flowmo_fast.model import FlowMo
 from train import checkpointing, parallel
 from train.checkpointing import Progress
 from train.ema import EMA
@@ -32,6 +32,7 @@ from train.metrics import MetricLogger, flowmo_flops_per_step, peak_flops
 from train.norms import WeightNormFixer
 from train.objective import FlowMoObjective
 from train.perceptual import build_perceptual_loss
+from train.step import build_optimizer, compile_for_training, train_step
 from train.samples import save_grid
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -39,38 +40,6 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def build_optimizer(model: FlowMo, config: Config) -> torch.optim.Optimizer:
-    """Adam (AdamW when opt.weight_decay > 0) over the trainable parameters: encoder group, decoder group."""
-    groups = [{"params": [p for p in tower.parameters() if p.requires_grad]} for tower in (model.encoder, model.decoder)]
-    opt = config.opt
-    cls = torch.optim.AdamW if opt.weight_decay else torch.optim.Adam
-    return cls([g for g in groups if g["params"]], lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
-
-
-def total_norm(tensors) -> torch.Tensor:
-    return parallel.full_tensor(torch.nn.utils.get_total_norm(list(tensors)))
-
-
-def train_step(wrapped, model, images, optimizer, config: Config, device) -> dict[str, torch.Tensor]:
-    """One optimizer step on one batch; returns the loss terms (mean over micro-batches) and norms."""
-    optimizer.zero_grad(set_to_none=True)
-    n = config.opt.n_grad_acc
-    terms: dict[str, torch.Tensor] = {}
-    for i, chunk in enumerate(images.tensor_split(n)):
-        with parallel.gradient_sync(wrapped, model, enabled=i == n - 1):
-            with autocast_for(device, config.trainer.enable_bfloat16):
-                loss, chunk_terms = wrapped(chunk)
-            (loss / n).backward()
-        for k, v in chunk_terms.items():
-            terms[k] = terms[k] + v / n if k in terms else v / n
-    if config.opt.log_norms:
-        trained = [p for p in model.parameters() if p.grad is not None]
-        terms["debug/original_grad_norm"] = total_norm(p.grad for p in trained)
-        terms["debug/param_norm"] = total_norm(trained)
-    optimizer.step()
-    return terms
 
 
 def next_images(batches: Iterator[dict], minimum: int, config: Config, data_size: int, note: Callable[[str], None]) -> tuple[torch.Tensor, int, int]:
@@ -200,6 +169,7 @@ def build_trainee(config: Config, procs: Processes, start: StartPoint) -> Traine
         model.load_state_dict(state)
     if start.progress.encoder_frozen:
         model.encoder.requires_grad_(False)
+    compile_for_training(model, config, procs.device)
     objective = FlowMoObjective(model, build_perceptual_loss(config.opt, procs.device))
     norms = WeightNormFixer(model, config.model.fix_norm_mode) if config.model.fix_initial_norms else None
     trainee = Trainee(model, objective, parallel.wrap(objective, model, config, procs),

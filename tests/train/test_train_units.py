@@ -13,7 +13,7 @@ import flowmo_fast
 from flowmo_fast.config import load_config
 from train import checkpointing, cli, posttrain
 from train.ema import EMA
-from train.loop import build_optimizer
+from train.step import build_optimizer
 from train.metrics import flowmo_flops_per_step
 from train.norms import WeightNormFixer, weights_to_fix
 from train.perceptual import ResNetLogitLoss

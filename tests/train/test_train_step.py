@@ -1,0 +1,59 @@
+"""trainer.compile: the flag reaches the transformer blocks through the training command's own set-up, and a
+compiled training step (aot_eager: Inductor's graph capture without its C++ build) equals the eager one."""
+
+import copy
+
+import pytest
+import torch
+
+import flowmo_fast
+from flowmo_fast.commands import Processes
+from flowmo_fast.fast import blocks_compiled
+from train import loop
+from train.checkpointing import Progress
+from train.objective import FlowMoObjective
+from train.step import build_optimizer, compile_for_training, compiles, train_step
+
+CPU = torch.device("cpu")
+
+
+def tiny(*overrides):
+    return flowmo_fast.load_config(["data.image_size=16", "data.batch_size=4", *overrides], preset="tiny")
+
+
+def test_compile_is_on_for_cuda_and_off_for_cpu_unless_set():
+    assert compiles(tiny(), torch.device("cuda")) and not compiles(tiny(), CPU)
+    assert compiles(tiny("trainer.compile=true"), CPU)
+    assert not compiles(tiny("trainer.compile=false"), torch.device("cuda"))
+
+
+@pytest.mark.parametrize("setting, expected", [("null", False), ("true", True)])
+def test_the_flag_reaches_the_blocks_of_the_trained_model(setting, expected):
+    procs = Processes(0, 1, 0, CPU)
+    start = loop.StartPoint("", None, Progress(), resuming=False)
+    trainee = loop.build_trainee(tiny(f"trainer.compile={setting}"), procs, start)
+    assert blocks_compiled(trainee.model) == expected
+
+
+@pytest.mark.compile
+def test_compiled_training_step_equals_eager():
+    config = tiny("opt.n_grad_acc=2")
+    torch.manual_seed(0)
+    eager = flowmo_fast.FlowMo(config)
+    compiled = copy.deepcopy(eager)
+    initial = {n: p.detach().clone() for n, p in eager.named_parameters()}
+    assert compile_for_training(compiled, tiny("trainer.compile=true"), CPU, backend="aot_eager")
+    assert blocks_compiled(compiled) and not blocks_compiled(eager)
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    results = []
+    for model in (eager, compiled):
+        objective, optimizer = FlowMoObjective(model, None).train(), build_optimizer(model, config)
+        torch.manual_seed(5)  # the same times, noise and guidance dropout for both
+        terms = train_step(objective, model, images, optimizer, config, CPU)
+        results.append((terms, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (terms_e, weights_e), (terms_c, weights_c) = results
+    assert any(not torch.equal(initial[n], w) for n, w in weights_e.items())  # the step moved the weights
+    for name in terms_e:
+        torch.testing.assert_close(terms_c[name], terms_e[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name, w in weights_e.items():
+        torch.testing.assert_close(weights_c[name], w, rtol=1e-5, atol=1e-6, msg=name)

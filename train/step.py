@@ -1,0 +1,62 @@
+"""One training step (what `train.pretrain` / `train.posttrain` run each step, and what bench/gpu_report.py times):
+the optimizer, the compile switch `trainer.compile`, and the step itself."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from flowmo_fast.config import Config
+from flowmo_fast.fast import compile_blocks
+from flowmo_fast.model import FlowMo, autocast_for
+from train import parallel
+
+
+def compiles(config: Config, device: torch.device) -> bool:
+    """`trainer.compile`: true / false, or unset (None): on for CUDA, off elsewhere (CPU compiles are slow to
+    build and gain little)."""
+    setting = config.trainer.compile
+    return torch.device(device).type == "cuda" if setting is None else setting
+
+
+def compile_for_training(model: FlowMo, config: Config, device: torch.device, backend: Optional[str] = None) -> bool:
+    """Compile each transformer block in place when `compiles(config, device)` (regional compile, as upstream's
+    training; post-training's checkpointed chain then runs the compiled blocks inside its checkpoints, where
+    compiled code must sit). Returns whether it compiled. `backend`: torch.compile's (default inductor)."""
+    if not compiles(config, device):
+        return False
+    compile_blocks(model, **({"backend": backend} if backend else {}))
+    return True
+
+
+def build_optimizer(model: FlowMo, config: Config) -> torch.optim.Optimizer:
+    """Adam (AdamW when opt.weight_decay > 0) over the trainable parameters: encoder group, decoder group."""
+    groups = [{"params": [p for p in tower.parameters() if p.requires_grad]} for tower in (model.encoder, model.decoder)]
+    opt = config.opt
+    cls = torch.optim.AdamW if opt.weight_decay else torch.optim.Adam
+    return cls([g for g in groups if g["params"]], lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
+
+
+def total_norm(tensors) -> torch.Tensor:
+    return parallel.full_tensor(torch.nn.utils.get_total_norm(list(tensors)))
+
+
+def train_step(wrapped, model, images, optimizer, config: Config, device) -> dict[str, torch.Tensor]:
+    """One optimizer step on one batch; returns the loss terms (mean over micro-batches) and norms."""
+    optimizer.zero_grad(set_to_none=True)
+    n = config.opt.n_grad_acc
+    terms: dict[str, torch.Tensor] = {}
+    for i, chunk in enumerate(images.tensor_split(n)):
+        with parallel.gradient_sync(wrapped, model, enabled=i == n - 1):
+            with autocast_for(device, config.trainer.enable_bfloat16):
+                loss, chunk_terms = wrapped(chunk)
+            (loss / n).backward()
+        for k, v in chunk_terms.items():
+            terms[k] = terms[k] + v / n if k in terms else v / n
+    if config.opt.log_norms:
+        trained = [p for p in model.parameters() if p.grad is not None]
+        terms["debug/original_grad_norm"] = total_norm(p.grad for p in trained)
+        terms["debug/param_norm"] = total_norm(trained)
+    optimizer.step()
+    return terms
