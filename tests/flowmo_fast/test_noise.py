@@ -1,6 +1,7 @@
 """Random draws on the generator's own device: a CPU generator works with a model on another device and gives the
 same numbers there as on the CPU (checked on the meta device, which like CUDA is not the generator's)."""
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -63,3 +64,25 @@ def test_per_image_streams_are_independent_and_stable():
     assert len({noise.row_seed(3, 9, s) for s in (noise.IMAGE_NOISE, noise.POSTERIOR_NOISE, noise.SPAN_START)}) == 3
     a = torch.randn(4, generator=noise.row_generator(3, 9))
     assert torch.equal(a, noise.image_noise([1, 9], 3, (4,))[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cpu_generator_gives_the_same_noise_on_cuda():
+    cpu = noise.normal((2, 3, 8, 8), torch.Generator().manual_seed(7), device="cpu")
+    gpu = noise.normal((2, 3, 8, 8), torch.Generator().manual_seed(7), device="cuda")
+    assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_reconstruct_on_the_second_gpu_with_the_first_current(tmp_path):
+    """load_checkpoint(device="cuda:1").reconstruct with device 0 current: kernels and the CUDA-graph capture
+    run on the tensors' device, and a new batch gives new images (the replay reads the new inputs)."""
+    torch.manual_seed(0)
+    config = flowmo_fast.load_config(preset="tiny")
+    flowmo_fast.save_checkpoint(tmp_path / "tiny.pth", flowmo_fast.FlowMo(config).state_dict(), config=config)
+    torch.cuda.set_device(0)
+    model = flowmo_fast.load_checkpoint(tmp_path / "tiny.pth", device="cuda:1")
+    images = torch.rand(2, 3, 32, 32, device="cuda:1") * 2 - 1
+    a = model.reconstruct(images, generator=torch.Generator().manual_seed(0))
+    b = model.reconstruct(images.flip(0), generator=torch.Generator().manual_seed(0))
+    assert a.device == torch.device("cuda", 1) and torch.isfinite(a).all() and not torch.equal(a, b)
