@@ -2,6 +2,10 @@
 
 Upstream files carry no config: we infer it from the weights' shapes (the preset whose context_dim and
 quantizer match, with depths, widths and patch size read off the weights).
+
+`model.quantization_type=qwen2.5-coder-0.5b[_span_P]`: the frozen LLM is never saved. Our files record which
+one the model was trained with ("llm": its `model.llm_path` and `llm_config_hash`), and loading checks that the
+LLM found at `model.llm_path` has the same architecture.
 """
 
 from __future__ import annotations
@@ -16,13 +20,38 @@ import torch
 from torch import Tensor, nn
 
 from flowmo_fast.config import HIDDEN_PER_WIDTH, Config, config_from_dict, load_config
+from flowmo_fast.llm_infill import LLM_QUANTIZATION, LLMInfiller, find_llm, is_llm_quantization, llm_config_hash
 
 WHICH = {"ema": "model_ema_state_dict", "model": "model_state_dict"}
 PRESET_BY_CODE = {("lfq", 18): "flowmo_lo", ("lfq", 56): "flowmo_hi", ("kl", 768): "flowmo_hi_kl"}
+# A code of Qwen2.5-Coder-0.5B's width (not doubled as for KL) is the LLM type; its seed command's code length.
+LLM_CODE_WIDTH = 896
+LLM_SEED_OVERRIDES = ("model.code_length=128",)
+CHECKPOINT_DIR = "checkpoints"  # a run's checkpoints: <run>/checkpoints/%08d.pth, as upstream
+CHECKPOINT_NAME = re.compile(r"\d+\.pth")
 
 
 class CheckpointError(ValueError):
     """A file that is not a usable FlowMo checkpoint; the message names the file and the problem."""
+
+
+def checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, CHECKPOINT_DIR, "%08d.pth" % step)
+
+
+def step_of(path: str) -> int:
+    return int(os.path.splitext(os.path.basename(path))[0])
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """A run's checkpoints, oldest step first. Only complete files: a checkpoint being written is a hidden
+    temporary file (`atomic_write`) until its rename, and a name that is not `<step>.pth` is no checkpoint."""
+    folder = os.path.join(run_dir, CHECKPOINT_DIR)
+    try:
+        names = [n for n in os.listdir(folder) if CHECKPOINT_NAME.fullmatch(n)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted((os.path.join(folder, n) for n in names), key=step_of)
 
 
 def read_checkpoint(path: str) -> dict:
@@ -67,8 +96,9 @@ def infer_config(state_dict: Mapping[str, Tensor], overrides: Iterable[str] = ()
     except KeyError as e:
         raise CheckpointError(f"state dict lacks {e.args[0]}: not a FlowMo model") from None
     context_dim = dec_txt[1] - 1
-    quant = "kl" if enc_txt[1] == 2 * context_dim else "lfq"
+    quant = "kl" if enc_txt[1] == 2 * context_dim else LLM_QUANTIZATION if context_dim == LLM_CODE_WIDTH else "lfq"
     preset = PRESET_BY_CODE.get((quant, context_dim))
+    seed = list(LLM_SEED_OVERRIDES) if quant == LLM_QUANTIZATION else []
 
     def depth(prefix: str) -> int:
         blocks = {int(m.group(1)) for k in state_dict if (m := re.match(rf"{prefix}\.double_blocks\.(\d+)\.", k))}
@@ -83,7 +113,7 @@ def infer_config(state_dict: Mapping[str, Tensor], overrides: Iterable[str] = ()
         f"model.enc_depth={depth('encoder')}",
         f"model.dec_depth={depth('decoder')}",
     ]
-    return load_config(derived + list(overrides), preset=preset)
+    return load_config(seed + derived + list(overrides), preset=preset)
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], path: str) -> None:
@@ -109,6 +139,50 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], path: s
             )
 
 
+def checkpoint_config(ckpt: Mapping, state_dict: Mapping[str, Tensor], overrides: Iterable[str] = ()) -> Config:
+    """The config a checkpoint was made with: stored (ours) or inferred from its weights (upstream's)."""
+    if isinstance(ckpt.get("config"), Mapping):
+        return config_from_dict(ckpt["config"], overrides)
+    return infer_config(state_dict, overrides)
+
+
+def read_config(path: str, which: str = "ema", overrides: Optional[Iterable[str]] = None) -> Config:
+    """A checkpoint file's config without building the model (nor loading an LLM): to refuse early."""
+    ckpt = read_checkpoint(path)
+    return checkpoint_config(ckpt, select_state_dict(ckpt, which, os.fspath(path)), overrides or ())
+
+
+def llm_record(config: Config) -> Optional[dict]:
+    """What a checkpoint records of the LLM of the LLM type (None for other types): `model.llm_path` and the
+    architecture hash of the LLM found there (resolved locally, never downloaded)."""
+    if not is_llm_quantization(config.model.quantization_type):
+        return None
+    return {"llm_path": config.model.llm_path, "config_hash": llm_config_hash(find_llm(config.model).llm_config)}
+
+
+def check_llm_record(ckpt: Mapping, config_hash: str, llm_path: str, path: str) -> None:
+    """The LLM found at `llm_path` (architecture `config_hash`) must be the one the checkpoint recorded; files
+    without a record (not written by us) are not checked."""
+    record = ckpt.get("llm")
+    if not isinstance(record, Mapping) or record.get("config_hash") in (None, config_hash):
+        return
+    raise CheckpointError(
+        f"{path} was trained with the LLM model.llm_path={record.get('llm_path')!r} (config hash "
+        f"{str(record['config_hash'])[:12]}), but model.llm_path={llm_path!r} is a different architecture (config "
+        f"hash {config_hash[:12]}): point model.llm_path (e.g. overrides=['model.llm_path=...']) at the LLM it "
+        f"was trained with"
+    )
+
+
+def load_llm_for(ckpt: Mapping, config: Config, path: str) -> Optional[LLMInfiller]:
+    """The LLM of an LLM-type checkpoint, loaded from `model.llm_path` and checked against its record."""
+    if not is_llm_quantization(config.model.quantization_type):
+        return None
+    infiller = LLMInfiller.from_config(config.model)
+    check_llm_record(ckpt, infiller.config_hash, config.model.llm_path, path)
+    return infiller
+
+
 def load_checkpoint(
     path: str, which: str = "ema", device: Any = "cpu", overrides: Optional[Iterable[str]] = None
 ):
@@ -118,12 +192,10 @@ def load_checkpoint(
     path = os.fspath(path)
     ckpt = read_checkpoint(path)
     state_dict = select_state_dict(ckpt, which, path)
-    if isinstance(ckpt.get("config"), Mapping):
-        config = config_from_dict(ckpt["config"], overrides or ())
-    else:
-        config = infer_config(state_dict, overrides or ())
+    config = checkpoint_config(ckpt, state_dict, overrides or ())
+    infiller = load_llm_for(ckpt, config, path)  # real weights: built outside the meta device
     with torch.device("meta"):
-        model = FlowMo(config)
+        model = FlowMo(config, infiller)
     check_state_dict(model, state_dict, path)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.to(device=device, dtype=torch.float32).eval()
@@ -182,14 +254,19 @@ def save_checkpoint(
     extra: Optional[Mapping[str, Any]] = None,
     config: Optional[Config] = None,
 ) -> None:
-    """Write the upstream layout (plus `config`, and any `extra` entries such as optimizer state) atomically.
+    """Write the upstream layout (plus `config`, the LLM record of the LLM type, and any `extra` entries such as
+    optimizer state) atomically.
 
     `model` / `ema_model` are modules or state dicts; `config` defaults to `model.config`."""
+    config = config if config is not None else model.config
     ckpt = {
         "total_steps": int(total_steps),
         "model_ema_state_dict": cpu_state_dict(ema_model if ema_model is not None else model),
         "model_state_dict": cpu_state_dict(model),
-        "config": (config if config is not None else model.config).to_dict(),
+        "config": config.to_dict(),
     }
+    record = llm_record(config)
+    if record is not None:
+        ckpt["llm"] = record
     ckpt.update(extra or {})
     atomic_save(ckpt, path)

@@ -5,7 +5,6 @@ and the weight-norm targets. Rank 0 writes atomically; retention and resume foll
 
 from __future__ import annotations
 
-import glob
 import os
 import random
 from dataclasses import dataclass
@@ -14,22 +13,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from flowmo_fast.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-
-CHECKPOINT_DIR = "checkpoints"
-
-
-def checkpoint_path(log_dir: str, step: int) -> str:
-    return os.path.join(log_dir, CHECKPOINT_DIR, "%08d.pth" % step)
-
-
-def list_checkpoints(log_dir: str) -> list[str]:
-    """The experiment's checkpoints, oldest first (names are zero-padded steps)."""
-    return sorted(glob.glob(os.path.join(log_dir, CHECKPOINT_DIR, "*.pth")))
-
-
-def step_of(path: str) -> int:
-    return int(os.path.splitext(os.path.basename(path))[0])
+from flowmo_fast.checkpoint import (  # the run's checkpoint files: shared with eval.watch
+    CheckpointError, checkpoint_path, list_checkpoints, read_checkpoint, save_checkpoint, step_of,
+)
 
 
 def prune(log_dir: str, keep_every: int) -> list[str]:
