@@ -52,13 +52,6 @@ def plain_chain(model, calls: list) -> tuple[torch.Tensor, list]:
     return z, starts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="train/objective.py calls self.perceptual(images, prediction): ResNetLogitLoss takes its second argument's "
-    "logits without gradient, so the sample gets none (upstream: gradient through x_pred). Fix: "
-    "self.perceptual(prediction, images), then drop this mark.",
-)
 def test_posttrain_loss_and_gradients_equal_a_plain_chain(posttrain_setup, monkeypatch):
     model, objective, images = posttrain_setup
     k, weight = model.config.model.posttrain_sample_k, model.config.opt.lpips_weight
