@@ -263,6 +263,24 @@ def load_llm(folder: Path, llm_config=None) -> nn.Module:
     return llm.float().eval().requires_grad_(False)
 
 
+class FoundLLM(NamedTuple):
+    folder: Path  # the local model folder
+    llm_config: object  # its transformers config
+    fim_ids: FimIds
+
+
+def find_llm(model_config: "ModelConfig") -> FoundLLM:
+    """Everything about `model.llm_path` short of loading its weights: the folder (local only), its config, the
+    FIM ids, and the checks that it fits the config. Commands call it first to fail before any work."""
+    check_llm_settings(model_config)
+    folder = resolve_llm_path(model_config.llm_path)
+    llm_config = load_llm_config(folder)
+    fim_ids = fim_ids_for(folder, parse_fim_ids(model_config.llm_fim_ids))
+    m = model_config
+    check_llm_fits(llm_config, m.context_dim, m.code_length, fim_ids, f"model.llm_path={m.llm_path!r}")
+    return FoundLLM(folder, llm_config, fim_ids)
+
+
 # ---------------------------------------------------------------------------------------------- spans
 
 
@@ -348,15 +366,10 @@ class LLMInfiller(nn.Module):
 
     @classmethod
     def from_config(cls, model_config: "ModelConfig") -> "LLMInfiller":
-        """Resolve `model.llm_path` (local only), check it fits the config, then load it: the cheap checks
-        run before transformers loads any weight."""
-        check_llm_settings(model_config)
-        folder = resolve_llm_path(model_config.llm_path)
-        llm_config = load_llm_config(folder)
-        fim_ids = fim_ids_for(folder, parse_fim_ids(model_config.llm_fim_ids))
-        m = model_config
-        check_llm_fits(llm_config, m.context_dim, m.code_length, fim_ids, f"model.llm_path={m.llm_path!r}")
-        return cls(load_llm(folder, llm_config), fim_ids, parse_llm_quantization(m.quantization_type))
+        """Find `model.llm_path` (local only) and check it fits the config (`find_llm`), then load it."""
+        found = find_llm(model_config)
+        spec = parse_llm_quantization(model_config.quantization_type)
+        return cls(load_llm(found.folder, found.llm_config), found.fim_ids, spec)
 
     @property
     def llm(self) -> nn.Module:

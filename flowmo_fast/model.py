@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -14,10 +14,13 @@ from flowmo_fast.attention import Attention
 from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS, Config, rope_axes
 from flowmo_fast.fast import GraphedSampler
 from flowmo_fast.mmdit import MMDiT, MMDiTParams
-from flowmo_fast.noise import POSTERIOR_NOISE, image_noise, normal, row_generator
-from flowmo_fast.quantizers import QuantizerOutput, build_quantizer
+from flowmo_fast.noise import image_noise, normal, row_generator
+from flowmo_fast.quantizers import Generators, QuantizerOutput, build_quantizer
 from flowmo_fast.sampling import SamplingOptions
 from kernels import BACKENDS, KernelOps, get_ops
+
+if TYPE_CHECKING:
+    from flowmo_fast.llm_infill import LLMInfiller
 
 
 def autocast_for(device: Union[torch.device, str], enabled: bool = True):
@@ -41,8 +44,18 @@ class ModelOutput:
     code_with_mask: Tensor  # quantized code + mask channel [B, T, context_dim + 1], before guidance dropout
 
 
+@dataclass
+class RowReconstruction:
+    """`reconstruct_rows_with_code`'s results."""
+
+    images: Tensor  # reconstructions [B, 3, H, W] in [-1, 1], float32
+    quantizer: QuantizerOutput  # the code they were decoded from, with its per-sample measurements
+
+
 class FlowMo(nn.Module):
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, infiller: Optional["LLMInfiller"] = None):
+        """`infiller`: for `model.quantization_type=qwen2.5-coder-0.5b[_span_P]`, an LLM already loaded (else
+        it is loaded from `model.llm_path`); it is never part of the state dict."""
         super().__init__()
         m = config.model
         self.config = config
@@ -63,7 +76,7 @@ class FlowMo(nn.Module):
 
         self.encoder = MMDiT(params(enc_width, self.encoder_context_dim, m.enc_depth))
         self.decoder = MMDiT(params(m.mup_width, m.context_dim + 1, m.dec_depth))  # +1: the mask channel
-        self.quantizer = build_quantizer(m)
+        self.quantizer = build_quantizer(m, infiller)
         self.kernels = m.kernels
         self.attention = Attention(m.attention)
         self.cuda_graphs = True  # sample_images on CUDA replays a captured graph (flowmo_fast.fast)
@@ -122,8 +135,11 @@ class FlowMo(nn.Module):
         empty = images.new_zeros((images.shape[0], self.code_length, self.encoder_context_dim))
         return self.encoder(images, empty, None, self.ops(images.device), self.attention, output="txt")
 
-    def quantize(self, code: Tensor, generator: Optional[torch.Generator] = None) -> QuantizerOutput:
-        """code [B, T, F] -> quantized [B, T, context_dim], indices [B, n_tokens] (LFQ) or None, loss, breakdown."""
+    def quantize(self, code: Tensor, generator: Generators = None) -> QuantizerOutput:
+        """code [B, T, F] -> quantized [B, T, context_dim], indices [B, n_tokens] (LFQ) or None, loss, breakdown.
+
+        Random draws (KL posterior sample, LLM span starts) from `generator`, or one generator per sample, or
+        the global RNG (None)."""
         expected = (self.code_length, self.encoder_context_dim)
         if code.ndim != 3 or tuple(code.shape[1:]) != expected:
             raise ValueError(f"code must be [B, {expected[0]}, {expected[1]}], got {tuple(code.shape)}")
@@ -197,27 +213,33 @@ class FlowMo(nn.Module):
         sampling: Optional[SamplingOptions] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
-        """images [B, 3, H, W] in [-1, 1] -> reconstructions, same shape, in [-1, 1]."""
+        """images [B, 3, H, W] in [-1, 1] -> reconstructions, same shape, in [-1, 1]. The quantizer's draws (KL
+        posterior sample, LLM span starts), then the sampler noise, come from `generator` (None: the global RNG)."""
         self.check_images(images)
         with autocast_for(images.device):
-            quantized = self.quantize(self.encode(images)).quantized
+            quantized = self.quantize(self.encode(images), generator).quantized
         return self.sample_images(quantized, images.shape[-2:], sampling, generator)
 
     @torch.no_grad()
     def reconstruct_rows(
         self, images: Tensor, rows: Sequence[int], seed: int = 0, sampling: Optional[SamplingOptions] = None
     ) -> Tensor:
-        """Like `reconstruct`, with each image's random draws (sampler noise, KL posterior sample) from its own
-        generators, seeded by (seed, its row in the data set): a reconstruction does not depend on batching or
-        on the number of processes (flowmo_fast.noise)."""
+        """Like `reconstruct`, with each image's random draws (sampler noise, KL posterior sample, LLM span start)
+        from its own generators, seeded by (seed, its row in the data set): a reconstruction does not depend on
+        batching or on the number of processes (flowmo_fast.noise)."""
+        return self.reconstruct_rows_with_code(images, rows, seed, sampling).images
+
+    @torch.no_grad()
+    def reconstruct_rows_with_code(
+        self, images: Tensor, rows: Sequence[int], seed: int = 0, sampling: Optional[SamplingOptions] = None
+    ) -> RowReconstruction:
+        """`reconstruct_rows`, also returning the quantizer's output (e.g. per-sample `infill_mse`)."""
         self.check_images(images)
         if len(rows) != images.shape[0]:
             raise ValueError(f"{len(rows)} rows for {images.shape[0]} images: give one data-set row per image")
+        generators = [row_generator(seed, row, self.quantizer.row_stream) for row in rows]
         with autocast_for(images.device):
-            code = self.encode(images)
-            quantized = torch.cat([
-                self.quantize(code[i : i + 1], row_generator(seed, row, POSTERIOR_NOISE)).quantized
-                for i, row in enumerate(rows)
-            ])
+            quantized = self.quantize(self.encode(images), generators)
         noise = image_noise(rows, seed, images.shape[1:])
-        return self.sample_images(quantized, images.shape[-2:], sampling, noise=noise)
+        reconstructions = self.sample_images(quantized.quantized, images.shape[-2:], sampling, noise=noise)
+        return RowReconstruction(reconstructions, quantized)

@@ -1,19 +1,27 @@
-"""Quantizers of the encoder's code: LFQ (binary codes), KL (Gaussian latents) and none.
+"""Quantizers of the encoder's code: LFQ (binary codes), KL (Gaussian latents), none, and the LLM's infilling
+(`qwen2.5-coder-0.5b[_span_P]`: no quantization, a span of the code replaced by a frozen code LLM's reading of it).
 
 Each takes code [B, T, F] from the encoder and returns a `QuantizerOutput`. In train mode the loss is the
-weighted quantizer loss of upstream; in eval mode it is zero.
+weighted quantizer loss of upstream; in eval mode it is zero (always zero for the LLM type).
+
+Random draws (the KL posterior sample, the LLM's span start) come from `generator`: one `torch.Generator` for the
+batch (None: the global RNG, as training uses), or a sequence of them, one per sample (an image's own stream
+`row_stream` of flowmo_fast.noise, so an evaluation does not depend on batching).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from flowmo_fast.config import ModelConfig
-from flowmo_fast.noise import normal
+from flowmo_fast.llm_infill import (
+    LLMInfiller, check_llm_fits, gather_span, is_llm_quantization, parse_llm_quantization, span_starts,
+)
+from flowmo_fast.noise import POSTERIOR_NOISE, SPAN_START, normal
 from kernels import KernelOps
 from kernels.lfq import indices_to_codes
 
@@ -24,9 +32,30 @@ class QuantizerOutput:
     indices: Optional[Tensor]  # [B, n_tokens] int64 for LFQ, else None
     loss: Tensor  # scalar
     breakdown: dict  # named loss terms (empty in eval mode)
+    per_sample: dict = field(default_factory=dict)  # name -> float32 [B], any mode (the LLM type: infill_mse)
 
 
-class LFQQuantizer(nn.Module):
+Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+def per_sample_draw(
+    draw: Callable[[int, Optional[torch.Generator]], Tensor], batch: int, generator: Generators
+) -> Tensor:
+    """draw(k, g) -> [k, ...]: the batch in one draw from `generator` (the global RNG if None), or each sample
+    from its own generator of a sequence (then sample i's draw does not depend on the batch around it)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return draw(batch, generator)
+    if len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch}: give one per sample")
+    return torch.cat([draw(1, g) for g in generator])
+
+
+class Quantizer(nn.Module):
+    row_stream = POSTERIOR_NOISE  # the per-image stream (flowmo_fast.noise) its draws take in evaluation
+    per_sample_names: tuple[str, ...] = ()  # the keys of QuantizerOutput.per_sample
+
+
+class LFQQuantizer(Quantizer):
     """Code `b t (g h) -> (b t h) g`: each of the T*h groups is one g-bit code (g = codebook_size_for_entropy)."""
 
     def __init__(self, config: ModelConfig):
@@ -42,7 +71,7 @@ class LFQQuantizer(nn.Module):
     def from_groups(self, groups: Tensor, b: int, t: int) -> Tensor:
         return groups.reshape(b, t, -1, self.bits).transpose(2, 3).reshape(b, t, -1)
 
-    def forward(self, code: Tensor, ops: KernelOps, generator: Optional[torch.Generator] = None) -> QuantizerOutput:
+    def forward(self, code: Tensor, ops: KernelOps, generator: Generators = None) -> QuantizerOutput:
         b, t, _ = code.shape
         out = ops.lfq(self.to_groups(code), with_loss=self.training)
         quantized = self.from_groups(out.quantized, b, t)
@@ -72,14 +101,15 @@ class LFQQuantizer(nn.Module):
         return self.from_groups(groups, indices.shape[0], code_length)
 
 
-class KLQuantizer(nn.Module):
+class KLQuantizer(Quantizer):
     """Code [B, T, 2F]: mean = first F features, logvar = clamp(last F, -30, 20); a sample is drawn always."""
 
-    def forward(self, code: Tensor, ops: KernelOps, generator: Optional[torch.Generator] = None) -> QuantizerOutput:
+    def forward(self, code: Tensor, ops: KernelOps, generator: Generators = None) -> QuantizerOutput:
         b, t, f = code.shape
         mean, logvar = code[..., : f // 2], code[..., f // 2 :].clamp(-30.0, 20.0)
         # Noise drawn in upstream's (f t) order, so a seeded global RNG gives upstream's sample.
-        noise = normal((b, f // 2, t), generator, code.device, code.dtype).transpose(1, 2)
+        noise = per_sample_draw(lambda k, g: normal((k, f // 2, t), g, code.device, code.dtype), b, generator)
+        noise = noise.transpose(1, 2)
         quantized = mean + torch.exp(0.5 * logvar) * noise
         if not self.training:
             return QuantizerOutput(quantized, None, code.new_zeros((), dtype=torch.float32), {})
@@ -87,12 +117,50 @@ class KLQuantizer(nn.Module):
         return QuantizerOutput(quantized, None, kl, dict(kl=kl))
 
 
-class NoQuantizer(nn.Module):
-    def forward(self, code: Tensor, ops: KernelOps, generator: Optional[torch.Generator] = None) -> QuantizerOutput:
+class NoQuantizer(Quantizer):
+    def forward(self, code: Tensor, ops: KernelOps, generator: Generators = None) -> QuantizerOutput:
         return QuantizerOutput(code, None, code.new_zeros((), dtype=torch.float32), {})
 
 
-def build_quantizer(config: ModelConfig) -> nn.Module:
+class LLMQuantizer(Quantizer):
+    """`qwen2.5-coder-0.5b[_span_P]`: no quantization and zero loss; code[s:s+n] (n = int(P * T), s drawn per
+    sample) is replaced by the frozen LLM's infilling, gradients flowing through the LLM into the code
+    (flowmo_fast.llm_infill). The LLM is loaded from `model.llm_path` unless given, and never in the state dict.
+
+    `per_sample["infill_mse"]`: mean over the span of (infilled - the encoder's own code there)^2, per sample;
+    in train mode its batch mean is logged too (`breakdown`)."""
+
+    row_stream = SPAN_START
+    per_sample_names = ("infill_mse",)
+
+    def __init__(self, config: ModelConfig, infiller: Optional[LLMInfiller] = None):
+        super().__init__()
+        if infiller is None:
+            infiller = LLMInfiller.from_config(config)
+        elif infiller.spec != parse_llm_quantization(config.quantization_type):
+            raise ValueError(
+                f"the given LLM infills a fraction {infiller.spec.span_fraction} of the code but "
+                f"model.quantization_type={config.quantization_type!r}: build it from the same config"
+            )
+        check_llm_fits(infiller.llm.config, config.context_dim, config.code_length, infiller.fim_ids)
+        self.infiller = infiller
+
+    def forward(self, code: Tensor, ops: KernelOps, generator: Generators = None) -> QuantizerOutput:
+        b, t, _ = code.shape
+        n = self.infiller.span_length(t)
+        starts = per_sample_draw(lambda k, g: span_starts(k, t, n, g, code.device), b, generator)  # [B]
+        out = self.infiller.infill(code, starts)
+        own = gather_span(code, starts, n)  # [B, n, D]: the encoder's code the span replaced
+        error = (out.span.detach().float() - own.detach().float()).pow(2).mean(dim=(1, 2))  # [B]
+        breakdown = dict(infill_mse=error.mean()) if self.training else {}
+        zero = code.new_zeros((), dtype=torch.float32)
+        return QuantizerOutput(out.code, None, zero, breakdown, dict(infill_mse=error))
+
+
+def build_quantizer(config: ModelConfig, infiller: Optional[LLMInfiller] = None) -> Quantizer:
+    """The quantizer of `model.quantization_type`; `infiller`: an LLM already loaded for the LLM type."""
+    if is_llm_quantization(config.quantization_type):
+        return LLMQuantizer(config, infiller)
     return {"lfq": LFQQuantizer, "kl": lambda c: KLQuantizer(), "noop": lambda c: NoQuantizer()}[config.quantization_type](
         config
     )
