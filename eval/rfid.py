@@ -9,6 +9,9 @@ in the data set), so a reconstruction does not depend on batching or on the numb
 
 Writes into --out: metrics.json (metrics, image count, checkpoint sha256, config, sampler settings, speed),
 grid.png (originals on top, reconstructions below) and, with --save-reconstructions, one PNG per image.
+
+The evaluation of one model (`measure_model`) and the flags that choose the images, the sampler and the metric
+networks (`add_evaluation_flags`) are shared with eval.watch, which evaluates every checkpoint of a run.
 """
 
 from __future__ import annotations
@@ -30,16 +33,59 @@ from eval import metrics, weights
 from flowmo_fast import commands, load_checkpoint
 from flowmo_fast.checkpoint import CheckpointError, atomic_write, file_sha256, read_checkpoint
 from flowmo_fast.commands import Processes
-from flowmo_fast.data import collate_images
+from flowmo_fast.data import ImageDataset, collate_images
 from flowmo_fast.images import GRID_IMAGES, image_grid, to_uint8
 from flowmo_fast.sampling import SamplingOptions, add_sampler_flags
-METRIC_DEFINITIONS = {
-    "rfid": "FID between the 2048-d pool features of pytorch-fid's FID Inception on originals and reconstructions",
-    "psnr": "mean over images of each image's PSNR on 8-bit pixels (upstream: every image counts its batch's PSNR)",
-    "ssim": "mean over images; scikit-image structural_similarity defaults (7x7 uniform window), 8-bit pixels",
-    "lpips_alex": "mean over images; lpips package v0.1, AlexNet",
-    "lpips_vgg": "mean over images; lpips package v0.1, VGG16",
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    definition: str
+    higher_is_better: bool  # which way is better, for choosing a best checkpoint (eval.watch --select)
+
+
+METRICS = {
+    "rfid": MetricInfo(
+        "FID between the 2048-d pool features of pytorch-fid's FID Inception on originals and reconstructions", False
+    ),
+    "psnr": MetricInfo(
+        "mean over images of each image's PSNR on 8-bit pixels (upstream: every image counts its batch's PSNR)", True
+    ),
+    "ssim": MetricInfo(
+        "mean over images; scikit-image structural_similarity defaults (7x7 uniform window), 8-bit pixels", True
+    ),
+    "lpips_alex": MetricInfo("mean over images; lpips package v0.1, AlexNet", False),
+    "lpips_vgg": MetricInfo("mean over images; lpips package v0.1, VGG16", False),
 }
+METRIC_DEFINITIONS = {name: info.definition for name, info in METRICS.items()}
+
+
+def add_image_flags(parser: argparse.ArgumentParser) -> None:
+    """Which images of the data set, and how many at once."""
+    data = parser.add_argument_group("which images, how many at once")
+    data.add_argument("--subsample", type=commands.positive_int, default=1, metavar="N",
+                      help="keep every N-th image (upstream's eval.subsample_rate)")
+    data.add_argument("--max-images", type=commands.positive_int, metavar="K", help="stop after the first K kept images")
+    data.add_argument("--batch-size", type=commands.positive_int, default=16, help="images per batch and process")
+    data.add_argument("--workers", type=commands.non_negative_int, default=commands.default_workers(),
+                      help="data loader processes per process (default: the CPUs beside this one, at most 8)")
+
+
+def add_metric_weight_flags(parser: argparse.ArgumentParser) -> None:
+    w = parser.add_argument_group("metric network weights (default: torch hub cache, downloading if missing)")
+    w.add_argument(weights.INCEPTION.flag, metavar="PATH", help=f"pt_inception-2015-12-05-6726825d.pth (or ${weights.INCEPTION.env})")
+    w.add_argument(weights.LPIPS_ALEX.flag, metavar="PATH", help=f"torchvision alexnet-owt-7be5be79.pth (or ${weights.LPIPS_ALEX.env})")
+    w.add_argument(weights.LPIPS_VGG.flag, metavar="PATH", help=f"torchvision vgg16-397923af.pth (or ${weights.LPIPS_VGG.env})")
+    w.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no AlexNet / VGG weights needed)")
+
+
+def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    """What eval.rfid and eval.watch share: --which, the data set, the images, the sampler and the metric weights."""
+    parser.add_argument("--which", choices=("ema", "model"), default="ema", help="which weights of the checkpoint")
+    commands.add_data_flags(parser)
+    add_image_flags(parser)
+    add_sampler_flags(parser)
+    add_metric_weight_flags(parser)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -48,21 +94,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="rFID, PSNR, SSIM and LPIPS of a FlowMo checkpoint's reconstructions (also under torchrun).",
     )
     p.add_argument("--ckpt", required=True, help="upstream or flowmo-fast checkpoint (config inferred from it)")
-    p.add_argument("--which", choices=("ema", "model"), default="ema", help="which weights of the checkpoint")
-    commands.add_data_flags(p)
-    data = p.add_argument_group("which images, how many at once")
-    data.add_argument("--subsample", type=commands.positive_int, default=1, metavar="N",
-                      help="keep every N-th image (upstream's eval.subsample_rate)")
-    data.add_argument("--max-images", type=commands.positive_int, metavar="K", help="stop after the first K kept images")
-    data.add_argument("--batch-size", type=commands.positive_int, default=16, help="images per batch and process")
-    data.add_argument("--workers", type=commands.non_negative_int, default=commands.default_workers(),
-                      help="data loader processes per process (default: the CPUs beside this one, at most 8)")
-    add_sampler_flags(p)
-    w = p.add_argument_group("metric network weights (default: torch hub cache, downloading if missing)")
-    w.add_argument(weights.INCEPTION.flag, metavar="PATH", help=f"pt_inception-2015-12-05-6726825d.pth (or ${weights.INCEPTION.env})")
-    w.add_argument(weights.LPIPS_ALEX.flag, metavar="PATH", help=f"torchvision alexnet-owt-7be5be79.pth (or ${weights.LPIPS_ALEX.env})")
-    w.add_argument(weights.LPIPS_VGG.flag, metavar="PATH", help=f"torchvision vgg16-397923af.pth (or ${weights.LPIPS_VGG.env})")
-    w.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no AlexNet / VGG weights needed)")
+    add_evaluation_flags(p)
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="default: eval_results/<checkpoint name>")
     o.add_argument("--save-reconstructions", action="store_true", help="also write every reconstruction as a PNG")
@@ -88,9 +120,14 @@ def build_metrics(paths: dict[str, str], device: torch.device) -> metrics.Recons
     return metrics.ReconstructionMetrics(inception, lpips_nets).to(device).eval()
 
 
+def kept_rows(num_rows: int, args) -> list[int]:
+    """The data-set rows evaluated: every `subsample`-th, at most `max_images`."""
+    return list(range(0, num_rows, args.subsample))[: args.max_images]
+
+
 def batches_of_rank(num_rows: int, args, procs: Processes) -> list[list[int]]:
-    """Every `subsample`-th row (at most `max_images`), cut into batches; process r takes batches r, r + W, ..."""
-    rows = list(range(0, num_rows, args.subsample))[: args.max_images]
+    """The kept rows cut into batches; process r takes batches r, r + W, ..."""
+    rows = kept_rows(num_rows, args)
     batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
     return batches[procs.rank :: procs.world_size]
 
@@ -107,22 +144,36 @@ def write_json(obj, path: str) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def summarize(per_image: dict[str, Tensor], features_x: Tensor, features_r: Tensor) -> dict[str, float]:
+def summarize(per_image: dict[str, Tensor], features_x: Tensor, features_r: Tensor) -> dict[str, Optional[float]]:
     """Means of the per-image metrics and the rFID (None with fewer than two images)."""
     out = {"rfid": metrics.fid(features_x.numpy(), features_r.numpy()) if len(features_x) >= 2 else None}
     out.update({name: float(values.mean()) for name, values in per_image.items()})
     return out
 
 
-def summary_line(result: dict) -> str:
-    m = result["metrics"]
-    parts = [f"rFID {m['rfid']:.4f}" if m["rfid"] is not None else "rFID n/a (<2 images)"]
+def metrics_line(m: dict[str, Optional[float]]) -> str:
+    """'rFID 1.2345  PSNR 20.123  SSIM 0.5000  LPIPS-vgg 0.1234' (any further named metric as name value)."""
+    parts = [f"rFID {m['rfid']:.4f}" if m.get("rfid") is not None else "rFID n/a (<2 images)"]
     parts += [f"PSNR {m['psnr']:.3f}", f"SSIM {m['ssim']:.4f}"]
     parts += [f"LPIPS-{k[6:]} {v:.4f}" for k, v in m.items() if k.startswith("lpips_")]
+    others = [k for k in m if k not in ("rfid", "psnr", "ssim") and not k.startswith("lpips_")]
+    parts += [f"{k} {m[k]:.4g}" if m[k] is not None else f"{k} n/a" for k in others]
+    return "  ".join(parts)
+
+
+def summary_line(result: dict) -> str:
     return (
-        "  ".join(parts)
+        metrics_line(result["metrics"])
         + f"  | {result['num_images']} images, {result['images_per_second']:.2f} img/s, {result['wall_time_s']:.1f}s"
     )
+
+
+def sampler_record(sampling: SamplingOptions, seed: int) -> dict:
+    return {**sampling.to_dict(), "seed": seed}
+
+
+def data_record(dataset: ImageDataset, args, image_size: int) -> dict:
+    return {"dataset": dataset.describe(), "subsample": args.subsample, "max_images": args.max_images, "image_size": image_size}
 
 
 @dataclass
@@ -137,11 +188,28 @@ class Collected:
     grid: list = field(default_factory=list)  # (originals, reconstructions) of the first batches, main process
 
 
-def reconstruct_and_measure(model, measure, loader, sampling: SamplingOptions, args, procs: Processes, total: int) -> Collected:
+@dataclass
+class Measured:
+    """One model's evaluation, as the main process gets it."""
+
+    metrics: dict[str, Optional[float]]  # metric name -> value (rfid None with fewer than two images)
+    num_images: int
+    skipped: list[str]  # names of undecodable images
+    grid: list  # (originals, reconstructions) of the first images
+    loop_seconds: float  # reconstructing, measuring, gathering
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_images / self.loop_seconds
+
+
+def reconstruct_and_measure(
+    model, measure, loader, sampling: SamplingOptions, seed: int, procs: Processes, total: int,
+    recon_dir: Optional[str] = None, desc: str = "reconstructing",
+) -> Collected:
     got = Collected(values={name: [] for name in measure.names})
-    recon_dir = os.path.join(args.out, "reconstructions")
     psnr_sum = 0.0
-    bar = tqdm(total=total, unit="img", desc="reconstructing", disable=not procs.is_main, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="img", desc=desc, disable=not procs.is_main, dynamic_ncols=True)
     for batch in loader:
         got.skipped += batch["skipped_names"]
         bar.update(batch["skipped"])
@@ -149,14 +217,14 @@ def reconstruct_and_measure(model, measure, loader, sampling: SamplingOptions, a
             continue
         images = batch["image"].to(procs.device, non_blocking=True)
         rows = batch["index"].tolist()
-        reconstructions = model.reconstruct_rows(images, rows, args.seed, sampling)
+        reconstructions = model.reconstruct_rows(images, rows, seed, sampling)
         values, fx, fr = measure(images, reconstructions)
         got.rows += rows
         got.features_x.append(fx)
         got.features_r.append(fr)
         for name, v in values.items():
             got.values[name].append(v)
-        if args.save_reconstructions:
+        if recon_dir is not None:
             save_pngs(recon_dir, rows, batch["name"], reconstructions)
         if procs.is_main and sum(len(g[0]) for g in got.grid) < GRID_IMAGES:
             got.grid.append((images.cpu(), reconstructions.cpu()))
@@ -182,6 +250,31 @@ def gather_in_row_order(got: Collected, procs: Processes) -> tuple[dict[str, Ten
     return values, features_x, features_r, skipped
 
 
+def measure_model(
+    model, sampling: SamplingOptions, dataset: ImageDataset, measure: metrics.ReconstructionMetrics, args,
+    procs: Processes, recon_dir: Optional[str] = None, desc: str = "reconstructing",
+) -> Optional[Measured]:
+    """Reconstruct the rows of `dataset` that `args` keep (--subsample, --max-images) with `model` and
+    `sampling`, each image's noise from (--seed, its row), and measure them with `measure`. Every process takes
+    its batches; the main process gets the result (None elsewhere). `recon_dir`: also save every reconstruction."""
+    batches = batches_of_rank(len(dataset), args, procs)
+    loader = DataLoader(
+        dataset, batch_sampler=batches, num_workers=args.workers, collate_fn=collate_images,
+        pin_memory=procs.device.type == "cuda",
+    )
+    loop_start = time.perf_counter()
+    total = sum(map(len, batches))
+    got = reconstruct_and_measure(model, measure, loader, sampling, args.seed, procs, total, recon_dir, desc)
+    values, features_x, features_r, skipped = gather_in_row_order(got, procs)
+    loop_seconds = time.perf_counter() - loop_start
+    if not procs.is_main:
+        return None
+    if len(features_x) == 0:
+        raise RuntimeError(f"no image of {dataset.describe()} could be decoded ({len(skipped)} skipped)")
+    summary = summarize(values, features_x, features_r)
+    return Measured(summary, len(features_x), skipped, got.grid, loop_seconds)
+
+
 def evaluate(args, procs: Processes) -> Optional[dict]:
     """The whole evaluation; returns the result record on the main process (None elsewhere)."""
     start = time.perf_counter()
@@ -191,35 +284,26 @@ def evaluate(args, procs: Processes) -> Optional[dict]:
     config = model.config
     sampling = SamplingOptions.from_flags(args, model.sampling())
     dataset = commands.dataset_from_flags(args, config.data.image_size)
-    batches = batches_of_rank(len(dataset), args, procs)
-    os.makedirs(os.path.join(args.out, "reconstructions") if args.save_reconstructions else args.out, exist_ok=True)
+    recon_dir = os.path.join(args.out, "reconstructions") if args.save_reconstructions else None
+    os.makedirs(recon_dir or args.out, exist_ok=True)
     if procs.is_main:
         print(
             f"eval.rfid: {args.ckpt} ({args.which}), {dataset.describe()}, evaluating "
-            f"{len(range(0, len(dataset), args.subsample)[: args.max_images])} at {config.data.image_size}px "
+            f"{len(kept_rows(len(dataset), args))} at {config.data.image_size}px "
             f"on {procs.world_size} x {procs.device}; sampler {sampling.to_dict()}, seed {args.seed}",
             flush=True,
         )
-    loader = DataLoader(
-        dataset, batch_sampler=batches, num_workers=args.workers, collate_fn=collate_images,
-        pin_memory=procs.device.type == "cuda",
-    )
-    loop_start = time.perf_counter()
-    got = reconstruct_and_measure(model, measure, loader, sampling, args, procs, sum(map(len, batches)))
-    values, features_x, features_r, skipped = gather_in_row_order(got, procs)
-    loop_seconds = time.perf_counter() - loop_start
-    if not procs.is_main:
+    measured = measure_model(model, sampling, dataset, measure, args, procs, recon_dir)
+    if measured is None:
         return None
-    if len(features_x) == 0:
-        raise RuntimeError(f"no image of {dataset.describe()} could be decoded ({len(skipped)} skipped)")
-    if got.grid:
-        rows = [torch.cat(part)[:GRID_IMAGES] for part in zip(*got.grid)]  # originals, reconstructions
+    if measured.grid:
+        rows = [torch.cat(part)[:GRID_IMAGES] for part in zip(*measured.grid)]  # originals, reconstructions
         image_grid(rows).save(os.path.join(args.out, "grid.png"))
     ckpt = read_checkpoint(args.ckpt)
     result = {
-        "metrics": summarize(values, features_x, features_r),
-        "num_images": len(features_x),
-        "skipped_images": {"count": len(skipped), "names": skipped[:20]},
+        "metrics": measured.metrics,
+        "num_images": measured.num_images,
+        "skipped_images": {"count": len(measured.skipped), "names": measured.skipped[:20]},
         "checkpoint": {
             "path": os.path.abspath(args.ckpt),
             "sha256": file_sha256(args.ckpt),
@@ -229,19 +313,14 @@ def evaluate(args, procs: Processes) -> Optional[dict]:
         "metric_weights": {name: os.path.abspath(path) for name, path in paths.items()},
         "inception_weights_sha256": file_sha256(paths["inception"]),
         "config": config.to_dict(),
-        "sampler": {**sampling.to_dict(), "seed": args.seed},
-        "data": {
-            "dataset": dataset.describe(),
-            "subsample": args.subsample,
-            "max_images": args.max_images,
-            "image_size": config.data.image_size,
-        },
+        "sampler": sampler_record(sampling, args.seed),
+        "data": data_record(dataset, args, config.data.image_size),
         "metric_definitions": METRIC_DEFINITIONS,
         "processes": procs.world_size,
         "device": str(procs.device),
         "batch_size": args.batch_size,
-        "images_per_second": len(features_x) / loop_seconds,
-        "loop_time_s": loop_seconds,
+        "images_per_second": measured.images_per_second,
+        "loop_time_s": measured.loop_seconds,
         "wall_time_s": time.perf_counter() - start,
     }
     write_json(result, os.path.join(args.out, "metrics.json"))
