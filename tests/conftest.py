@@ -50,6 +50,15 @@ def parity_model(parity):
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_llm_folder(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 saved as the hub has it, for quantization_type qwen2.5-coder-0.5b (tests/llm_helpers.py)."""
+    pytest.importorskip("transformers")
+    from llm_helpers import save_tiny_qwen2
+
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
+
+
 @pytest.fixture()
 def tiny_model():
     torch.manual_seed(0)

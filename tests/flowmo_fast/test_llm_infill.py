@@ -26,29 +26,17 @@ from flowmo_fast.llm_infill import (
     span_starts_per_image,
 )
 
+from llm_helpers import WIDTH, tiny_qwen2_config
+
 transformers = pytest.importorskip("transformers")
 
-WIDTH = 16  # model.context_dim = the tiny LLM's hidden size
 CODE_LENGTH = 10  # span 3 at P = 0.3
-MAX_POSITIONS = 32
-VOCAB = QWEN_CODER_FIM_IDS.suffix + 8  # Qwen2.5-Coder's marker ids fit: a folder without tokenizer uses them
-
-
-def tiny_qwen2_config(**changes):
-    settings = dict(
-        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True,
-    )
-    return transformers.Qwen2Config(**{**settings, **changes})
 
 
 @pytest.fixture(scope="module")
-def llm_folder(tmp_path_factory) -> Path:
+def llm_folder(tiny_llm_folder) -> Path:
     """A Qwen2ForCausalLM as the hub has it (config.json + model.safetensors), without tokenizer."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_qwen2")
-    transformers.Qwen2ForCausalLM(tiny_qwen2_config()).save_pretrained(folder)
-    return folder
+    return tiny_llm_folder
 
 
 def model_config(folder, *overrides):
