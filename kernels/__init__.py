@@ -11,12 +11,14 @@ they are imported. This package imports nothing of ours.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from kernels.adaln import gated_residual_torch, modulate_torch
 from kernels.lfq import lfq_torch
@@ -43,6 +45,12 @@ def triton_available() -> bool:
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def on_device_of(x: Tensor) -> contextlib.AbstractContextManager:
+    """x's CUDA device made current for the block: Triton launches on the current device (and stream), not the
+    tensors', so a kernel on cuda:1 with device 0 current would fail. Nothing for a CPU tensor (interpreter)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 # Inside torch.compile, `auto` takes the plain op where Inductor's own fusion of it with its neighbours

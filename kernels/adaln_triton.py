@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import triton_interpreting
+from kernels import on_device_of, triton_interpreting
 from kernels.adaln import LN_EPS
 
 EPS = tl.constexpr(LN_EPS)
@@ -129,10 +129,11 @@ def modulate_op(
     mean = torch.empty(b * l, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     block_l, rows_per_program, chunks = _row_tiling(b, l, d)
-    _modulate_fwd_kernel[(chunks, b)](
-        x, shift, scale, y, mean, rstd, l, d, rows_per_program,
-        HAS_MOD=scale is not None, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d),
-    )
+    with on_device_of(x):
+        _modulate_fwd_kernel[(chunks, b)](
+            x, shift, scale, y, mean, rstd, l, d, rows_per_program,
+            HAS_MOD=scale is not None, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d),
+        )
     return y, mean, rstd
 
 
@@ -154,10 +155,11 @@ def modulate_backward_op(
     grad_x = torch.empty_like(x)
     # per-program sums of the shift and scale gradients
     grad_shift, grad_scale = (x.new_empty((b, chunks, d), dtype=torch.float32) if has_mod else None for _ in range(2))
-    _modulate_bwd_kernel[(chunks, b)](
-        x, scale, mean, rstd, grad_y, grad_x, grad_shift, grad_scale, l, d, rows_per_program,
-        HAS_MOD=has_mod, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d),
-    )
+    with on_device_of(x):
+        _modulate_bwd_kernel[(chunks, b)](
+            x, scale, mean, rstd, grad_y, grad_x, grad_shift, grad_scale, l, d, rows_per_program,
+            HAS_MOD=has_mod, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d),
+        )
     if not has_mod:
         return grad_x, x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
     return grad_x, grad_shift.sum(1), grad_scale.sum(1)
@@ -251,9 +253,10 @@ def gated_residual_op(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     b, l, d = x.shape
     out = x.new_empty(x.shape, dtype=_result_dtype(x, gate, y))
     block_l, rows_per_program, chunks = _row_tiling(b, l, d)
-    _gated_residual_fwd_kernel[(chunks, b)](
-        x, gate, y, out, l, d, rows_per_program, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d)
-    )
+    with on_device_of(x):
+        _gated_residual_fwd_kernel[(chunks, b)](
+            x, gate, y, out, l, d, rows_per_program, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d)
+        )
     return out
 
 
@@ -269,10 +272,11 @@ def gated_residual_backward_op(gate: Tensor, y: Tensor, grad_out: Tensor) -> tup
     block_l, rows_per_program, chunks = _row_tiling(b, l, d)
     grad_y = torch.empty_like(y)
     grad_gate = torch.empty(b, chunks, d, dtype=torch.float32, device=y.device)
-    _gated_residual_bwd_kernel[(chunks, b)](
-        gate, y, grad_out, grad_y, grad_gate, l, d, rows_per_program,
-        BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d),
-    )
+    with on_device_of(y):
+        _gated_residual_bwd_kernel[(chunks, b)](
+            gate, y, grad_out, grad_y, grad_gate, l, d, rows_per_program,
+            BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d),
+        )
     return grad_y, grad_gate.sum(1)
 
 

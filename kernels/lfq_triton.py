@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import triton_interpreting
+from kernels import on_device_of, triton_interpreting
 from kernels.lfq import CODEBOOK_EPS, INV_TEMPERATURE_X2, LFQOutput
 
 MAX_BITS = 20
@@ -187,9 +187,10 @@ def _rows_pass(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     indices = torch.empty(n, dtype=torch.int64, device=x.device)
     bit_probs = torch.empty(2, n, d, dtype=torch.float32, device=x.device)  # [on | off, N, d]
     sums = torch.empty(blocks, 2, dtype=torch.float32, device=x.device)
-    _lfq_rows_fwd_kernel[(blocks,)](
-        x, sign, indices, bit_probs, sums, n, D=d, BLOCK_N=TILING.rows, BLOCK_D=triton.next_power_of_2(d)
-    )
+    with on_device_of(x):
+        _lfq_rows_fwd_kernel[(blocks,)](
+            x, sign, indices, bit_probs, sums, n, D=d, BLOCK_N=TILING.rows, BLOCK_D=triton.next_power_of_2(d)
+        )
     return sign, indices, bit_probs, sums[:, 0].sum() / (n * d), sums[:, 1].sum() / n
 
 
@@ -203,10 +204,11 @@ def _mean_probs(bit_probs: Tensor) -> Tensor:
     rows_per_split = triton.cdiv(triton.cdiv(n, splits), TILING.code_rows) * TILING.code_rows
     splits = triton.cdiv(n, rows_per_split)
     partial = torch.empty(splits, 1 << a_bits, 1 << b_bits, dtype=torch.float32, device=bit_probs.device)
-    _lfq_codebook_fwd_kernel[(tiles, splits)](
-        bit_probs, partial, n, rows_per_split,
-        D=d, A_BITS=a_bits, B_BITS=b_bits, BLOCK_N=TILING.code_rows, BLOCK_A=block_a, BLOCK_B=block_b,
-    )
+    with on_device_of(bit_probs):
+        _lfq_codebook_fwd_kernel[(tiles, splits)](
+            bit_probs, partial, n, rows_per_split,
+            D=d, A_BITS=a_bits, B_BITS=b_bits, BLOCK_N=TILING.code_rows, BLOCK_A=block_a, BLOCK_B=block_b,
+        )
     return partial.sum(0) / n
 
 
@@ -247,11 +249,13 @@ def lfq_backward_op(x: Tensor, bit_probs: Tensor, mean_probs: Tensor, grad_sign:
     for own_first, own_bits, other_first, other_bits, stride_own, stride_other in halves:
         if own_bits == 0:  # d = 1: half A is empty
             continue
-        _lfq_half_bwd_kernel[(triton.cdiv(n, TILING.rows),)](
-            x, bit_probs, mean_probs, grad_sign, loss_grads, grad_x, n, stride_own, stride_other,
-            D=d, OWN_FIRST=own_first, OWN_BITS=own_bits, OTHER_FIRST=other_first, OTHER_BITS=other_bits,
-            BLOCK_N=TILING.rows, BLOCK_OWN=_code_block(own_bits), BLOCK_OTHER=_code_block(other_bits), BLOCK_K=DOT_MIN,
-        )
+        with on_device_of(x):
+            _lfq_half_bwd_kernel[(triton.cdiv(n, TILING.rows),)](
+                x, bit_probs, mean_probs, grad_sign, loss_grads, grad_x, n, stride_own, stride_other,
+                D=d, OWN_FIRST=own_first, OWN_BITS=own_bits, OTHER_FIRST=other_first, OTHER_BITS=other_bits,
+                BLOCK_N=TILING.rows, BLOCK_OWN=_code_block(own_bits), BLOCK_OTHER=_code_block(other_bits),
+                BLOCK_K=DOT_MIN,
+            )
     return grad_x
 
 

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels import on_device_of
 from kernels.rope import RMS_EPS
 
 EPS = tl.constexpr(RMS_EPS)
@@ -123,10 +124,11 @@ def norm_rope_op(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, out_dtype:
     out = torch.empty((b, h, l, d), dtype=out_dtype, device=x.device)
     rstd = torch.empty(b * h * l, dtype=torch.float32, device=x.device)
     block_r = _block_rows(d // 2)
-    _norm_rope_fwd_kernel[(triton.cdiv(b * h * l, block_r),)](
-        x, weight, cos, sin, out, rstd, b * h * l, h, l, x.stride(0), x.stride(1), x.stride(2),
-        HALF=d // 2, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(d // 2),
-    )
+    with on_device_of(x):
+        _norm_rope_fwd_kernel[(triton.cdiv(b * h * l, block_r),)](
+            x, weight, cos, sin, out, rstd, b * h * l, h, l, x.stride(0), x.stride(1), x.stride(2),
+            HALF=d // 2, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(d // 2),
+        )
     return out, rstd
 
 
@@ -146,10 +148,12 @@ def norm_rope_backward_op(
     programs = triton.cdiv(b * h * l, block_r)
     grad_x = torch.empty((b, h, l, d), dtype=x.dtype, device=x.device)
     grad_w = torch.empty(programs, d, dtype=torch.float32, device=x.device)
-    _norm_rope_bwd_kernel[(programs,)](
-        x, weight, cos, sin, rstd, grad_out, grad_x, grad_w, b * h * l, h, l, x.stride(0), x.stride(1), x.stride(2),
-        HALF=d // 2, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(d // 2),
-    )
+    with on_device_of(x):
+        _norm_rope_bwd_kernel[(programs,)](
+            x, weight, cos, sin, rstd, grad_out, grad_x, grad_w, b * h * l, h, l,
+            x.stride(0), x.stride(1), x.stride(2),
+            HALF=d // 2, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(d // 2),
+        )
     return grad_x, grad_w.sum(0)
 
 
