@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from flowmo_fast import flow
 from flowmo_fast.layers import DoubleStreamBlock
+from flowmo_fast.sampling import SamplingOptions
 
 
 # Every compiled block variant (encoder/decoder, last block or not, batch size, grad or not) is one dynamo
@@ -56,8 +57,9 @@ class _Captured:
 class GraphedSampler:
     """`flow.sample` with the loop replayed from a CUDA graph.
 
-    The first call for a key (device, shapes, dtypes, steps, cfg, schedule, interval, autocast) warms up on a
-    side stream (compiling the blocks first if asked and not done yet) and captures; later calls copy inputs
+    The first call for a key (device, shapes, dtypes, sampling options, autocast) warms up once on a side
+    stream of the input's device (compiling the blocks first if asked and not done yet) and captures there,
+    with that device current (a model on cuda:1 works while device 0 is current); later calls copy inputs
     into the static buffers and replay. Each key holds its own graph memory pool (a new batch size is a new
     capture). The graphs read the weights where they lay at capture: when any parameter moves (`.to()`,
     `.half()`, `load_state_dict(assign=True)`) or `model.kernels` changes, every capture is dropped and
@@ -73,18 +75,17 @@ class GraphedSampler:
     def _weights(self) -> tuple:
         return (self.model.kernels, *(p.data_ptr() for p in self.model.parameters()))
 
-    def __call__(self, z: Tensor, code: Tensor, null_code: Optional[Tensor], **settings) -> Tensor:
+    def __call__(self, z: Tensor, code: Tensor, null_code: Optional[Tensor], options: SamplingOptions) -> Tensor:
         weights = self._weights()
         if weights != self.weights:
             self.captured.clear()
             self.weights = weights
         autocast = torch.is_autocast_enabled("cuda")
         key = (
-            z.device, tuple(z.shape), tuple(code.shape), z.dtype, code.dtype, null_code is not None, autocast,
-            tuple(sorted((k, str(v)) for k, v in settings.items())),
+            z.device, tuple(z.shape), tuple(code.shape), z.dtype, code.dtype, null_code is not None, autocast, options,
         )
         if key not in self.captured:
-            self.captured[key] = self._capture(z, code, null_code, autocast, settings)
+            self.captured[key] = self._capture(z, code, null_code, autocast, options)
         entry = self.captured[key]
         entry.z.copy_(z)
         entry.code.copy_(code)
@@ -93,7 +94,7 @@ class GraphedSampler:
         entry.graph.replay()
         return entry.out.clone()
 
-    def _capture(self, z, code, null_code, autocast: bool, settings: dict) -> _Captured:
+    def _capture(self, z, code, null_code, autocast: bool, options: SamplingOptions) -> _Captured:
         if self.compile and not blocks_compiled(self.model):
             compile_blocks(self.model, dynamic=False)
         static_z, static_code = z.clone(), code.clone()
@@ -104,13 +105,16 @@ class GraphedSampler:
             if autocast
             else contextlib.nullcontext()
         )
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), amp:
-            for _ in range(2):  # warm-up: compile, autotune, pick attention backends, outside the capture
-                flow.sample(self.model, static_z, static_code, static_null, **settings)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), amp:
-            out = flow.sample(self.model, static_z, static_code, static_null, **settings)
+        # Streams, the capture and its memory pool belong to the current device, not the tensors': make z's current.
+        with torch.cuda.device(z.device):
+            side = torch.cuda.Stream(device=z.device)
+            side.wait_stream(torch.cuda.current_stream(z.device))
+            with torch.cuda.stream(side), amp:  # warm-up: compile, autotune, pick attention backends
+                flow.sample(self.model, static_z, static_code, static_null, options)
+            torch.cuda.current_stream(z.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA calls of other threads (a pin-memory DataLoader's cudaHostAlloc and
+            # cudaEventQuery) during the capture neither fail it nor are captured
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"), amp:
+                out = flow.sample(self.model, static_z, static_code, static_null, options)
         return _Captured(graph, static_z, static_code, static_null, out)
