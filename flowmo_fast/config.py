@@ -95,6 +95,7 @@ class SamplingConfig:
 
 @dataclass
 class EvalConfig:
+    # Upstream's evaluator settings, kept with their defaults; any other value is refused (EVAL_KEYS_REPLACED).
     reconstruction: bool = True
     state_dict_key: str = "model_ema_state_dict"
     eval_dir: str = ""
@@ -103,6 +104,20 @@ class EvalConfig:
     force_ckpt_path: Optional[str] = None
     subsample_rate: int = 1
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+# Upstream's evaluator is one script driven by these keys; ours are two commands with flags in their place.
+EVAL_KEYS_REPLACED = {
+    "reconstruction": "eval.rfid and eval.watch always measure reconstructions (--no-lpips leaves out LPIPS)",
+    "state_dict_key": "use --which ema|model (model_ema_state_dict | model_state_dict) of eval.rfid / eval.watch",
+    "eval_dir": "give the run folder to `python -m eval.watch RUN_DIR` (results in RUN_DIR/eval), or --out DIR "
+    "to eval.rfid",
+    "eval_baseline": "other tokenizers (SDXL, TiTok, LlamaGen, Cosmos, Flux) are not part of flowmo-fast",
+    "continuous": "`python -m eval.watch RUN_DIR` follows a run (--once: only the checkpoints there now); "
+    "`python -m eval.rfid --ckpt PATH` evaluates one checkpoint",
+    "force_ckpt_path": "use `python -m eval.rfid --ckpt PATH`",
+    "subsample_rate": "use --subsample N of eval.rfid / eval.watch",
+}
 
 
 @dataclass
@@ -178,7 +193,8 @@ def load_config(overrides: Optional[Iterable[str]] = None, preset: Optional[str]
 def config_from_dict(d: dict, overrides: Iterable[str] = ()) -> Config:
     """Rebuild a Config stored with `Config.to_dict()` (e.g. in our checkpoints), then apply `overrides`."""
     config = Config()
-    apply_overrides(config, [f"{k}={v!r}" for k, v in _flatten(d)])
+    stored = [(k, v) for k, v in _flatten(d) if k.removeprefix("eval.") not in EVAL_KEYS_REPLACED]  # never read
+    apply_overrides(config, [f"{k}={v!r}" for k, v in stored])
     apply_overrides(config, list(overrides))
     validate(config)
     return config
@@ -347,3 +363,15 @@ def validate(config: Config) -> None:
         )
     parse_schedule(config.eval.sampling.schedule)
     parse_cfg_interval(config.eval.sampling.cfg_interval)
+    check_eval_keys(config.eval)
+
+
+def check_eval_keys(settings: EvalConfig) -> None:
+    """Upstream's evaluator keys away from their defaults are refused, with what replaced them."""
+    for key, replacement in EVAL_KEYS_REPLACED.items():
+        value, default = getattr(settings, key), getattr(EvalConfig, key)
+        if value != default:
+            raise ValueError(
+                f"eval.{key}={value!r}: flowmo-fast does not read upstream's evaluator setting eval.{key}; "
+                f"{replacement}. Remove eval.{key} from the overrides."
+            )

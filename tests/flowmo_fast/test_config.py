@@ -1,5 +1,7 @@
 """Config: upstream keys and defaults, dotlist overrides, presets, and errors naming key and allowed values."""
 
+import re
+
 import pytest
 
 from flowmo_fast import load_config
@@ -47,9 +49,31 @@ def test_upstream_keys_and_defaults():
 
 def test_upstream_seed_command_overrides_work_as_written():
     config = load_config(["model.context_dim=18", "model.codebook_size_for_entropy=9", "trainer.max_steps=1300000",
-                          "opt.lr=5e-5", "model.enable_cfg=False", "eval.force_ckpt_path=/x.pth"])
+                          "opt.lr=5e-5", "model.enable_cfg=False"])
     assert config.trainer.max_steps == 1300000 and config.opt.lr == 5e-5 and isinstance(config.opt.lr, float)
-    assert config.model.enable_cfg is False and config.eval.force_ckpt_path == "/x.pth"
+    assert config.model.enable_cfg is False
+
+
+@pytest.mark.parametrize(
+    "key, value, flag",
+    [
+        ("continuous", False, "python -m eval.watch RUN_DIR"),
+        ("eval_dir", "results/run", "python -m eval.watch RUN_DIR"),
+        ("force_ckpt_path", "flowmo_lo.pth", "python -m eval.rfid --ckpt PATH"),
+        ("subsample_rate", 10, "--subsample N"),
+        ("state_dict_key", "model_state_dict", "--which ema|model"),
+        ("reconstruction", False, "--no-lpips"),
+        ("eval_baseline", "sdxl", "not part of flowmo-fast"),
+    ],
+)
+def test_upstream_evaluator_keys_are_refused_naming_their_replacement(key, value, flag):
+    """Upstream's eval.* evaluator keys do nothing here: a value other than the default is an error that names
+    the command or flag in its place; stored in an older checkpoint's config, they are passed over."""
+    with pytest.raises(ValueError, match=rf"eval\.{key}=.*does not read.*{re.escape(flag)}"):
+        load_config([f"eval.{key}={value}"])
+    stored = load_config().to_dict()
+    stored["eval"][key] = value
+    assert config_from_dict(stored) == load_config()
 
 
 def test_presets():
