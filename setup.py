@@ -21,6 +21,7 @@ setup(
         "torch-fidelity>=0.3",
         "tensorboard>=2.12",
         "tqdm>=4.60",
+        "huggingface_hub>=0.23",  # flowmo_fast.from_pretrained("flowmo_lo" | "flowmo_hi")
     ],
     extras_require={
         "test": [
