@@ -24,11 +24,10 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from flowmo_fast.images import to_rgb, uint8_to_model_range
+from flowmo_fast.images import fit_square, shrink_to, uint8_to_model_range
 
 # Colour photographs shipped inside the scikit-image wheel (skimage/data), used when no data is given.
 SAMPLE_PHOTOS = (
@@ -47,18 +46,16 @@ SYNSET = re.compile(r"n\d{8}")
 Key = Union[int, tuple]  # a row, or (row, crop seed) as yielded by ShardedBatchSampler
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side -> `size`, bilinear with antialiasing (upstream's `T.Resize(size)`)."""
-    return TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+class DataError(ValueError):
+    """Data a command cannot use (no image files, none that decode, a bad index); the message names the data
+    and the fix."""
 
 
-def crop_square(image: Image.Image, size: int, rng: Optional[random.Random]) -> Image.Image:
-    """A size x size crop: centred when `rng` is None, else at a uniformly random offset."""
-    if rng is None:
-        return TF.center_crop(image, [size, size])
-    w, h = image.size
-    top, left = rng.randint(0, h - size), rng.randint(0, w - size)
-    return image.crop((left, top, left + size, top + size))
+def nothing_decodes(description: str, tried: int) -> DataError:
+    return DataError(
+        f"none of the {tried} images tried of {description} decode: check that they are image files PIL can read "
+        "(not truncated, not renamed other files), or point the command at another folder"
+    )
 
 
 class ImageDataset(Dataset):
@@ -81,11 +78,11 @@ class ImageDataset(Dataset):
     def read_bytes(self, i: int) -> bytes:
         raise NotImplementedError
 
-    def load_resized(self, i: int) -> Image.Image:
-        """Row i decoded, converted to RGB and resized (shorter side = size)."""
-        with Image.open(io.BytesIO(self.read_bytes(i))) as image:
-            image.load()
-            return resize_shorter_side(to_rgb(image), self.size)
+    def load_image(self, i: int) -> Image.Image:
+        """Row i decoded (any mode: `fit_square` converts it)."""
+        image = Image.open(io.BytesIO(self.read_bytes(i)))
+        image.load()
+        return image
 
     def __getitem__(self, key: Key) -> dict:
         i, crop_seed = key if isinstance(key, tuple) else (key, None)
@@ -93,14 +90,14 @@ class ImageDataset(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} out of range for a data set of {len(self)} images")
         item = {"index": i, "name": self.names[i], "label": self.labels[i]}
-        try:
-            resized = self.load_resized(i)
-        except Exception:  # PIL raises many types for bad files (OSError, SyntaxError, zlib.error, ...)
-            return {**item, "image": torch.zeros(3, self.size, self.size), "valid": False}
         rng = None
         if self.random_crop:
             rng = random.Random(crop_seed) if crop_seed is not None else random.Random(torch.randint(2**62, ()).item())
-        return {**item, "image": uint8_to_model_range(np.asarray(crop_square(resized, self.size, rng))), "valid": True}
+        try:
+            pixels = np.asarray(fit_square(self.load_image(i), self.size, rng))
+        except Exception:  # PIL raises many types for bad files (OSError, SyntaxError, zlib.error, ...)
+            return {**item, "image": torch.zeros(3, self.size, self.size), "valid": False}
+        return {**item, "image": uint8_to_model_range(pixels), "valid": True}
 
     def describe(self) -> str:
         return f"{len(self)} images"
@@ -126,11 +123,11 @@ class IndexedTarDataset(ImageDataset):
             try:
                 index = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{index_path} is not valid JSON ({e}); expected upstream's tar index") from e
+                raise DataError(f"{index_path} is not valid JSON ({e}); expected upstream's tar index") from e
         if not isinstance(index, list) or not all(
             isinstance(e, dict) and {"name", "offset", "size"} <= e.keys() for e in index
         ):
-            raise ValueError(f"{index_path}: expected a JSON list of {{'name', 'offset', 'size'}} entries")
+            raise DataError(f"{index_path}: expected a JSON list of {{'name', 'offset', 'size'}} entries (upstream's tar index)")
         index = sorted(index, key=lambda e: e["name"].split("/")[-1])
         names = [e["name"] for e in index]
         labels = [int(e["label"]) for e in index] if all("label" in e for e in index) else _synset_labels(names)
@@ -171,7 +168,8 @@ class ImageFolderDataset(ImageDataset):
 
     def __init__(self, root: str, size: int, random_crop: bool = False, files: Optional[Sequence[str]] = None):
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder not found: {root}")
+            what = "is a file, not a folder" if os.path.exists(root) else "not found"
+            raise FileNotFoundError(f"image folder {what}: {root}; give the folder that holds the images")
         if files is None:
             extensions = image_extensions()
             files = [
@@ -182,7 +180,10 @@ class ImageFolderDataset(ImageDataset):
             ]
         files = sorted(files)
         if not files:
-            raise ValueError(f"no image files under {root} (looked for: {', '.join(sorted(image_extensions())[:12])}, ...)")
+            raise DataError(
+                f"no image files under {root} (searched its sub-folders for {', '.join(sorted(image_extensions())[:12])}, "
+                "...): give a folder that holds images"
+            )
         tops = [f.split(os.sep)[0] if os.sep in f else None for f in files]
         classes = {t: k for k, t in enumerate(sorted({t for t in tops if t}))}
         super().__init__(files, [classes[t] if t else -1 for t in tops], size, random_crop)
@@ -216,16 +217,17 @@ def bundled_photo_files() -> list[str]:
 class SamplePhotosDataset(ImageFolderDataset):
     """The colour photos shipped with scikit-image (astronaut, chelsea, coffee, rocket, ...); no download.
 
-    They are few and large, so each process keeps its resized copies in memory (crops stay random)."""
+    They are few and large, so each process keeps them in memory already shrunk to the shorter side `size`
+    (which `fit_square` leaves as they are; crops stay random)."""
 
     def __init__(self, size: int, random_crop: bool = False):
         super().__init__(skimage_data_dir(), size, random_crop, files=bundled_photo_files())
-        self._resized: dict[int, Image.Image] = {}
+        self._shrunk: dict[int, Image.Image] = {}
 
-    def load_resized(self, i: int) -> Image.Image:
-        if i not in self._resized:
-            self._resized[i] = super().load_resized(i)
-        return self._resized[i]
+    def load_image(self, i: int) -> Image.Image:
+        if i not in self._shrunk:
+            self._shrunk[i] = shrink_to(super().load_image(i), self.size)
+        return self._shrunk[i]
 
     def describe(self) -> str:
         return f"{len(self)} scikit-image sample photos ({', '.join(os.path.splitext(n)[0] for n in self.names)})"

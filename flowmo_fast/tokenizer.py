@@ -7,15 +7,18 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from flowmo_fast.checkpoint import load_checkpoint
 from flowmo_fast.images import ImageLike, to_model_input
 from flowmo_fast.model import FlowMo, autocast_for
+from flowmo_fast.pretrained import from_pretrained
 from flowmo_fast.sampling import SamplingOptions
 from kernels.lfq import lfq_indices
 
 
 class Tokenizer:
-    """`encode(images) -> ids [B, n_tokens]` and `decode(ids) -> images [B, 3, H, W]` in [-1, 1].
+    """`encode(images) -> ids [B, n_tokens]` and `decode(ids) -> images [B, 3, S, S]` in [-1, 1], S = `image_size`.
+
+    `encode` takes any picture (arrays, PIL images, files, lists of mixed sizes: see `to_model_input`) and fits it
+    to the model's size as the data sets' evaluation crops do, or float tensors in [-1, 1] as they are.
 
     Token j of an image is one `codebook_size_for_entropy`-bit LFQ code; ids follow upstream's bit order
     (bit i of the code has weight 2^i) and token order (code position t, then sub-group h).
@@ -31,13 +34,19 @@ class Tokenizer:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str, which: str = "ema", device: Any = "cpu", overrides: Optional[Iterable[str]] = None
+        cls, name_or_path: str, which: str = "ema", device: Any = "cpu", overrides: Optional[Iterable[str]] = None
     ) -> "Tokenizer":
-        return cls(load_checkpoint(path, which=which, device=device, overrides=overrides))
+        """A published checkpoint by name ("flowmo_lo", "flowmo_hi") or a checkpoint file (`from_pretrained`)."""
+        return cls(from_pretrained(name_or_path, which=which, device=device, overrides=overrides))
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square images the model was trained on: what `encode` fits pictures to."""
+        return self.model.config.data.image_size
 
     @property
     def bits(self) -> int:
@@ -53,9 +62,13 @@ class Tokenizer:
         return m.code_length * m.context_dim // m.codebook_size_for_entropy
 
     @torch.no_grad()
-    def encode(self, images: ImageLike) -> Tensor:
-        """Images (uint8 HWC arrays, PIL images, or float tensors in [-1, 1]) -> LongTensor [B, n_tokens]."""
-        x = to_model_input(images).to(self.device)
+    def encode(self, images: ImageLike, resize: bool = True) -> Tensor:
+        """Pictures -> LongTensor [B, n_tokens]. Pictures (uint8 or 16-bit arrays of any size, gray, RGB or RGBA;
+        PIL images of any mode; image file paths; a list of these, sizes may differ) become RGB and are resized
+        (shorter side) and centre-cropped to `image_size` x `image_size`, exactly as the data sets' evaluation
+        crops; with resize=False they must already be that size. Float tensors [B, 3, H, W] in [-1, 1] are
+        encoded as they are (any multiple of the patch size)."""
+        x = to_model_input(images, self.image_size, resize).to(self.device)
         with autocast_for(x.device):
             return self.model.quantize(self.model.encode(x)).indices
 
@@ -82,10 +95,10 @@ class Tokenizer:
         size: Optional[Sequence[int]] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
-        """ids [B, n_tokens] -> images [B, 3, H, W] float32 in [-1, 1]; size defaults to data.image_size, the
-        sampler to the checkpoint's `eval.sampling`."""
+        """ids [B, n_tokens] -> images [B, 3, H, W] float32 in [-1, 1]: the size the model makes, `image_size`
+        square, unless `size` (H, W) says otherwise (not the pictures' original sizes); the sampler defaults to
+        the checkpoint's `eval.sampling`."""
         code = self.ids_to_code(ids)
         if size is None:
-            s = self.model.config.data.image_size
-            size = (s, s)
+            size = (self.image_size, self.image_size)
         return self.model.sample_images(code, size, sampling, generator)

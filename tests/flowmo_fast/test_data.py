@@ -155,6 +155,9 @@ def test_sample_photos_and_bundled_dir(tmp_path):
     folder = bundled_photos_dir(str(tmp_path / "photos"))
     assert sorted(os.listdir(folder)) == ds.names
     assert torch.equal(ImageFolderDataset(folder, 32)[0]["image"], ds[0]["image"])
+    kept, plain = SamplePhotosDataset(32, random_crop=True), ImageFolderDataset(folder, 32, random_crop=True)
+    for _ in range(2):  # decoded, then from the kept (shrunk) copy: the same random crop as a plain folder's
+        assert torch.equal(kept[(1, 5)]["image"], plain[(1, 5)]["image"])
 
 
 def test_build_dataset_chooses_the_source(tmp_path, folder, make_image_tar):

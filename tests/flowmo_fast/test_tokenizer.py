@@ -56,18 +56,50 @@ def test_accepts_uint8_arrays_pil_and_float_tensors_alike(tokenizer):
     "bad, message",
     [
         (np.zeros((2, 32, 32, 3), dtype=np.float32), "numpy images must be uint8"),
-        (np.zeros((2, 3, 32, 32), dtype=np.uint8), r"must be \[H, W, 3\] or \[B, H, W, 3\]"),
+        (np.zeros((2, 3, 32, 32), dtype=np.uint8), r"\[B, H, W, C\] with C = 1, 3 or 4 \(channels last\)"),
         (torch.zeros(2, 32, 32, 3), r"tensor images must be \[B, 3, H, W\]"),
         (torch.full((1, 3, 32, 32), 255.0), r"must lie in \[-1, 1\], got values in \[255, 255\]"),
         (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "must be floating point"),
-        ("image.png", "unsupported image type str"),
-        ([np.zeros((32, 32, 3), np.uint8), np.zeros((16, 16, 3), np.uint8)], "must share a size"),
+        ({"image": 1}, "image 0 is a dict"),
         (torch.zeros(1, 3, 30, 30), "multiples of the patch size 4"),
     ],
 )
 def test_rejects_bad_images_with_a_clear_error(tokenizer, bad, message):
     with pytest.raises(ValueError, match=message):
         tokenizer.encode(bad)
+
+
+def test_pictures_of_any_size_are_fitted_to_the_models(tokenizer):
+    chelsea = np.random.default_rng(0).integers(0, 256, (300, 451, 3), dtype=np.uint8)  # skimage chelsea's shape
+    ids = tokenizer.encode(chelsea)
+    assert ids.shape == (1, 32)
+    with pytest.raises(ValueError, match=r"image 0 is 451x300 \(width x height\), but resize=False needs 32x32"):
+        tokenizer.encode(chelsea, resize=False)
+    square = chelsea[:32, :32]
+    assert torch.equal(tokenizer.encode(square, resize=False), tokenizer.encode(square))
+
+
+def test_the_same_picture_in_any_form_gives_the_same_ids(tokenizer, tmp_path):
+    rng = np.random.default_rng(1)
+    picture = (np.linspace(0, 255, 60)[None, :, None] * rng.uniform(0.3, 1, (45, 1, 3))).astype(np.uint8)
+    picture = np.clip(picture + rng.integers(0, 30, picture.shape), 0, 255).astype(np.uint8)  # 45 x 60 RGB
+    Image.fromarray(picture).save(tmp_path / "p.png")
+    opaque = np.concatenate([picture, np.full((45, 60, 1), 255, np.uint8)], -1)
+    want = tokenizer.encode(picture)
+    for form in (Image.fromarray(picture), str(tmp_path / "p.png"), tmp_path / "p.png", opaque, [picture]):
+        assert torch.equal(tokenizer.encode(form), want), type(form)
+    other = np.random.default_rng(2).integers(0, 256, (70, 33), dtype=np.uint8)  # gray, another size
+    mixed = tokenizer.encode([picture, Image.fromarray(other), tmp_path / "p.png"])
+    assert torch.equal(mixed, torch.cat([want, tokenizer.encode(other), want]))
+
+
+def test_a_picture_file_gives_the_ids_of_the_evaluation_data(tokenizer, tmp_path):
+    from flowmo_fast.data import ImageFolderDataset
+
+    picture = np.random.default_rng(3).integers(0, 256, (50, 77, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "p.png")
+    image = ImageFolderDataset(str(tmp_path), tokenizer.image_size)[0]["image"]
+    assert torch.equal(tokenizer.encode(tmp_path / "p.png"), tokenizer.encode(image[None]))
 
 
 def test_rejects_bad_ids(tokenizer):
@@ -83,7 +115,8 @@ def test_decode_is_reproducible_with_a_generator(tokenizer):
     ids = tokenizer.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
     a = tokenizer.decode(ids, UPSTREAM.replace(steps=3), generator=torch.Generator().manual_seed(1))
     b = tokenizer.decode(ids, UPSTREAM.replace(steps=3), generator=torch.Generator().manual_seed(1))
-    assert a.shape == (2, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert a.shape == (2, 3, tokenizer.image_size, tokenizer.image_size) == (2, 3, 32, 32)
+    assert a.dtype == torch.float32 and torch.equal(a, b)
     assert a.min() >= -1 and a.max() <= 1
     assert tokenizer.decode(ids, UPSTREAM.replace(steps=2), size=(16, 24)).shape == (2, 3, 16, 24)
 
