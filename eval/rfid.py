@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -31,10 +30,11 @@ from tqdm import tqdm
 
 from eval import metrics, weights
 from flowmo_fast import commands, load_checkpoint
-from flowmo_fast.checkpoint import CheckpointError, atomic_write, file_sha256, read_checkpoint
+from flowmo_fast.checkpoint import atomic_write, file_sha256, read_checkpoint
 from flowmo_fast.commands import Processes
-from flowmo_fast.data import ImageDataset, collate_images
+from flowmo_fast.data import ImageDataset, collate_images, nothing_decodes
 from flowmo_fast.images import GRID_IMAGES, image_grid, to_uint8
+from flowmo_fast.pretrained import resolve_checkpoint
 from flowmo_fast.sampling import SamplingOptions, add_sampler_flags
 
 
@@ -93,7 +93,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         prog="python -m eval.rfid",
         description="rFID, PSNR, SSIM and LPIPS of a FlowMo checkpoint's reconstructions (also under torchrun).",
     )
-    p.add_argument("--ckpt", required=True, help="upstream or flowmo-fast checkpoint (config inferred from it)")
+    p.add_argument("--ckpt", required=True, help="upstream or flowmo-fast checkpoint file (config inferred from it), "
+                   "or flowmo_lo / flowmo_hi: the published ones, by name")
     add_evaluation_flags(p)
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="default: eval_results/<checkpoint name>")
@@ -270,7 +271,7 @@ def measure_model(
     if not procs.is_main:
         return None
     if len(features_x) == 0:
-        raise RuntimeError(f"no image of {dataset.describe()} could be decoded ({len(skipped)} skipped)")
+        raise nothing_decodes(dataset.describe(), len(skipped))
     summary = summarize(values, features_x, features_r)
     return Measured(summary, len(features_x), skipped, got.grid, loop_seconds)
 
@@ -329,11 +330,10 @@ def evaluate(args, procs: Processes) -> Optional[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     args = parse_args(argv)
-    try:
+    with commands.one_line_errors("eval.rfid", also=(weights.WeightsUnavailable,)):
+        args.ckpt = resolve_checkpoint(args.ckpt)  # a published name -> its file in the Hugging Face cache
         with commands.processes(args.device) as procs:
             result = evaluate(args, procs)
-    except (weights.WeightsUnavailable, CheckpointError, FileNotFoundError, ValueError) as e:  # bad input: one line
-        sys.exit(f"eval.rfid: {e}")
     if result is not None:
         print(f"{summary_line(result)} -> {os.path.join(args.out, 'metrics.json')}", flush=True)
     return result

@@ -185,22 +185,30 @@ def _bounded_int(text: str, lowest: int, meaning: str) -> int:
     return value
 
 
+def spare_cpus() -> int:
+    """The CPUs this process may use beside its own: the most loader workers that keep processes <= CPUs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, cpus - 1)
+
+
 def default_workers() -> int:
     """Data loader processes per command process: what the machine has beside the main process (at most 8), so a
     2-core machine gets 1 and no command starts more processes than there are CPUs."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cpus - 1))
+    return min(8, spare_cpus())
 
 
 @contextlib.contextmanager
-def one_line_errors(command: str) -> Iterator[None]:
+def one_line_errors(command: str, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """A user's mistake (a missing file, an unusable checkpoint, a bad setting) ends the command with one line
-    naming the problem, exit status 1, instead of a traceback."""
+    naming the problem, exit status 1, instead of a traceback. Data errors (`flowmo_fast.data.DataError`) are
+    ValueErrors; a path that is the wrong kind of thing (a file for a folder, a folder for a file, unwritable)
+    is one too. `also`: the command's own error types for a user's mistake."""
     from flowmo_fast.checkpoint import CheckpointError
 
     try:
         yield
-    except (FileNotFoundError, NotADirectoryError, CheckpointError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+            CheckpointError, ValueError, *also) as e:
         raise SystemExit(f"{command}: error: {e}") from None
 
 

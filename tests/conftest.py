@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -94,3 +96,44 @@ def write_image_tar(folder: Path, members: dict) -> tuple[str, str]:
 def make_image_tar():
     """Factory fixture: make_image_tar(folder, {name: bytes}) -> (tar path, index path)."""
     return write_image_tar
+
+
+def seed_hf_cache(cache: Path, files: dict, revision: str = "0123456789abcdef0123456789abcdef01234567") -> None:
+    """Put {file name: local file} into a Hugging Face hub cache as the files of ksarge/FlowMo at `revision`
+    (main), in huggingface_hub's documented layout: blobs/<sha256>, snapshots/<revision>/<name> -> blob,
+    refs/main = revision."""
+    repo = Path(cache) / "models--ksarge--FlowMo"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    for name, source in files.items():
+        blob = repo / "blobs" / hashlib.sha256(Path(source).read_bytes()).hexdigest()
+        shutil.copyfile(source, blob)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs" / "main").write_text(revision)
+
+
+@pytest.fixture()
+def published_cache(tmp_path, tiny_checkpoint, monkeypatch):
+    """An offline Hugging Face cache whose ksarge/FlowMo holds the tiny checkpoint as flowmo_lo.pth (flowmo_hi.pth
+    is missing), with huggingface_hub pointed at it in offline mode, here and in subprocesses: nothing downloads."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-home" / "hub"
+    seed_hf_cache(cache, {"flowmo_lo.pth": tiny_checkpoint})
+    for key, value in {"HF_HOME": str(cache.parent), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read at import: this process's copy
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.fixture()
+def undecodable_folder(tmp_path):
+    """A folder of image files none of which decode."""
+    folder = tmp_path / "undecodable"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg", "c.png"):
+        (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n not an image at all")
+    return folder

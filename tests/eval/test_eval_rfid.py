@@ -134,6 +134,33 @@ def test_bad_arguments_are_refused(tiny_checkpoint, capsys):
         assert "error:" in capsys.readouterr().err
 
 
+def rfid_error(argv: list, inception_weights) -> str:
+    """eval.rfid's exit message for `argv` (a user's mistake: one line, exit status non-zero)."""
+    with pytest.raises(SystemExit) as stop:
+        rfid.main([*argv, "--no-lpips", "--inception-weights", str(inception_weights), "--device", "cpu", "--workers", "0"])
+    message = str(stop.value.code)
+    assert stop.value.code not in (0, None) and "\n" not in message
+    return message
+
+
+def test_data_that_never_decodes_ends_in_one_line(tiny_checkpoint, inception_weights, undecodable_folder, tmp_path):
+    argv = ["--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "out")]
+    message = rfid_error([*argv, "--data", str(undecodable_folder)], inception_weights)
+    assert message.startswith("eval.rfid: error: none of the 3 images tried of 3 images under ")
+    assert str(undecodable_folder) in message and "another folder" in message
+    (tmp_path / "empty").mkdir()
+    message = rfid_error([*argv, "--data", str(tmp_path / "empty")], inception_weights)
+    assert f"no image files under {tmp_path / 'empty'}" in message and "give a folder that holds images" in message
+    (tmp_path / "out-file").write_text("")
+    message = rfid_error(["--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "out-file")], inception_weights)
+    assert "out-file" in message
+
+
+def test_ckpt_takes_the_published_names(published_cache, inception_weights, tmp_path):
+    message = rfid_error(["--ckpt", "flowmo_hi", "--out", str(tmp_path / "out")], inception_weights)
+    assert "flowmo_hi.pth" in message and "hf download ksarge/FlowMo flowmo_hi.pth" in message
+
+
 def test_batches_cover_every_kept_row_once_across_processes():
     args = rfid.parse_args(["--ckpt", "c", "--subsample", "3", "--max-images", "10", "--batch-size", "4"])
     for world in (1, 2, 3, 5):

@@ -95,3 +95,7 @@ def test_user_mistakes_end_in_one_line():
     with pytest.raises(KeyError):  # a bug is not a user's mistake: its traceback stays
         with commands.one_line_errors("tokenize"):
             raise KeyError("bug")
+    for mistake in (FileExistsError("out is a file"), PermissionError("cannot write out"), TimeoutError("slow")):
+        with pytest.raises(SystemExit, match=f"^tokenize: error: {mistake}$"):
+            with commands.one_line_errors("tokenize", also=(TimeoutError,)):  # TimeoutError: the command's own type
+                raise mistake
