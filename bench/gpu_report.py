@@ -1,6 +1,6 @@
 """GPU performance report: our fast path against our plain path and upstream, as one markdown table.
 
-    python bench/gpu_report.py                    # on a CUDA machine (H100 / H200): at most ~8 minutes
+    python bench/gpu_report.py --out DIR          # on a CUDA machine (H100 / H200): ends within 6 minutes
     FLOWMO_REFERENCE=/path/to/FlowMo python bench/gpu_report.py    # adds upstream's rows
     python bench/gpu_report.py --dry-run          # anywhere: tiny models on the CPU, the same code paths
     python bench/gpu_report.py --phases train,lfq # a subset (e.g. what a first run's budget skipped)
@@ -10,22 +10,27 @@ plain = eager, PyTorch kernels, no CUDA graphs; upstream_eager / upstream_compil
 (its own @torch.compile decorators) with the same config and weights. bf16 autocast on CUDA, as in training
 and evaluation. Random weights (speed does not depend on them), built directly on the device.
 
+Every check and row is printed (a markdown line and a JSON line) and appended to `--out`'s live files the
+moment it is done, so a run killed at any point keeps what it measured; the whole table prints at the end.
+The time budget (`--budget-s`) counts from the start of the process, imports and CUDA start-up included.
+
 Phases, in order of importance (each an NVTX range; a row that the time budget cannot fit is skipped, and
 a row that fails is reported as such, so the table always prints):
 1. check: fast against plain values (decoder forward; training loss and gradient norm), FlowMo-Lo;
 2. reconstruct: FlowMo-Lo, batch 32, 25 steps, cfg 1.5 (encode, quantize, guided sampler);
-3. decoder forward: FlowMo-Lo, batch 32 (one pass; the MFU target of issue 7);
-4. per model, FlowMo-Lo then FlowMo-Hi: train step (256px, batch 8 per chunk: forward, backward, Adam
+3. latency: the same reconstruct at batch 1 (where launch overhead, which CUDA graphs remove, is the cost);
+4. decoder forward: FlowMo-Lo, batch 32 (one pass; the MFU target of issue 7);
+5. per model, FlowMo-Lo then FlowMo-Hi: train step (256px, batch 8 per chunk: forward, backward, Adam
    step; no perceptual loss) and encode (tokenizer images/s, `flowmo_fast.tokenize.make_encoder`, batch 32);
-5. LFQ loss: forward + backward at one training batch's codes (d = 9 for Lo, 14 for Hi), Triton vs torch
+6. LFQ loss: forward + backward at one training batch's codes (d = 9 for Lo, 14 for Hi), Triton vs torch
    (a check) and upstream's LFQ;
-6. kernels, for `kernels="auto"` (kernels.AUTO_WHEN_COMPILED): each fused op forward + backward at
+7. kernels, for `kernels="auto"` (kernels.AUTO_WHEN_COMPILED): each fused op forward + backward at
    FlowMo-Lo's training shapes in bf16, as plain PyTorch eager, plain PyTorch under torch.compile and the
    Triton kernel; then FlowMo-Lo's decoder forward and train step with the fast path forced to Triton
    kernels inside the compiled blocks (`fast_triton`) next to `fast` (auto: plain ops there);
-7. upstream compiled: reconstruct, decoder forward, train step and encode of FlowMo-Lo, train step of
+8. upstream compiled: reconstruct, decoder forward, train step and encode of FlowMo-Lo, train step of
    FlowMo-Hi (its whole-model compiles take minutes: last, so they cannot crowd out our rows).
-Rows 2-4 run plain, fast and upstream eager.
+Rows 2-5 run plain, fast and upstream eager.
 
 Times are the median of the timed calls after a warm-up call (compilation, CUDA-graph capture). Peak
 memory is the allocator's peak during the row minus what was allocated before it (activations, workspace,
@@ -34,19 +39,22 @@ graph pools, optimizer state; not the weights). FLOPs are counted analytically (
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import datetime
-import gc
-import json
-import signal
-import statistics
-import sys
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable, Optional
+
+START = time.perf_counter()  # the budget counts from here, before the imports (torch's take seconds)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Optional  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: the repository root holds `bench` and the packages
@@ -62,14 +70,16 @@ from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS  # noqa: E402
 from flowmo_fast.fast import compile_blocks, raise_recompile_limit  # noqa: E402
 from flowmo_fast.hardware import peak_bf16_tflops  # noqa: E402
 from flowmo_fast.model import autocast_for  # noqa: E402
+from flowmo_fast.sampling import UPSTREAM, SamplingOptions  # noqa: E402
 from flowmo_fast.token_shards import TokenSpec  # noqa: E402
 from flowmo_fast.tokenize import make_encoder  # noqa: E402
 from kernels import get_ops, triton_available  # noqa: E402
 
-PHASES = ("check", "reconstruct", "decoder", "train", "encode", "lfq", "kernels", "upstream_compiled")
+PHASES = ("check", "reconstruct", "latency", "decoder", "train", "encode", "lfq", "kernels", "upstream_compiled")
 OURS = ("plain", "fast")
-UPSTREAM = ("upstream_eager", "upstream_compiled")
 ENTROPY_WEIGHT, COMMIT_WEIGHT = 0.0025, 0.000625  # the LFQ loss weights of the config
+# The whole run, start-up and printing included, ends within 6 minutes (the GPU machine's run is cut at 7).
+DEFAULT_BUDGET_S = 330.0
 
 
 @dataclass(frozen=True)
@@ -127,28 +137,38 @@ class Check:
 
 
 class BudgetExceeded(BaseException):
-    """Raised by the alarm when the global time budget runs out (BaseException: library code that catches
-    Exception must not swallow it)."""
+    """Raised by the alarm when the global time budget runs out, or on SIGTERM (BaseException: library code
+    that catches Exception must not swallow it)."""
 
 
 @dataclass
 class Budget:
     seconds: float
-    start: float = field(default_factory=time.perf_counter)
+    start: float = field(default_factory=time.perf_counter)  # a time.perf_counter() value
+    terminated: bool = False  # SIGTERM: no more rows
+    handlers: dict = field(default_factory=dict)  # signal -> the handler before `arm`
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
     def left(self) -> float:
-        return self.seconds - self.elapsed()
+        return 0.0 if self.terminated else self.seconds - self.elapsed()
 
     def arm(self) -> None:
-        """Interrupt whatever runs when the budget is spent (the table still prints)."""
+        """Interrupt whatever runs when the budget is spent or on SIGTERM (a `timeout` kill): the table still
+        prints."""
         def alarm(signum, frame):
+            self.terminated = self.terminated or signum == signal.SIGTERM
             raise BudgetExceeded()
 
-        signal.signal(signal.SIGALRM, alarm)
+        for signum in (signal.SIGALRM, signal.SIGTERM):
+            self.handlers[signum] = signal.signal(signum, alarm)
         signal.setitimer(signal.ITIMER_REAL, max(self.left(), 1.0), 5.0)  # again every 5 s, should one be swallowed
+
+    def disarm(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for signum, handler in self.handlers.items():
+            signal.signal(signum, handler)
 
 
 def log(budget: Budget, message: str) -> None:
@@ -191,44 +211,110 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
 
 
+TABLE_HEAD = (
+    "| workload | model | impl | ms | images/s | TFLOP/s | MFU | peak GiB | vs plain | vs best upstream "
+    "| first call s | check | note |",
+    "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
+)
+CHECKS_HEAD = ("| check | value | tolerance | result |", "|---|--:|--:|---|")
+
+
+@dataclass
+class Baselines:
+    """Per (workload, model): the plain row's ms and the fastest upstream row's ms, among the given rows."""
+
+    plain_ms: dict
+    best_upstream_ms: dict
+
+    @classmethod
+    def of(cls, rows: list[Row]) -> "Baselines":
+        best_upstream: dict[tuple[str, str], float] = {}
+        plain_ms: dict[tuple[str, str], float] = {}
+        for r in rows:
+            if r.ms is None:
+                continue
+            key = (r.workload, r.model)
+            if r.impl.startswith("upstream"):
+                best_upstream[key] = min(best_upstream.get(key, float("inf")), r.ms)
+            if r.impl in ("plain", "torch"):
+                plain_ms[key] = r.ms
+        return cls(plain_ms, best_upstream)
+
+
+def markdown_row(r: Row, baselines: Baselines, peak: Optional[float]) -> str:
+    """One line of the timings table; `vs plain` and `vs best upstream` compare rows of the same workload and
+    model (those in `baselines`)."""
+    key = (r.workload, r.model)
+    cells = [r.workload, r.model, r.impl]
+    if r.ms is None:
+        cells += ["—"] * 8
+    else:
+        plain, upstream_ms = baselines.plain_ms, baselines.best_upstream_ms
+        tf = flops.tflops(r.flops_per_image, r.images, r.ms / 1000) if r.flops_per_image else None
+        util = flops.mfu(tf, peak) if tf is not None else None
+        cells += [
+            f"{r.ms:.1f}",
+            f"{1000 * r.images / r.ms:.1f}",
+            f"{tf:.3g}" if tf is not None else "—",
+            f"{100 * util:.1f}%" if util is not None else "—",
+            f"{r.peak_gib:.2f}" if r.peak_gib is not None else "—",
+            f"{plain[key] / r.ms:.2f}x" if key in plain and not r.impl.startswith("upstream") else "—",
+            f"{upstream_ms[key] / r.ms:.2f}x" if key in upstream_ms else "—",
+            f"{r.first_s:.1f}" if r.first_s is not None else "—",
+        ]
+    cells += [r.check, r.note]
+    return "| " + " | ".join(cells) + " |"
+
+
 def markdown_table(rows: list[Row], peak: Optional[float]) -> str:
-    """The timings table; `vs plain` and `vs best upstream` compare rows of the same workload and model."""
-    best_upstream: dict[tuple[str, str], float] = {}
-    plain_ms: dict[tuple[str, str], float] = {}
-    for r in rows:
-        if r.ms is None:
-            continue
-        key = (r.workload, r.model)
-        if r.impl.startswith("upstream"):
-            best_upstream[key] = min(best_upstream.get(key, float("inf")), r.ms)
-        if r.impl in ("plain", "torch"):
-            plain_ms[key] = r.ms
-    lines = [
-        "| workload | model | impl | ms | images/s | TFLOP/s | MFU | peak GiB | vs plain | vs best upstream "
-        "| first call s | check | note |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
-    ]
-    for r in rows:
-        key = (r.workload, r.model)
-        cells = [r.workload, r.model, r.impl]
-        if r.ms is None:
-            cells += ["—"] * 8
-        else:
-            tf = flops.tflops(r.flops_per_image, r.images, r.ms / 1000) if r.flops_per_image else None
-            util = flops.mfu(tf, peak) if tf is not None else None
-            cells += [
-                f"{r.ms:.1f}",
-                f"{1000 * r.images / r.ms:.1f}",
-                f"{tf:.3g}" if tf is not None else "—",
-                f"{100 * util:.1f}%" if util is not None else "—",
-                f"{r.peak_gib:.2f}" if r.peak_gib is not None else "—",
-                f"{plain_ms[key] / r.ms:.2f}x" if key in plain_ms and not r.impl.startswith("upstream") else "—",
-                f"{best_upstream[key] / r.ms:.2f}x" if key in best_upstream else "—",
-                f"{r.first_s:.1f}" if r.first_s is not None else "—",
-            ]
-        cells += [r.check, r.note]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The timings table, every row compared with all the others."""
+    baselines = Baselines.of(rows)
+    return "\n".join([*TABLE_HEAD, *(markdown_row(r, baselines, peak) for r in rows)])
+
+
+def markdown_check(c: Check) -> str:
+    return f"| {c.name} | {c.value:.2e} | {c.tolerance:.0e} | {'pass' if c.passed else 'FAIL'} |"
+
+
+@dataclass
+class LiveOutput:
+    """Each check and row, the moment it is done: printed and flushed (a markdown line, then a JSON line) and
+    appended to `folder`/live.md and live.jsonl when given, so a run killed at any point keeps what it
+    measured. The markdown is the report's header, then the checks table and the timings table as they grow
+    (a row's ratios compare it with the rows done before it)."""
+
+    folder: Optional[Path]
+    peak: Optional[float]
+    checks: int = 0
+    rows: int = 0
+
+    def start(self, header: str) -> None:
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for name in ("live.md", "live.jsonl"):
+                (self.folder / name).write_text("")
+        self._emit([header], None)
+
+    def check(self, c: Check) -> None:
+        head = [] if self.checks else ["", "## Checks: fast path against plain path (as they ran)", "", *CHECKS_HEAD]
+        self.checks += 1
+        self._emit([*head, markdown_check(c)], {"check": asdict(c)})
+
+    def row(self, r: Row, done: list[Row]) -> None:
+        head = [] if self.rows else ["", "## Timings (as measured)", "", *TABLE_HEAD]
+        self.rows += 1
+        self._emit([*head, markdown_row(r, Baselines.of(done), self.peak)], {"row": asdict(r)})
+
+    def _emit(self, markdown: list[str], record: Optional[dict]) -> None:
+        text = "\n".join(markdown) + "\n"
+        line = json.dumps(record) + "\n" if record is not None else ""
+        print(text + line, end="", flush=True)
+        if self.folder is not None:
+            with open(self.folder / "live.md", "a") as f:
+                f.write(text)
+            if line:
+                with open(self.folder / "live.jsonl", "a") as f:
+                    f.write(line)
 
 
 class Models:
@@ -301,15 +387,18 @@ def require_triton(device: torch.device) -> None:
 
 
 class Report:
-    def __init__(self, args: argparse.Namespace, scale: Scale, device: torch.device):
+    def __init__(self, args: argparse.Namespace, scale: Scale, device: torch.device, start: Optional[float] = None):
+        """`start`: the time.perf_counter() the budget counts from (the process's start when run as a script;
+        default now)."""
         self.args = args
         self.scale = scale
         self.device = device
-        self.budget = Budget(args.budget_s)
+        self.budget = Budget(args.budget_s, time.perf_counter() if start is None else start)
         self.models = Models(scale, device, args.compile_backend)
         self.rows: list[Row] = []
         self.checks: list[Check] = []
         self.outputs: dict[tuple[str, str], torch.Tensor] = {}  # (workload, model) -> the plain row's output
+        self.live = LiveOutput(Path(args.out) if args.out else None, peak_bf16_tflops(device_name(device)))
 
     # --- running rows ---------------------------------------------------------------------------------
 
@@ -320,6 +409,8 @@ class Report:
         if self.budget.left() < reserve_s:
             self._note(row, f"skipped: {self.budget.left():.0f} s of budget left, needs {reserve_s:.0f} s")
             log(self.budget, f"{label}: skipped (time budget)")
+            if row is not None:
+                self.live.row(row, self.rows)
             return
         log(self.budget, f"{label} ...")
         try:
@@ -338,6 +429,12 @@ class Report:
                 torch.cuda.empty_cache()
         if row is not None and row.ms is not None:
             log(self.budget, f"{label}: {row.ms:.1f} ms")
+        if row is not None:
+            self.live.row(row, self.rows)
+
+    def add_check(self, check: Check) -> None:
+        self.checks.append(check)
+        self.live.check(check)
 
     @staticmethod
     def _note(row: Optional[Row], note: str) -> None:
@@ -408,12 +505,12 @@ class Report:
         with torch.no_grad(), autocast_for(self.device):
             v_plain, v_fast = plain.decode(zt, code, t), fast.decode(zt, code, t)
         tol = self.scale.tolerance
-        self.checks.append(Check(f"{name} decoder forward, fast vs plain (rel L2)", rel_l2(v_fast, v_plain), tol))
+        self.add_check(Check(f"{name} decoder forward, fast vs plain (rel L2)", rel_l2(v_fast, v_plain), tol))
 
         values = {impl: self.loss_and_grad_norm(name, impl) for impl in OURS}
         (loss_p, norm_p), (loss_f, norm_f) = values["plain"], values["fast"]
-        self.checks.append(Check(f"{name} training loss, fast vs plain (rel)", abs(loss_f / loss_p - 1), tol))
-        self.checks.append(Check(f"{name} gradient norm, fast vs plain (rel)", abs(norm_f / norm_p - 1), tol))
+        self.add_check(Check(f"{name} training loss, fast vs plain (rel)", abs(loss_f / loss_p - 1), tol))
+        self.add_check(Check(f"{name} gradient norm, fast vs plain (rel)", abs(norm_f / norm_p - 1), tol))
 
     def loss_and_grad_norm(self, name: str, impl: str) -> tuple[float, float]:
         """Training loss and gradient norm at fixed times and noise, no guidance dropout; no step taken."""
@@ -424,7 +521,7 @@ class Report:
         noise = torch.randn(b, 3, s, s, generator=g, device=self.device)
         try:
             with autocast_for(self.device):
-                loss, _ = flow.rectified_flow_loss(model, self.images(b), t=t, noise=noise, enable_cfg=False)
+                loss = flow.rectified_flow_loss(model, self.images(b), t=t, noise=noise, enable_cfg=False).loss
             loss.backward()
             grads = [p.grad.float().flatten() for p in model.parameters() if p.grad is not None]
             return float(loss.detach()), float(torch.linalg.vector_norm(torch.cat(grads)))
@@ -432,27 +529,36 @@ class Report:
             model.zero_grad(set_to_none=True)
             model.eval()
 
-    def reconstruct(self, name: str, impl: str) -> None:
+    def sampling(self) -> SamplingOptions:
+        """The reconstruct rows' sampler: upstream's evaluation setting (cfg 1.5, pow_0.25, guidance interval),
+        the scale's steps. Upstream's rows get the same steps and cfg."""
+        return UPSTREAM.replace(steps=self.scale.recon_steps)
+
+    def reconstruct(self, name: str, impl: str, batch: Optional[int] = None) -> None:
+        """Images -> reconstructions: at the scale's batch (throughput), or at `batch` (1: latency)."""
         sc = self.scale
-        row = Row("reconstruct", name, impl, sc.recon_batch, flops.reconstruct_flops(
-            self.models.config(name), sc.size, sc.size, sc.recon_steps, cfg=1.5))
+        workload = "reconstruct" if batch is None else f"reconstruct latency (batch {batch})"
+        batch = sc.recon_batch if batch is None else batch
+        sampling = self.sampling()
+        per_image = flops.reconstruct_flops(self.models.config(name), sc.size, sc.size, sampling)
+        row = Row(workload, name, impl, batch, per_image)
 
         def run():
-            model, images = self.models.get(name, impl), self.images(sc.recon_batch)
+            model, images = self.models.get(name, impl), self.images(batch)
             seed = lambda: torch.Generator(self.device).manual_seed(1)  # noqa: E731
             if impl in OURS:
-                fn = lambda: model.reconstruct(images, steps=sc.recon_steps, cfg=1.5, generator=seed())  # noqa: E731
+                fn = lambda: model.reconstruct(images, sampling, generator=seed())  # noqa: E731
             else:
                 noise = torch.randn(images.shape, generator=seed(), device=self.device)
 
                 def fn():
                     with autocast_for(self.device):
                         return upstream.upstream_reconstruct(
-                            self.models.upstream_module, model, images, noise, sc.recon_steps, 1.5
+                            self.models.upstream_module, model, images, noise, sampling.steps, sampling.cfg
                         ).float()
             self.compare(row, self.measure(row, fn))
 
-        self.attempt(f"reconstruct {name} {impl}", self.reserve(impl), run, row)
+        self.attempt(f"{workload} {name} {impl}", self.reserve(impl), run, row)
 
     def decoder_forward(self, name: str, impl: str) -> None:
         sc = self.scale
@@ -496,7 +602,7 @@ class Report:
                 optimizer.zero_grad(set_to_none=True)
                 with autocast_for(self.device):
                     if not impl.startswith("upstream"):
-                        loss = flow.rectified_flow_loss(model, images)[0]
+                        loss = flow.rectified_flow_loss(model, images).loss
                     else:
                         loss = self.models.upstream_module.rf_loss(model.config, model, {"image": images}, {})[0]
                 loss.backward()
@@ -578,7 +684,7 @@ class Report:
                 diff = float(((out - self.outputs[key]).abs() / self.outputs[key].abs()).max())
                 row.check = f"loss, grad norm rel {diff:.1e}"
                 if impl == "triton":
-                    self.checks.append(Check(f"{name} LFQ loss and gradient, Triton vs torch (rel)", diff, 1e-4))
+                    self.add_check(Check(f"{name} LFQ loss and gradient, Triton vs torch (rel)", diff, 1e-4))
 
         self.attempt(f"LFQ loss {name} {impl}", self.scale.reserve_s, run, row)
 
@@ -635,7 +741,12 @@ class Report:
         phases = self.args.phases
         if "check" in phases:
             self.attempt(f"check {lo}", 0, lambda: self.run_checks(lo))
-        for phase, workload in (("reconstruct", self.reconstruct), ("decoder", self.decoder_forward)):
+        workloads = {
+            "reconstruct": self.reconstruct,
+            "latency": lambda name, impl: self.reconstruct(name, impl, batch=1),
+            "decoder": self.decoder_forward,
+        }
+        for phase, workload in workloads.items():
             if phase in phases:
                 for impl in (*OURS, "upstream_eager"):
                     workload(lo, impl)
@@ -662,6 +773,7 @@ class Report:
         if self.args.dry_run:
             self.rows.append(Row("reconstruct, decoder forward, train step, encode", "all", "upstream_compiled", 0,
                                  None, note="not run in --dry-run (inductor compiles for minutes on a CPU)"))
+            self.live.row(self.rows[-1], self.rows)
             return
         for workload in (self.reconstruct, self.decoder_forward, self.train_step, self.encode):  # compiles longest
             workload(lo, "upstream_compiled")
@@ -673,7 +785,7 @@ class Report:
     # --- output ---------------------------------------------------------------------------------------
 
     def header(self) -> str:
-        name = device_name(self.device)
+        name, sampling = device_name(self.device), self.sampling()
         triton = "n/a"
         if triton_available():
             import triton
@@ -689,39 +801,55 @@ class Report:
             f"- upstream: {upstream.reference_path() or 'not set (' + str(upstream.skip_reason()) + ')'}",
             (f"- attention backends installed: {', '.join(b.name for b in installed_backends())} (plain: timed per "
              "shape, fastest used; fast: SDPA inside the compiled blocks)"),
-            (f"- sizes: {self.scale.size}px; reconstruct batch {self.scale.recon_batch}, {self.scale.recon_steps} "
-             f"steps, cfg 1.5; train batch {self.scale.train_batch}; encode batch {self.scale.encode_batch}"),
-            f"- wall time: {self.budget.elapsed():.0f} s of a {self.budget.seconds:.0f} s budget",
+            (f"- sizes: {self.scale.size}px; reconstruct batch {self.scale.recon_batch} and 1 ({sampling.steps} steps, "
+             f"cfg {sampling.cfg}, {sampling.schedule}); train batch {self.scale.train_batch}; encode batch "
+             f"{self.scale.encode_batch}"),
+            (f"- wall time: {self.budget.elapsed():.0f} s of a {self.budget.seconds:.0f} s budget (from the "
+             "process's start)"),
         ])
 
-    def print(self) -> None:
-        print(self.header())
-        print("\n## Checks: fast path against plain path\n")
-        print("| check | value | tolerance | result |\n|---|--:|--:|---|")
-        for c in self.checks:
-            print(f"| {c.name} | {c.value:.2e} | {c.tolerance:.0e} | {'pass' if c.passed else 'FAIL'} |")
+    def markdown(self) -> str:
+        """The whole report: header, checks, FLOP formula, the timings table."""
+        lines = [self.header(), "", "## Checks: fast path against plain path", "", *CHECKS_HEAD]
+        lines += [markdown_check(c) for c in self.checks]
         if not self.checks:
-            print("| (no check ran) | | | FAIL |" if "check" in self.args.phases else "| (not asked for: --phases) | | | |")
-        print("\n## FLOP counts\n\n```\n" + flops.FORMULA + "\n```")
-        print("\nvs plain: plain ms / ms; vs best upstream: faster upstream row's ms / ms (above 1: we are faster).")
-        print("\n## Timings\n")
-        print(markdown_table(self.rows, peak_bf16_tflops(device_name(self.device))))
+            lines.append("| (no check ran) | | | FAIL |" if "check" in self.args.phases else
+                         "| (not asked for: --phases) | | | |")
+        lines += ["", "## FLOP counts", "", "```", flops.FORMULA, "```", ""]
+        lines += ["vs plain: plain ms / ms; vs best upstream: faster upstream row's ms / ms (above 1: we are faster).",
+                  "", "## Timings", ""]
+        return "\n".join(lines) + "\n" + markdown_table(self.rows, peak_bf16_tflops(device_name(self.device)))
 
-    def save(self, path: str) -> None:
+    def save(self, path: Path) -> None:
         checks, rows = [asdict(c) for c in self.checks], [asdict(r) for r in self.rows]
         data = {"header": self.header(), "checks": checks, "rows": rows}
         Path(path).write_text(json.dumps(data, indent=1))
+
+    def finish(self) -> None:
+        """Print the whole report; write it to `--json` and to `--out`/report.md and report.json."""
+        text = self.markdown()
+        print(text, flush=True)
+        if self.args.json:
+            self.save(self.args.json)
+        if self.args.out:
+            Path(self.args.out, "report.md").write_text(text + "\n")
+            self.save(Path(self.args.out, "report.json"))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: exercise every code path")
-    p.add_argument("--budget-s", type=float, default=450.0, help="stop starting rows after this (default 450)")
+    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                   help=f"seconds from the process's start after which no row starts and a running one stops "
+                        f"(default {DEFAULT_BUDGET_S:.0f}: the whole run ends within 6 minutes)")
     p.add_argument("--target-s", type=float, default=3.0, help="time each row for about this long (default 3)")
     p.add_argument("--max-iters", type=int, default=20, help="at most this many timed calls per row (default 20)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend of the fast path (default: inductor; eager in --dry-run)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON (at the end)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write DIR/live.md and live.jsonl as rows finish (a killed run keeps them), and "
+                        "DIR/report.md and report.json at the end")
     p.add_argument("--phases", default=",".join(PHASES),
                    help=f"comma-separated subset of {','.join(PHASES)} (default: all; e.g. to rerun what a first "
                         "run's budget skipped)")
@@ -735,7 +863,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, start: Optional[float] = None) -> int:
+    """`start`: the time.perf_counter() the budget counts from (default now)."""
     args = parse_args(argv)
     if args.dry_run:
         device, scale = torch.device("cpu"), DRY
@@ -745,20 +874,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("gpu_report: no CUDA device here; run with --dry-run to exercise the report on the CPU", file=sys.stderr)
         return 2
     raise_recompile_limit()  # the upstream compiled rows need it too
-    report = Report(args, scale, device)
+    report = Report(args, scale, device, start)
+    report.live.start(report.header())
     report.budget.arm()
     try:
         report.run()
     except BudgetExceeded:
         log(report.budget, "time budget spent; printing what ran")
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        report.print()
-        if args.json:
-            report.save(args.json)
+        report.budget.disarm()
+        report.finish()
     failed = [c for c in report.checks if not c.passed]
     return 1 if failed or (not report.checks and "check" in args.phases) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(start=START))

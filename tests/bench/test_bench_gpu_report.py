@@ -1,12 +1,20 @@
-"""The GPU report without a GPU: the table's ratios, budget, failures, phases, and a dry run end to end."""
+"""The GPU report without a GPU: the table's ratios, budget, failures, phases, output as rows finish, and a
+dry run end to end."""
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from bench import gpu_report
 from bench.gpu_report import Row
+
+SCRIPT = Path(gpu_report.__file__)
 
 
 def test_table_ratios_compare_rows_of_one_workload_and_model():
@@ -56,10 +64,12 @@ def test_a_failing_row_is_recorded_and_the_report_goes_on():
 
 def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     """`--dry-run`: every phase runs on tiny CPU models through the same code as on a GPU; the checks pass,
-    every row that can run here has a time and no row failed; the JSON holds what the table shows."""
+    every row that can run here has a time and no row failed; the JSON holds what the table shows, and the
+    live files every row and check, in the order they finished."""
     monkeypatch.delenv("FLOWMO_REFERENCE", raising=False)
     out = tmp_path / "report.json"
-    rc = gpu_report.main(["--dry-run", "--target-s", "0", "--max-iters", "1", "--json", str(out)])
+    rc = gpu_report.main(["--dry-run", "--target-s", "0", "--max-iters", "1", "--json", str(out),
+                          "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert rc == 0 and printed.rstrip().splitlines()[-1].startswith("| ")  # the table prints last
     saved = json.loads(out.read_text())
@@ -67,8 +77,13 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     rows = [Row(**r) for r in saved["rows"]]
     assert not [r for r in rows if r.note.startswith("error")]
     timed = {(r.workload.split(":")[0], r.model, r.impl) for r in rows if r.ms is not None}
-    for workload in ("reconstruct", "decoder forward", "train step", "encode (token ids)"):
+    workloads = ("reconstruct", "reconstruct latency (batch 1)", "decoder forward", "train step", "encode (token ids)")
+    for workload in workloads:
         assert {(workload, "FlowMo-Lo (tiny)", impl) for impl in ("plain", "fast")} <= timed, workload
+    live = [json.loads(line) for line in (tmp_path / "out" / "live.jsonl").read_text().splitlines()]
+    assert [x["row"] for x in live if "row" in x] == saved["rows"]
+    assert [x["check"] for x in live if "check" in x] == saved["checks"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["rows"] == saved["rows"]
     assert ("kernel fwd+bwd", "FlowMo-Lo (tiny)", "torch compiled") in timed
     skipped = {r.impl: r.note for r in rows if r.ms is None}
     assert skipped["triton"].startswith("skipped") and skipped["upstream_eager"].startswith("skipped")
@@ -84,3 +99,46 @@ def test_phases_select_rows(monkeypatch, capsys):
     assert not {"reconstruct", "train step", "encode (token ids)"} & workloads
     with pytest.raises(SystemExit):
         gpu_report.parse_args(["--phases", "reconstruct,warp"])
+
+
+def start_script(args: list, folder: Path) -> subprocess.Popen:
+    """bench/gpu_report.py as a script (its own process: the budget counts from its start), output to files."""
+    env = {k: v for k, v in os.environ.items() if k != "FLOWMO_REFERENCE"}
+    with open(folder / "stdout", "w") as stdout, open(folder / "stderr", "w") as stderr:
+        return subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, cwd=SCRIPT.parents[1],
+                                stdout=stdout, stderr=stderr, text=True)
+
+
+def finished_rows(path: Path) -> list:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["row"] for line in lines if line.startswith('{"row"')]
+
+
+def test_a_killed_run_keeps_every_row_it_finished(tmp_path):
+    """Killed (SIGKILL, no chance to clean up) right after its first row finished: that row is already in
+    the live files, as a JSON line and a markdown line, and was printed; the final report never came."""
+    out = tmp_path / "out"
+    proc = start_script(["--dry-run", "--phases", "lfq", "--target-s", "2", "--out", str(out)], tmp_path)
+    try:
+        deadline = time.monotonic() + 600  # against a hang only
+        while proc.poll() is None and not finished_rows(out / "live.jsonl") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    rows = [Row(**r) for r in finished_rows(out / "live.jsonl")]
+    assert rows and not (out / "report.md").exists(), (tmp_path / "stderr").read_text()[-3000:]
+    markdown = (out / "live.md").read_text()
+    printed = (tmp_path / "stdout").read_text()
+    for r in rows:
+        line = gpu_report.markdown_row(r, gpu_report.Baselines.of(rows), None)
+        assert line in markdown and line in printed
+
+
+def test_the_budget_counts_from_the_process_start(tmp_path):
+    """A budget shorter than the script's own start-up (imports): no row starts, not even the first check
+    (which needs no reserve); counted from after start-up, the check would start."""
+    proc = start_script(["--dry-run", "--phases", "check", "--budget-s", "0.01"], tmp_path)
+    assert proc.wait(timeout=600) == 1  # no check ran
+    log = (tmp_path / "stderr").read_text()
+    assert "check FlowMo-Lo (tiny): skipped (time budget)" in log, log[-3000:]
