@@ -7,6 +7,7 @@ go through the command's `main` inside the test process (same code, no interpret
 from __future__ import annotations
 
 import io
+import math
 import re
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from PIL import Image
 
 import flowmo_fast
 from flowmo_fast.checkpoint import read_checkpoint
+from flowmo_fast.config import config_from_dict
 from train import checkpointing, posttrain, pretrain
 
 from train_helpers import REPO, check, command_env, run_command
@@ -166,6 +168,31 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(lone_process, t
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def initial_weights(config) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The weights a run starts from (every rank: FlowMo(config) right after torch.manual_seed(global_seed)) and
+    the names of those that train (FlowMo freezes the ones no output depends on)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(config.global_seed)
+        model = flowmo_fast.FlowMo(config)
+    return model.state_dict(), {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def relative(gap: float, size: float) -> float:
+    return gap / size if size else (math.inf if gap else 0.0)
+
+
+def update_gaps(ours: dict, reference: dict, start: dict, names: set) -> tuple[float, float, str]:
+    """How far one run's updates (w - w_start) are from another's, relative to the other's: ||gap|| / ||update||
+    over all `names` together, and the largest over single tensors with its name."""
+    gaps, sizes = {}, {}
+    for name in names:
+        moved, expected = (ours[name] - start[name]).double(), (reference[name] - start[name]).double()
+        gaps[name], sizes[name] = (moved - expected).norm().item(), expected.norm().item()
+    worst = max(names, key=lambda n: relative(gaps[n], sizes[n]))
+    whole = relative(math.hypot(*gaps.values()), math.hypot(*sizes.values()))
+    return whole, relative(gaps[worst], sizes[worst]), worst
+
+
 @pytest.mark.distributed
 def test_fsdp_matches_ddp_and_writes_the_same_checkpoint_format(uninterrupted, tmp_path):
     reference_dir, reference_stdout = uninterrupted
@@ -181,8 +208,18 @@ def test_fsdp_matches_ddp_and_writes_the_same_checkpoint_format(uninterrupted, t
     # Same data, seeds and algorithm: the same training up to reduction-order rounding (Adam amplifies it).
     for step in (5, 10):
         assert log_lines(stdout)[step]["diffusion_loss"] == pytest.approx(log_lines(reference_stdout)[step]["diffusion_loss"], rel=1e-2)
-    for key in ("model_state_dict", "model_ema_state_dict"):
-        assert fsdp[key].keys() == ddp[key].keys()
-        for name, value in ddp[key].items():
-            assert torch.allclose(fsdp[key][name], value, atol=2e-3, rtol=0), (key, name)
+    # Compare what training changed: in 10 steps the weights move by <= 3e-3 and the EMA (one update, at step 0,
+    # weight 1 - 0.99^10) by <= 3e-5, far below a tolerance on the weights themselves. FSDP's updates differ from
+    # DDP's by ~1% of the update (up to ~3% for single tensors: reduction order, amplified by Adam), the EMA's
+    # by ~0.03% (0.1%). The frozen weights are left out: FSDP's norm fixing moves them by rounding (~1e-7).
+    start, trained = initial_weights(config_from_dict(ddp["config"]))
+    ema_moved = max((ddp["model_ema_state_dict"][k] - w).abs().max().item() for k, w in start.items())
+    assert 0 < ema_moved < 1e-3, f"DDP's EMA moved {ema_moved:.3g}: are these the weights the run starts from?"
+    for key, rtol in (("model_state_dict", 0.03), ("model_ema_state_dict", 0.003)):
+        assert fsdp[key].keys() == ddp[key].keys() == start.keys()
+        whole, single, name = update_gaps(fsdp[key], ddp[key], start, trained)
+        assert whole <= rtol and single <= 3 * rtol, (
+            f"{key}: FSDP's update is {whole:.3g} of DDP's away from it (limit {rtol}), {single:.3g} for {name} "
+            f"(limit {3 * rtol:.3g})"
+        )
     assert flowmo_fast.load_checkpoint(tmp_path / "fsdp" / "checkpoints" / "00000010.pth").config.trainer.fsdp
