@@ -114,14 +114,22 @@ def seed_hf_cache(cache: Path, files: dict, revision: str = "0123456789abcdef012
     (repo / "refs" / "main").write_text(revision)
 
 
+@pytest.fixture(scope="session")
+def seeded_hf_home(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A Hugging Face home (HF_HOME) whose hub cache holds the tiny checkpoint as ksarge/FlowMo's flowmo_lo.pth;
+    flowmo_hi.pth is missing."""
+    home = tmp_path_factory.mktemp("hf-home")
+    seed_hf_cache(home / "hub", {"flowmo_lo.pth": tiny_checkpoint})
+    return home
+
+
 @pytest.fixture()
-def published_cache(tmp_path, tiny_checkpoint, monkeypatch):
-    """An offline Hugging Face cache whose ksarge/FlowMo holds the tiny checkpoint as flowmo_lo.pth (flowmo_hi.pth
-    is missing), with huggingface_hub pointed at it in offline mode, here and in subprocesses: nothing downloads."""
+def published_cache(seeded_hf_home, monkeypatch) -> Path:
+    """`seeded_hf_home`'s cache, with huggingface_hub pointed at it in offline mode, here and in subprocesses:
+    nothing downloads."""
     from huggingface_hub import constants
 
-    cache = tmp_path / "hf-home" / "hub"
-    seed_hf_cache(cache, {"flowmo_lo.pth": tiny_checkpoint})
+    cache = seeded_hf_home / "hub"
     for key, value in {"HF_HOME": str(cache.parent), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read at import: this process's copy
