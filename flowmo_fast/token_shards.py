@@ -25,6 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from flowmo_fast.checkpoint import atomic_write
+from flowmo_fast.llm_infill import is_llm_quantization
 
 FORMAT = "flowmo-fast-tokens"
 VERSION = 1
@@ -43,6 +44,16 @@ def smallest_uint_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocab_size={vocab_size} does not fit in 32-bit ids")
 
 
+def check_tokenizable(model_config) -> None:
+    """Only lfq (ids) and kl (latents) checkpoints have rows to store: refuse others from their config alone,
+    before a model (or the LLM of the LLM type) is loaded."""
+    q = model_config.quantization_type
+    if q in ("lfq", "kl"):
+        return
+    why = "its code is continuous, a span of it infilled by a frozen LLM" if is_llm_quantization(q) else "no quantizer"
+    raise ValueError(f"model.quantization_type={q!r} has no token ids ({why}); tokenize needs an lfq or kl checkpoint")
+
+
 @dataclass(frozen=True)
 class TokenSpec:
     """What one row is: "ids" (LFQ token ids, with vocab_size) or "latents" (KL posterior means, float16)."""
@@ -57,14 +68,11 @@ class TokenSpec:
         from flowmo_fast.tokenizer import Tokenizer
 
         m = model.config.model
+        check_tokenizable(m)
         if m.quantization_type == "lfq":
             tok = Tokenizer(model)
             return cls("ids", smallest_uint_dtype(tok.vocab_size).name, (tok.tokens_per_image,), tok.vocab_size)
-        if m.quantization_type == "kl":
-            return cls("latents", "float16", (m.code_length, m.context_dim))
-        raise ValueError(
-            f"model.quantization_type={m.quantization_type!r} has no tokens; tokenize needs an lfq or kl checkpoint"
-        )
+        return cls("latents", "float16", (m.code_length, m.context_dim))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenSpec":
