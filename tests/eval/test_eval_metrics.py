@@ -35,7 +35,7 @@ def test_fid_of_a_feature_set_with_itself_is_zero(n, d):
     x = gaussian_features(np.random.default_rng(0), n, d)
     trace = np.trace(np.cov(x, rowvar=False))
     assert abs(metrics.fid(x, x)) < 1e-10 * trace
-    assert abs(metrics.fid(x, x + 0.5)) - 0.25 * d < 1e-8 * trace  # a shift only adds ||shift||^2
+    assert abs(metrics.fid(x, x + 0.5) - 0.25 * d) < 1e-8 * trace  # a shift only adds ||shift||^2
 
 
 @pytest.mark.parametrize("n1, n2, d, rtol", [(400, 350, 32, 1e-9), (40, 30, 64, 1e-6)], ids=["full-rank", "low-rank"])
