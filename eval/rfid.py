@@ -4,8 +4,9 @@ and where we differ: per-image PSNR).
 
 Also runs as `torchrun --nproc-per-node=N -m eval.rfid ...`: batches are dealt to the processes round-robin,
 results are gathered and put back in data-set order, so every process count gives the same numbers. Each
-image's sampler noise (and KL posterior sample) comes from its own generator, seeded by (--seed, the image's row
-in the data set), so a reconstruction does not depend on batching or on the number of processes.
+image's sampler noise (and KL posterior sample, or LLM span start) comes from its own generator, seeded by (--seed,
+the image's row in the data set), so a reconstruction does not depend on batching or on the number of processes.
+Checkpoints of model.quantization_type=qwen2.5-coder-0.5b[_span_P] also report infill_mse.
 
 Writes into --out: metrics.json (metrics, image count, checkpoint sha256, config, sampler settings, speed),
 grid.png (originals on top, reconstructions below) and, with --save-reconstructions, one PNG per image.
@@ -56,6 +57,10 @@ METRICS = {
     ),
     "lpips_alex": MetricInfo("mean over images; lpips package v0.1, AlexNet", False),
     "lpips_vgg": MetricInfo("mean over images; lpips package v0.1, VGG16", False),
+    "infill_mse": MetricInfo(
+        "qwen2.5-coder-0.5b types only: mean over images of the mean squared error between the LLM's infilled "
+        "span and the encoder's own code there", False
+    ),
 }
 METRIC_DEFINITIONS = {name: info.definition for name, info in METRICS.items()}
 
@@ -208,7 +213,7 @@ def reconstruct_and_measure(
     model, measure, loader, sampling: SamplingOptions, seed: int, procs: Processes, total: int,
     recon_dir: Optional[str] = None, desc: str = "reconstructing",
 ) -> Collected:
-    got = Collected(values={name: [] for name in measure.names})
+    got = Collected(values={name: [] for name in (*measure.names, *model.quantizer.per_sample_names)})
     psnr_sum = 0.0
     bar = tqdm(total=total, unit="img", desc=desc, disable=not procs.is_main, dynamic_ncols=True)
     for batch in loader:
@@ -218,8 +223,10 @@ def reconstruct_and_measure(
             continue
         images = batch["image"].to(procs.device, non_blocking=True)
         rows = batch["index"].tolist()
-        reconstructions = model.reconstruct_rows(images, rows, seed, sampling)
+        out = model.reconstruct_rows_with_code(images, rows, seed, sampling)
+        reconstructions = out.images
         values, fx, fr = measure(images, reconstructions)
+        values.update({name: v.double().cpu() for name, v in out.quantizer.per_sample.items()})  # infill_mse
         got.rows += rows
         got.features_x.append(fx)
         got.features_r.append(fr)
