@@ -20,6 +20,7 @@ setup(
         "lpips>=0.1.4",
         "torch-fidelity>=0.3",
         "tensorboard>=2.12",
+        "matplotlib>=3.5",  # eval.watch's curves.png
         "tqdm>=4.60",
         "huggingface_hub>=0.23",  # flowmo_fast.from_pretrained("flowmo_lo" | "flowmo_hi")
     ],
