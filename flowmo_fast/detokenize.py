@@ -27,6 +27,7 @@ from flowmo_fast.model import FlowMo
 from flowmo_fast.checkpoint import file_sha256
 from flowmo_fast.token_shards import TokenShards, TokenSpec
 from flowmo_fast.noise import image_noise
+from flowmo_fast.pretrained import resolve_checkpoint
 from flowmo_fast.sampling import SamplingOptions, add_sampler_flags
 from flowmo_fast.tokenizer import Tokenizer
 
@@ -35,7 +36,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m flowmo_fast.detokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--ckpt", required=True, help="FlowMo checkpoint whose encoder made the tokens")
+    p.add_argument("--ckpt", required=True, help="FlowMo checkpoint whose encoder made the tokens (a file, or "
+                   "flowmo_lo / flowmo_hi: the published ones, by name)")
     p.add_argument("--which", default="ema", choices=("ema", "model"), help="EMA or raw weights (default: ema)")
     p.add_argument("--tokens", required=True, help="output folder of flowmo_fast.tokenize")
     p.add_argument("--out", required=True, help="folder for the PNG files")
@@ -69,6 +71,7 @@ def save_png(image: np.ndarray, path: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    args.ckpt = resolve_checkpoint(args.ckpt)
     shards = TokenShards(args.tokens)
     device = commands.pick_device(args.device)
     model = load_checkpoint(args.ckpt, which=args.which, device=device)
@@ -99,10 +102,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             bar.update(len(rows))
 
 
-def cli() -> None:
-    """main() with bad input (missing files, mismatched checkpoint) reported in one line."""
+def cli(argv: Optional[list[str]] = None) -> None:
+    """main() with bad input (missing files, mismatched checkpoint, an --out that is a file) reported in one line."""
     with commands.one_line_errors("detokenize"):
-        main()
+        main(argv)
 
 
 if __name__ == "__main__":

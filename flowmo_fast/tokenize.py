@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from flowmo_fast.checkpoint import file_sha256, load_checkpoint
 from flowmo_fast import commands
-from flowmo_fast.data import ImageDataset, collate_images
+from flowmo_fast.data import ImageDataset, collate_images, nothing_decodes
 from flowmo_fast.model import FlowMo, autocast_for
+from flowmo_fast.pretrained import resolve_checkpoint
 from flowmo_fast.token_shards import (
     INDEX,
     MANIFEST,
@@ -62,7 +63,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m flowmo_fast.tokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--ckpt", required=True, help="FlowMo checkpoint (upstream .pth or ours)")
+    p.add_argument("--ckpt", required=True, help="FlowMo checkpoint: flowmo_lo / flowmo_hi (published, by name) or a file")
     p.add_argument("--which", default="ema", choices=("ema", "model"), help="EMA or raw weights (default: ema)")
     commands.add_data_flags(p)
     p.add_argument("--out", required=True, help="output folder (created; reused by a rerun)")
@@ -178,6 +179,7 @@ def finish(out: str, planned: dict, ranges: list[range]) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    args.ckpt = resolve_checkpoint(args.ckpt)
     with commands.processes(args.device, timeout=BARRIER_TIMEOUT) as procs:
         rank, world, device = procs.rank, procs.world_size, procs.device
         model = load_checkpoint(args.ckpt, which=args.which, device=device)
@@ -220,12 +222,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             log(f"{c['rows']} rows ({spec.kind} {spec.dtype} {list(spec.row_shape)}), {c['failed']} failed images")
             for entry in manifest["failed"][:10]:
                 log(f"  could not decode row {entry['index']}: {entry['name']}")
+        if manifest["counts"]["rows"] == 0:
+            raise nothing_decodes(dataset.describe(), manifest["counts"]["failed"])
 
 
-def cli() -> None:
-    """main() with bad input (missing files, wrong settings, a foreign output folder) reported in one line."""
+def cli(argv: Optional[list[str]] = None) -> None:
+    """main() with bad input (missing files, wrong settings, a foreign output folder, undecodable data) reported
+    in one line."""
     with commands.one_line_errors("tokenize"):
-        main()
+        main(argv)
 
 
 if __name__ == "__main__":

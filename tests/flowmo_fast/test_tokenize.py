@@ -304,3 +304,42 @@ def test_clear_errors(tiny_checkpoint, folder_tokens, image_folder, tmp_path):
         tokenize.main(["--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "t"), "--image-size", "30"])
     with pytest.raises(FileNotFoundError, match="is it the --out folder of flowmo_fast.tokenize"):
         detokenize.main(["--ckpt", str(tiny_checkpoint), "--tokens", str(tmp_path), "--out", str(tmp_path / "p")])
+
+
+def one_line_exit(cli, argv: list) -> str:
+    """A command's cli(argv) on a user's mistake: its one-line exit message (non-zero status)."""
+    with pytest.raises(SystemExit) as stop:
+        cli([str(a) for a in argv])
+    message = str(stop.value.code)
+    assert stop.value.code not in (0, None) and "\n" not in message
+    return message
+
+
+def test_tokenize_mistakes_end_in_one_line(tiny_checkpoint, undecodable_folder, published_cache, tmp_path):
+    common = ["--out", tmp_path / "t", "--num-workers", 0]
+    message = one_line_exit(tokenize.cli, ["--ckpt", tiny_checkpoint, *common, "--data", undecodable_folder])
+    assert message.startswith(f"tokenize: error: none of the 3 images tried of 3 images under {undecodable_folder}")
+    (tmp_path / "empty").mkdir()
+    message = one_line_exit(tokenize.cli, ["--ckpt", tiny_checkpoint, *common, "--data", tmp_path / "empty"])
+    assert f"no image files under {tmp_path / 'empty'}" in message
+    message = one_line_exit(tokenize.cli, ["--ckpt", "flowmo_hi", *common])
+    assert "hf download ksarge/FlowMo flowmo_hi.pth" in message
+
+
+def test_tokenize_and_detokenize_take_published_names(published_cache, folder_tokens, image_folder, tiny_checkpoint, tmp_path):
+    run_tokenize("flowmo_lo", tmp_path / "named", "--data", image_folder, "--shard-size", 3, "--batch-size", 2)
+    assert np.array_equal(stored_ids(tmp_path / "named"), stored_ids(folder_tokens))
+    manifest = json.loads((tmp_path / "named" / MANIFEST).read_text())
+    assert manifest["checkpoint"]["path"].startswith(str(published_cache))
+    for ckpt, out in (("flowmo_lo", tmp_path / "by-name"), (tiny_checkpoint, tmp_path / "by-path")):
+        detokenize.main(["--ckpt", str(ckpt), "--tokens", str(folder_tokens), "--out", str(out), "--steps", "2", "--limit", "1"])
+    assert (tmp_path / "by-name" / "00000000.png").read_bytes() == (tmp_path / "by-path" / "00000000.png").read_bytes()
+
+
+def test_detokenize_mistakes_end_in_one_line(tiny_checkpoint, folder_tokens, published_cache, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    common = ["--tokens", folder_tokens, "--steps", 2, "--limit", 1]
+    message = one_line_exit(detokenize.cli, ["--ckpt", tiny_checkpoint, *common, "--out", tmp_path / "a-file"])
+    assert message.startswith("detokenize: error: ") and "a-file" in message
+    message = one_line_exit(detokenize.cli, ["--ckpt", "flowmo_hi", *common, "--out", tmp_path / "png"])
+    assert "hf download ksarge/FlowMo flowmo_hi.pth" in message
