@@ -25,8 +25,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--results-dir", default="results", help="parent folder of experiments (default: results)")
     parser.add_argument("--experiment-name", default="my_experiment", help="folder under --results-dir for logs and checkpoints")
-    parser.add_argument("--resume-from-ckpt", default="", help="start from this checkpoint's weights and step count "
-                        "(a checkpoint already in the experiment folder takes precedence)")
+    parser.add_argument("--resume-from-ckpt", default="", help="start from this checkpoint's weights and step count: "
+                        "a file, or flowmo_lo / flowmo_hi (the published ones, by name); a checkpoint already in the "
+                        "experiment folder takes precedence")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named config to start from")
     launcher = parser.add_argument_group("upstream launcher flags (accepted, unused)")
     for flag, kind in UPSTREAM_LAUNCHER_FLAGS.items():

@@ -20,11 +20,12 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from flowmo_fast.checkpoint import CheckpointError, check_state_dict, read_checkpoint, select_state_dict
-from flowmo_fast.commands import Processes, gather_objects, min_across_ranks, processes
+from flowmo_fast.commands import Processes, gather_objects, min_across_ranks, processes, spare_cpus
 from flowmo_fast.config import Config
 from flowmo_fast.images import GRID_IMAGES
-from flowmo_fast.data import ImageDataset, build_dataset, first_valid_images, make_loader
+from flowmo_fast.data import DataError, ImageDataset, build_dataset, first_valid_images, make_loader
 from flowmo_fast.model import FlowMo
+from flowmo_fast.pretrained import resolve_checkpoint
 from train import checkpointing, parallel
 from train.checkpointing import Progress
 from train.ema import EMA
@@ -42,7 +43,7 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def next_images(batches: Iterator[dict], minimum: int, config: Config, data_size: int, note: Callable[[str], None]) -> tuple[torch.Tensor, int, int]:
+def next_images(batches: Iterator[dict], minimum: int, config: Config, dataset: ImageDataset, note: Callable[[str], None]) -> tuple[torch.Tensor, int, int]:
     """(images, images skipped, samples drawn): the next batch with at least `minimum` decodable images."""
     skipped = drawn = 0
     while True:
@@ -53,10 +54,10 @@ def next_images(batches: Iterator[dict], minimum: int, config: Config, data_size
             note(f"skipped an image that does not decode: {name}")
         if batch["image"].shape[0] >= minimum:
             return batch["image"], skipped, drawn
-        if drawn > 2 * max(data_size, config.data.batch_size):
-            raise RuntimeError(
-                f"{drawn} images drawn without a batch of {minimum} that decode ({skipped} failed): "
-                "check that the data files are readable images"
+        if drawn > 2 * max(len(dataset), config.data.batch_size):
+            raise DataError(
+                f"{drawn} images drawn from {dataset.describe()} without a batch of {minimum} that decode "
+                f"({skipped} failed): check that the files are images PIL can read, or train on another folder"
             )
 
 
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         except NonFiniteLoss as e:
             say(procs, f"error: {e}")
             return 1
-        except (FileNotFoundError, CheckpointError) as e:  # a missing or unusable input file: say which
+        except (FileNotFoundError, CheckpointError, DataError) as e:  # a missing or unusable input: say which
             say(procs, f"error: {e}")
             return 2
 
@@ -120,10 +121,11 @@ def find_start(args: argparse.Namespace, log_dir: str, procs: Processes) -> Star
         say(procs, f"resuming from {path} (step {progress.total_steps})")
         return StartPoint(path, ckpt, progress, resuming=True)
     if args.resume_from_ckpt:
-        ckpt = read_checkpoint(args.resume_from_ckpt)
+        path = resolve_checkpoint(args.resume_from_ckpt)  # a published name -> its file in the Hugging Face cache
+        ckpt = read_checkpoint(path)
         progress = Progress(total_steps=int(ckpt.get("total_steps", 0)))
-        say(procs, f"starting from the weights of {args.resume_from_ckpt} (step {progress.total_steps})")
-        return StartPoint(args.resume_from_ckpt, ckpt, progress, resuming=False)
+        say(procs, f"starting from the weights of {path} (step {progress.total_steps})")
+        return StartPoint(path, ckpt, progress, resuming=False)
     return StartPoint("", None, Progress(), resuming=False)
 
 
@@ -134,12 +136,22 @@ class Data:
     grid_images: torch.Tensor  # [N, 3, H, W] fixed validation images for the progress grid, on the device
 
 
+def loader_workers(requested: int, procs: Processes) -> int:
+    """data.num_workers (upstream's default: 8), at most the CPUs beside this process: no more processes than CPUs."""
+    spare = spare_cpus()
+    if requested <= spare:
+        return requested
+    say(procs, f"data.num_workers={requested}, but this machine has {spare + 1} CPU(s): using {spare} loader worker(s)")
+    return spare
+
+
 def build_data(config: Config, procs: Processes, progress: Progress) -> Data:
     dataset = build_dataset(config.data, "train")
     say(procs, f"training data: {dataset.describe()}")
     loader = make_loader(
         dataset, config.data.batch_size, procs.rank, procs.world_size, seed=config.global_seed,
-        start=progress.data_position, num_workers=config.data.num_workers, pin_memory=procs.device.type == "cuda",
+        start=progress.data_position, num_workers=loader_workers(config.data.num_workers, procs),
+        pin_memory=procs.device.type == "cuda",
     )
     grid_images = first_valid_images(build_dataset(config.data, "val"), GRID_IMAGES).to(procs.device)
     return Data(dataset, iter(loader), grid_images)
@@ -276,7 +288,7 @@ def train(args: argparse.Namespace, config: Config, procs: Processes) -> int:
     with parallel.StopRequest(procs) as stop, contextlib.closing(metrics):
         while progress.total_steps < trainer.max_steps:
             freeze_encoder_if_due(trainee, config, procs, progress, metrics)
-            images, skipped, drawn = next_images(data.batches, config.opt.n_grad_acc, config, len(data.dataset), metrics.note)
+            images, skipped, drawn = next_images(data.batches, config.opt.n_grad_acc, config, data.dataset, metrics.note)
             progress.data_position += drawn
             skipped_total += skipped
             trainee.objective.train()

@@ -1,6 +1,7 @@
 """Post-training: `torchrun --nproc-per-node=N -m train.posttrain --experiment-name X --resume-from-ckpt PRETRAINED
-[key=value ...]`. Backpropagates through a k-step sample (`model.posttrain_sample`) with the ResNet-50 logit
-loss, at upstream's post-training settings (POSTTRAIN below; any of them can be overridden).
+[key=value ...]` (PRETRAINED: a checkpoint file, or flowmo_lo / flowmo_hi: the published ones, by name).
+Backpropagates through a k-step sample (`model.posttrain_sample`) with the ResNet-50 logit loss, at upstream's
+post-training settings (POSTTRAIN below; any of them can be overridden).
 
 The config starts from the one stored in the starting checkpoint (flowmo-fast checkpoints carry theirs;
 for upstream files the architecture is read off the weights), unless --preset is given. Training runs
@@ -14,6 +15,7 @@ from typing import Optional, Sequence
 
 from flowmo_fast.checkpoint import CheckpointError, infer_config, read_checkpoint, select_state_dict
 from flowmo_fast.config import Config, apply_overrides, config_from_dict, validate
+from flowmo_fast.pretrained import resolve_checkpoint
 from train import checkpointing, cli
 from train.loop import run
 
@@ -29,9 +31,10 @@ POSTTRAIN = [
 
 
 def config_from_checkpoint(path: str, overrides: Sequence[str]) -> Config:
-    """The starting checkpoint's config (stored, or inferred from its weights) + POSTTRAIN + `overrides`."""
+    """The starting checkpoint's config (stored, or inferred from its weights) + POSTTRAIN + `overrides`;
+    `path` may be a published name (flowmo_lo, flowmo_hi)."""
     try:
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(resolve_checkpoint(path))
         if isinstance(ckpt.get("config"), dict):
             config = config_from_dict(ckpt["config"])
         else:
