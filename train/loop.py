@@ -19,10 +19,13 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-from flowmo_fast.checkpoint import CheckpointError, check_state_dict, read_checkpoint, select_state_dict
+from flowmo_fast.checkpoint import (
+    CheckpointError, check_llm_record, check_state_dict, read_checkpoint, select_state_dict,
+)
 from flowmo_fast.commands import Processes, gather_objects, min_across_ranks, processes, spare_cpus
 from flowmo_fast.config import Config
 from flowmo_fast.images import GRID_IMAGES
+from flowmo_fast.llm_infill import find_llm, is_llm_quantization
 from flowmo_fast.data import DataError, ImageDataset, build_dataset, first_valid_images, make_loader
 from flowmo_fast.model import FlowMo
 from flowmo_fast.pretrained import resolve_checkpoint
@@ -84,6 +87,7 @@ class NonFiniteWatch:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     """Train until trainer.max_steps (or SIGTERM); returns the process exit code."""
+    require_llm(config)
     with processes(always_group=True) as procs:
         try:
             return train(args, config, procs)
@@ -93,6 +97,17 @@ def run(args: argparse.Namespace, config: Config) -> int:
         except (FileNotFoundError, CheckpointError, DataError) as e:  # a missing or unusable input: say which
             say(procs, f"error: {e}")
             return 2
+
+
+def require_llm(config: Config) -> None:
+    """The LLM of `model.quantization_type=qwen2.5-coder-0.5b[_span_P]` must be on this machine and fit the config:
+    checked before any process, data or model starts, ending the command with one line naming what is wrong."""
+    if not is_llm_quantization(config.model.quantization_type):
+        return
+    try:
+        find_llm(config.model)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def say(procs: Processes, message: str) -> None:
@@ -179,6 +194,9 @@ def build_trainee(config: Config, procs: Processes, start: StartPoint) -> Traine
         state = select_state_dict(start.ckpt, "model", start.path)
         check_state_dict(model, state, start.path)
         model.load_state_dict(state)
+        infiller = getattr(model.quantizer, "infiller", None)  # the LLM type: the LLM the checkpoint recorded?
+        if infiller is not None:
+            check_llm_record(start.ckpt, infiller.config_hash, config.model.llm_path, start.path)
     if start.progress.encoder_frozen:
         model.encoder.requires_grad_(False)
     compile_for_training(model, config, procs.device)
