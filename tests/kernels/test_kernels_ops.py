@@ -178,7 +178,7 @@ def test_model_quantizer_with_triton_kernels_equals_upstream_fixture(parity, par
     parity_model.kernels = "triton"
     parity_model.train()
     try:
-        out = parity_model.quantize_full(parity["code_prequant"])
+        out = parity_model.quantize(parity["code_prequant"])
     finally:
         parity_model.kernels = "auto"
         parity_model.eval()
