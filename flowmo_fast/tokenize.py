@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from flowmo_fast.checkpoint import file_sha256, load_checkpoint
+from flowmo_fast.checkpoint import file_sha256, load_checkpoint, read_config
 from flowmo_fast import commands
 from flowmo_fast.data import ImageDataset, collate_images, nothing_decodes
 from flowmo_fast.model import FlowMo, autocast_for
@@ -41,6 +41,7 @@ from flowmo_fast.token_shards import (
     MANIFEST,
     TokenSpec,
     check_resumable,
+    check_tokenizable,
     finished_manifest,
     index_text,
     load_manifest,
@@ -182,6 +183,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.ckpt = resolve_checkpoint(args.ckpt)
     with commands.processes(args.device, timeout=BARRIER_TIMEOUT) as procs:
         rank, world, device = procs.rank, procs.world_size, procs.device
+        check_tokenizable(read_config(args.ckpt, args.which).model)  # before loading a model (or an LLM)
         model = load_checkpoint(args.ckpt, which=args.which, device=device)
         spec = TokenSpec.for_model(model)
         size = args.image_size or model.config.data.image_size
