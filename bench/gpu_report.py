@@ -66,7 +66,7 @@ import flowmo_fast  # noqa: E402
 from bench import flops, upstream  # noqa: E402
 from flowmo_fast import flow  # noqa: E402
 from flowmo_fast.attention import installed_backends  # noqa: E402
-from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS  # noqa: E402
+from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS, ModelConfig  # noqa: E402
 from flowmo_fast.fast import compile_blocks, raise_recompile_limit  # noqa: E402
 from flowmo_fast.hardware import peak_bf16_tflops  # noqa: E402
 from flowmo_fast.model import autocast_for  # noqa: E402
@@ -74,10 +74,12 @@ from flowmo_fast.sampling import UPSTREAM, SamplingOptions  # noqa: E402
 from flowmo_fast.token_shards import TokenSpec  # noqa: E402
 from flowmo_fast.tokenize import make_encoder  # noqa: E402
 from kernels import get_ops, triton_available  # noqa: E402
+from train.objective import FlowMoObjective  # noqa: E402
+from train.step import build_optimizer, train_step  # noqa: E402
 
 PHASES = ("check", "reconstruct", "latency", "decoder", "train", "encode", "lfq", "kernels", "upstream_compiled")
 OURS = ("plain", "fast")
-ENTROPY_WEIGHT, COMMIT_WEIGHT = 0.0025, 0.000625  # the LFQ loss weights of the config
+ENTROPY_WEIGHT, COMMIT_WEIGHT = ModelConfig().entropy_loss_weight, ModelConfig().commit_loss_weight  # the config's
 # The whole run, start-up and printing included, ends within 6 minutes (the GPU machine's run is cut at 7).
 DEFAULT_BUDGET_S = 330.0
 
@@ -591,22 +593,25 @@ class Report:
         row = Row("train step", name, impl, sc.train_batch, per_image)
 
         def run():
-            model = self.models.get(name, impl).train()
-            opt = self.models.config(name).opt
-            optimizer = torch.optim.Adam(
-                [p for p in model.parameters() if p.requires_grad], lr=opt.lr, betas=(opt.beta1, opt.beta2)
-            )
+            model, config = self.models.get(name, impl).train(), self.models.config(name)
             images = self.images(sc.train_batch)
+            if impl.startswith("upstream"):
+                optimizer = torch.optim.Adam(
+                    [p for p in model.parameters() if p.requires_grad], lr=config.opt.lr,
+                    betas=(config.opt.beta1, config.opt.beta2),
+                )
 
-            def fn():
-                optimizer.zero_grad(set_to_none=True)
-                with autocast_for(self.device):
-                    if not impl.startswith("upstream"):
-                        loss = flow.rectified_flow_loss(model, images).loss
-                    else:
+                def fn():
+                    optimizer.zero_grad(set_to_none=True)
+                    with autocast_for(self.device):
                         loss = self.models.upstream_module.rf_loss(model.config, model, {"image": images}, {})[0]
-                loss.backward()
-                optimizer.step()
+                    loss.backward()
+                    optimizer.step()
+            else:  # what train.pretrain runs each step (train/step.py), without the perceptual term, as upstream's row
+                optimizer, objective = build_optimizer(model, config), FlowMoObjective(model, None).train()
+
+                def fn():
+                    train_step(objective, model, images, optimizer, config, self.device)
 
             try:
                 self.measure(row, fn)
