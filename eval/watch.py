@@ -126,9 +126,9 @@ class Watcher:
     def say(self, line: str) -> None:
         print(f"eval.watch: {line}", flush=True)
 
-    def sampler_flags(self) -> dict:
+    def sampler_flags(self) -> str:
         given = {k: getattr(self.args, k) for k in ("steps", "cfg", "schedule", "cfg_interval")}
-        return {k: v for k, v in given.items() if v is not None} or "the checkpoint's eval.sampling"
+        return str({k: v for k, v in given.items() if v is not None} or "the checkpoint's eval.sampling")
 
     def next_action(self) -> Action:
         listed = {step_of(p): p for p in list_checkpoints(self.args.run_dir)}

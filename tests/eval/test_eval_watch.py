@@ -229,7 +229,7 @@ def test_watch_picks_up_new_checkpoints_and_stops_after_until_step(watched_run, 
     """A restarted watch (2, 4, 6 done) waits; training writes 8 (beside a half-written temporary file), then 10
     and 12: it evaluates 8 and 10, then stops."""
     run = copy_run(watched_run[1], tmp_path / "run")
-    command = Command(watch_args(run, inception_weights, "--until-step", "10", "--idle-minutes", "5"))
+    command = Command(watch_args(run, inception_weights, "--until-step", "10", "--idle-minutes", "2"))
     command.wait_for("waiting for new checkpoints")
     (run / "checkpoints" / ".tmp-x1y2z3.pth").write_bytes(b"PK\x03\x04 half a zip")  # atomic_write's partial file
     write_checkpoint(run, 8, tiny_checkpoint)
@@ -279,7 +279,7 @@ def test_patience_stops_after_k_evaluations_without_improvement(
     made_up = [{**real, "step": 2, "metrics": {"rfid": 1.0, "psnr": 99.0, "ssim": 0.9}},
                {**real, "step": 4, "metrics": {"rfid": 9.0, "psnr": 1.0, "ssim": 0.1}}]  # fmt: skip
     (run / "eval" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in made_up))
-    finished, stdout = run_watch(watch_args(run, inception_weights, "--patience", "2", "--select", "psnr"))
+    finished, stdout = run_watch(watch_args(run, inception_weights, "--patience", "2", "--select", "psnr", "--once"))
     assert finished.evaluated == [6] and "--patience 2" in finished.reason and finished.best.step == 2
     best = json.loads((run / "eval" / "best.json").read_text())
     assert (best["step"], best["select"], best["value"], best["higher_is_better"]) == (2, "psnr", 99.0, True)
