@@ -51,6 +51,8 @@ def per_sample_draw(
 
 
 class Quantizer(nn.Module):
+    """What every quantizer declares besides forward(code, ops, generator) -> QuantizerOutput."""
+
     row_stream = POSTERIOR_NOISE  # the per-image stream (flowmo_fast.noise) its draws take in evaluation
     per_sample_names: tuple[str, ...] = ()  # the keys of QuantizerOutput.per_sample
 

@@ -28,7 +28,8 @@ class Tokenizer:
         if model.config.model.quantization_type != "lfq":
             raise ValueError(
                 f"Tokenizer needs an LFQ checkpoint; this one uses quantization_type="
-                f"{model.config.model.quantization_type!r}: use model.encode / model.quantize for latents"
+                f"{model.config.model.quantization_type!r}, which has no token ids: use model.encode / "
+                f"model.quantize for latents"
             )
         self.model = model.eval()
 
