@@ -61,11 +61,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     w.add_argument("--once", action="store_true", help="evaluate the checkpoints there now, then exit")
     w.add_argument("--until-step", type=commands.positive_int, metavar="N",
                    help="stop once a checkpoint of step N or later is evaluated")
-    w.add_argument("--idle-minutes", type=positive_float, metavar="M", help="stop after M minutes without a new checkpoint")
+    w.add_argument("--idle-minutes", type=positive_float, metavar="M",
+                   help="stop after M minutes without a new checkpoint")
     w.add_argument("--poll-seconds", type=positive_float, default=30.0, metavar="S",
                    help="how often to look for new checkpoints (default 30)")
     w.add_argument("--select", choices=tuple(rfid.METRICS), default="rfid",
-                   help="the metric that picks the best checkpoint (rfid and lpips: lower is better; psnr and ssim: higher)")
+                   help="the metric that picks the best checkpoint (rfid, lpips: lower is better; psnr, ssim: higher)")
     w.add_argument("--patience", type=commands.positive_int, metavar="K",
                    help="early stopping: stop after K evaluations without a better --select")
     w.add_argument("--keep-best", action="store_true",

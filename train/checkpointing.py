@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from flowmo_fast.checkpoint import (  # the run's checkpoint files: shared with eval.watch
+from flowmo_fast.checkpoint import (  # noqa: F401 (the run's checkpoint files, shared with eval.watch)
     CheckpointError, checkpoint_path, list_checkpoints, read_checkpoint, save_checkpoint, step_of,
 )
 

@@ -107,7 +107,8 @@ class Command:
     """`python -m eval.watch ...` in a subprocess (or under torchrun with nproc), its output read as it comes."""
 
     def __init__(self, argv: list[str], nproc: int = 0):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc else [sys.executable]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        launcher = torchrun if nproc else [sys.executable]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [*launcher, "-m", "eval.watch", *argv], cwd=REPO, env=env, text=True,
@@ -161,7 +162,8 @@ def test_once_evaluates_every_checkpoint_once_in_step_order(watched_run):
         ckpt = Path(checkpoint_path(str(run), record["step"]))
         assert record["checkpoint"] == str(ckpt) and record["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
         assert record["num_images"] == 2 and record["seconds"] > 0 and record["images_per_second"] > 0
-        assert record["sampler"] == {"steps": 2, "cfg": 1.5, "schedule": "pow_0.25", "cfg_interval": [0.17, 1.02], "seed": 0}
+        sampler = {"steps": 2, "cfg": 1.5, "schedule": "pow_0.25", "cfg_interval": [0.17, 1.02], "seed": 0}
+        assert record["sampler"] == sampler  # --steps, the rest from the checkpoint's eval.sampling
         assert set(record["metrics"]) == {"rfid", "psnr", "ssim"} and all(np.isfinite(list(record["metrics"].values())))
     assert len({r["metrics"]["psnr"] for r in history}) == 3  # each step measured its own checkpoint
     for step in FIRST_STEPS:
@@ -210,7 +212,9 @@ def test_watch_measures_a_checkpoint_as_eval_rfid_does(watched_run, inception_we
     assert json.loads(json.dumps(result["sampler"])) == record["sampler"]
 
 
-def test_settings_unlike_the_history_are_refused_before_measuring(watched_run, tiny_checkpoint, inception_weights, tmp_path):
+def test_settings_unlike_the_history_are_refused_before_measuring(
+    watched_run, tiny_checkpoint, inception_weights, tmp_path
+):
     """A curve compares like with like: a restarted watch with another seed stops at the first new checkpoint."""
     run = copy_run(watched_run[1], tmp_path / "run")
     write_checkpoint(run, 8, tiny_checkpoint)
@@ -225,7 +229,9 @@ def test_settings_unlike_the_history_are_refused_before_measuring(watched_run, t
 # ---- a run that goes on ----------------------------------------------------------------------------------
 
 
-def test_watch_picks_up_new_checkpoints_and_stops_after_until_step(watched_run, tiny_checkpoint, inception_weights, tmp_path):
+def test_watch_picks_up_new_checkpoints_and_stops_after_until_step(
+    watched_run, tiny_checkpoint, inception_weights, tmp_path
+):
     """A restarted watch (2, 4, 6 done) waits; training writes 8 (beside a half-written temporary file), then 10
     and 12: it evaluates 8 and 10, then stops."""
     run = copy_run(watched_run[1], tmp_path / "run")
