@@ -63,7 +63,8 @@ def test_loss_falls_and_checkpoints_load(uninterrupted):
     assert ckpt["total_steps"] == 30 and len(ckpt["rng_state_per_rank"]) == 2 and ckpt["world_size"] == 2
     assert ckpt["data_position"] == 30 * 2  # samples drawn per rank
     grid = Image.open(log_dir / "samples" / "00000030.png")
-    assert grid.size == (8 * 18 + 2, 2 * 18 + 2)  # 8 photos, inputs over reconstructions, 2 px padding
+    # 8 photos of 16 px, inputs over reconstructions, 2 px padding; scaled up 8x so each shows at 128 px
+    assert grid.size == (8 * (8 * 18 + 2), 8 * (2 * 18 + 2))
     assert (log_dir / "config.json").exists() and list(log_dir.glob("events.out.tfevents.*"))
 
 
