@@ -21,3 +21,10 @@ def test_readme_commands_are_the_ci_commands():
     ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
     assert 'pip install -e ".[test]" && python -m pytest' in readme
     assert 'pip install -e ".[test]" && python -m pytest' in ci
+
+
+def test_readme_main_job_is_the_tested_demo_preset():
+    """The main job runs the `demo` preset as it stands (tests/train/test_train_demo.py checks that it learns)."""
+    job = re.search(r"^pip install -e \. && (python -m train\.pretrain .*)$", README.read_text(), re.M).group(1)
+    assert job.split() == ["python", "-m", "train.pretrain", "--preset", "demo", "--experiment-name", "demo"]
+    assert "docs/demo_grid.png" in README.read_text() and (README.parent / "docs" / "demo_grid.png").stat().st_size < 100_000

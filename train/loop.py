@@ -36,7 +36,7 @@ from train.metrics import MetricLogger, flowmo_flops_per_step, peak_flops
 from train.norms import WeightNormFixer
 from train.objective import FlowMoObjective
 from train.perceptual import build_perceptual_loss
-from train.step import build_optimizer, compile_for_training, train_step
+from train.step import build_optimizer, compile_for_training, set_learning_rate, train_step
 from train.samples import save_grid
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -310,6 +310,7 @@ def train(args: argparse.Namespace, config: Config, procs: Processes) -> int:
             progress.data_position += drawn
             skipped_total += skipped
             trainee.objective.train()
+            set_learning_rate(trainee.optimizer, config, progress.total_steps)
             terms = train_step(trainee.wrapped, trainee.model, images.to(procs.device, non_blocking=True),
                                trainee.optimizer, config, procs.device)
             if trainee.norms is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
 
 from flowmo_fast.config import Config
@@ -36,6 +38,25 @@ def build_optimizer(model: FlowMo, config: Config) -> torch.optim.Optimizer:
     opt = config.opt
     cls = torch.optim.AdamW if opt.weight_decay else torch.optim.Adam
     return cls([g for g in groups if g["params"]], lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
+
+
+def learning_rate(config: Config, step: int) -> float:
+    """The learning rate of the optimizer step after `step` steps: opt.lr (upstream), or opt.lr after a linear
+    warm-up over opt.warmup_steps, then (opt.lr_decay) a cosine or linear decay to 0 at trainer.max_steps.
+    A function of the step alone, so a resumed run continues the schedule exactly."""
+    opt = config.opt
+    if step < opt.warmup_steps:
+        return opt.lr * (step + 1) / opt.warmup_steps
+    if opt.lr_decay == "none":
+        return opt.lr
+    span = config.trainer.max_steps - opt.warmup_steps  # > 0 here: step < max_steps
+    left = max(0.0, 1.0 - (step - opt.warmup_steps) / span)  # 1 at the first step after warm-up, 1/span at the last
+    return opt.lr * (left if opt.lr_decay == "linear" else 0.5 * (1.0 - math.cos(math.pi * left)))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: Config, step: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
 
 
 def total_norm(tensors) -> torch.Tensor:
