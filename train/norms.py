@@ -47,8 +47,11 @@ class WeightNormFixer:
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
+        """Rescale each trained weight; frozen ones (a frozen encoder, the parameters no output depends on) are
+        left bit for bit: they do not move, and under FSDP rescaling them would drift them by rounding."""
         for name, weight in weights_to_fix(model):
-            weight.mul_(self.target(name, weight) / self.norm(weight))
+            if weight.requires_grad:
+                weight.mul_(self.target(name, weight) / self.norm(weight))
 
     def state_dict(self) -> dict[str, Tensor]:
         return {name: n.cpu() for name, n in self.initial.items()}

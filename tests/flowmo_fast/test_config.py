@@ -107,6 +107,7 @@ def test_round_trip_through_dict():
         (["opt.schedule=cosine"], None, "allowed: lognormal, fat_lognormal, uniform"),
         (["data.batch_size=7"], None, "opt.n_grad_acc=2"),
         ([], "huge", "unknown preset 'huge'; allowed: flowmo_lo"),
+        (["trainer.gs_checkpoint_bucket=my-bucket"], None, "gs_checkpoint_bucket='my-bucket'.*uploads nothing"),
     ],
 )
 def test_bad_settings_raise_value_error_naming_key_and_allowed_values(overrides, preset, message):

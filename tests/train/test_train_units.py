@@ -82,7 +82,9 @@ def test_ema_updates_every_ten_steps_with_decay_power_ten():
 
 
 @pytest.mark.parametrize("mode", ["l2", "channel"])
-def test_weight_norms_return_to_their_initial_values(tiny_model, mode):
+def test_trained_weight_norms_return_to_their_initial_values_and_frozen_ones_stay(tiny_model, mode):
+    """Frozen: the weights no output depends on (FlowMo freezes them) and here a whole encoder block."""
+    tiny_model.encoder.double_blocks[0].requires_grad_(False)
     fixer = WeightNormFixer(tiny_model, mode)
     names = [n for n, _ in weights_to_fix(tiny_model)]
     assert names and all("double_blocks" in n for n in names)
@@ -90,9 +92,14 @@ def test_weight_norms_return_to_their_initial_values(tiny_model, mode):
     with torch.no_grad():
         for p in tiny_model.parameters():
             p.mul_(1.7)
+    frozen = {n: w.clone() for n, w in weights_to_fix(tiny_model) if not w.requires_grad}
+    assert any(n.startswith("encoder.double_blocks.0.") for n in frozen) and len(frozen) < len(names)
     fixer.apply(tiny_model)
     for name, w in weights_to_fix(tiny_model):
-        assert torch.allclose(fixer.norm(w), fixer.initial[name], rtol=1e-5)
+        if name in frozen:
+            assert torch.equal(w, frozen[name]), name
+        else:
+            assert torch.allclose(fixer.norm(w), fixer.initial[name], rtol=1e-5), name
     assert torch.allclose(tiny_model.encoder.img_in.weight, untouched * 1.7)  # outside double_blocks: as trained
 
 
