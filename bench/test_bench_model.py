@@ -208,3 +208,38 @@ def test_bench_train_step(benchmark, training, impl):
     s = training.setting
     time_row(benchmark, training, "train step", impl, train_step_fn(training, impl),
               flops.train_step_flops(training.config, s.size, s.size), warmup_rounds=1)
+
+
+# --- optimizer step ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["per_tensor", "fused"])
+def test_bench_optimizer_step(benchmark, impl):
+    """Adam's step over the demo preset's parameters (12.6M): upstream's torch.optim.Adam (on CPU a loop over
+    the tensors) against train.step.build_optimizer's fused Adam. One step's update is checked against the
+    other implementation's before timing."""
+    from flowmo_fast.config import load_config
+    from flowmo_fast.model import FlowMo
+    from train.step import build_optimizer
+
+    config = load_config(preset="demo")
+    models = []
+    for kind in ("per_tensor", impl):
+        torch.manual_seed(0)
+        model = FlowMo(config)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+        opt = config.opt
+        optimizer = (build_optimizer(model, config) if kind == "fused" else
+                     torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=opt.lr,
+                                      betas=(opt.beta1, opt.beta2)))
+        optimizer.step()
+        models.append((model, optimizer))
+    (reference, _), (model, optimizer) = models
+    pairs = zip(model.parameters(), reference.parameters(), strict=True)
+    diff = max(float((a.detach() - b.detach()).abs().max()) for a, b in pairs)
+    benchmark.extra_info["max_abs_diff_vs_per_tensor"] = diff
+    assert diff <= 1e-6, f"{impl} Adam's update differs from torch.optim.Adam's by {diff:.2e}"
+    n = sum(p.numel() for p in model.parameters())
+    benchmark.group = f"optimizer step (Adam, demo preset, {n / 1e6:.1f}M parameters, cpu {torch.get_num_threads()} threads)"
+    benchmark.pedantic(optimizer.step, rounds=10, iterations=1, warmup_rounds=2)
