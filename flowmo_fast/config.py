@@ -80,7 +80,7 @@ class TrainerConfig:
     checkpoint_every: int = 5000
     max_steps: int = 10000000000000
     keep_every: int = 200000
-    gs_checkpoint_bucket: str = ""  # upstream's upload of checkpoints to GCS: refused when set (validate)
+    gs_checkpoint_bucket: str = ""  # upstream's upload of checkpoints to GCS: refused when set (UPSTREAM_KEYS_REPLACED)
     sample_every: int = 5000  # ours: write a PNG grid of reconstructions every N steps
     fsdp: bool = False  # ours: FSDP2 instead of DDP
     compile: Optional[bool] = None  # ours: torch.compile the transformer blocks; None: on CUDA only
@@ -97,7 +97,7 @@ class SamplingConfig:
 
 @dataclass
 class EvalConfig:
-    # Upstream's evaluator settings, kept with their defaults; any other value is refused (EVAL_KEYS_REPLACED).
+    # Upstream's evaluator settings, kept with their defaults; any other value is refused (UPSTREAM_KEYS_REPLACED).
     reconstruction: bool = True
     state_dict_key: str = "model_ema_state_dict"
     eval_dir: str = ""
@@ -108,17 +108,20 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
-# Upstream's evaluator is one script driven by these keys; ours are two commands with flags in their place.
-EVAL_KEYS_REPLACED = {
-    "reconstruction": "eval.rfid and eval.watch always measure reconstructions (--no-lpips leaves out LPIPS)",
-    "state_dict_key": "use --which ema|model (model_ema_state_dict | model_state_dict) of eval.rfid / eval.watch",
-    "eval_dir": "give the run folder to `python -m eval.watch RUN_DIR` (results in RUN_DIR/eval), or --out DIR "
+# Upstream keys flowmo-fast does not read, with what to use instead: set away from their defaults, they are
+# refused. Upstream's evaluator is one script driven by the eval keys; ours are two commands with flags in their place.
+UPSTREAM_KEYS_REPLACED = {
+    "eval.reconstruction": "eval.rfid and eval.watch always measure reconstructions (--no-lpips leaves out LPIPS)",
+    "eval.state_dict_key": "use --which ema|model (model_ema_state_dict | model_state_dict) of eval.rfid / eval.watch",
+    "eval.eval_dir": "give the run folder to `python -m eval.watch RUN_DIR` (results in RUN_DIR/eval), or --out DIR "
     "to eval.rfid",
-    "eval_baseline": "other tokenizers (SDXL, TiTok, LlamaGen, Cosmos, Flux) are not part of flowmo-fast",
-    "continuous": "`python -m eval.watch RUN_DIR` follows a run (--once: only the checkpoints there now); "
+    "eval.eval_baseline": "other tokenizers (SDXL, TiTok, LlamaGen, Cosmos, Flux) are not part of flowmo-fast",
+    "eval.continuous": "`python -m eval.watch RUN_DIR` follows a run (--once: only the checkpoints there now); "
     "`python -m eval.rfid --ckpt PATH` evaluates one checkpoint",
-    "force_ckpt_path": "use `python -m eval.rfid --ckpt PATH`",
-    "subsample_rate": "use --subsample N of eval.rfid / eval.watch",
+    "eval.force_ckpt_path": "use `python -m eval.rfid --ckpt PATH`",
+    "eval.subsample_rate": "use --subsample N of eval.rfid / eval.watch",
+    "trainer.gs_checkpoint_bucket": "flowmo-fast writes checkpoints under --results-dir only and uploads nothing; "
+    "point --results-dir at a mounted bucket (e.g. gcsfuse) or copy RESULTS_DIR/NAME/checkpoints yourself",
 }
 
 
@@ -213,7 +216,7 @@ def load_config(overrides: Optional[Iterable[str]] = None, preset: Optional[str]
 def config_from_dict(d: dict, overrides: Iterable[str] = ()) -> Config:
     """Rebuild a Config stored with `Config.to_dict()` (e.g. in our checkpoints), then apply `overrides`."""
     config = Config()
-    stored = [(k, v) for k, v in _flatten(d) if k.removeprefix("eval.") not in EVAL_KEYS_REPLACED]  # never read
+    stored = [(k, v) for k, v in _flatten(d) if k not in UPSTREAM_KEYS_REPLACED]  # never read
     apply_overrides(config, [f"{k}={v!r}" for k, v in stored])
     apply_overrides(config, list(overrides))
     validate(config)
@@ -327,17 +330,22 @@ def rope_axes(width: int) -> tuple[int, int, int]:
     return tuple(a * width for a in ROPE_AXES_PER_WIDTH)
 
 
+def setting(config: Config, key: str) -> Any:
+    """The value of a dotted key, e.g. setting(config, "eval.sampling.cfg")."""
+    node = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate(config: Config) -> None:
     """Raise ValueError naming the key and the allowed values for any impossible setting."""
     for key, allowed in ALLOWED.items():
-        section, leaf = key.rsplit(".", 1)
-        node = config
-        for part in section.split("."):
-            node = getattr(node, part)
-        if key == "model.quantization_type" and is_llm_quantization(getattr(node, leaf)):
+        value = setting(config, key)
+        if key == "model.quantization_type" and is_llm_quantization(value):
             continue  # qwen2.5-coder-0.5b[_span_P]: check_llm_settings below
-        if getattr(node, leaf) not in allowed:
-            raise ValueError(f"{key}={getattr(node, leaf)!r}; allowed: {', '.join(allowed)}")
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r}; allowed: {', '.join(allowed)}")
     m, d = config.model, config.data
     if is_llm_quantization(m.quantization_type):
         check_llm_settings(m)
@@ -382,15 +390,9 @@ def validate(config: Config) -> None:
             f"allowed: multiples of {config.opt.n_grad_acc}"
         )
     check_lr_schedule(config)
-    if config.trainer.gs_checkpoint_bucket:
-        raise ValueError(
-            f"trainer.gs_checkpoint_bucket={config.trainer.gs_checkpoint_bucket!r}: flowmo-fast writes checkpoints "
-            "under --results-dir only and uploads nothing; point --results-dir at a mounted bucket (e.g. gcsfuse) or "
-            "copy RESULTS_DIR/NAME/checkpoints yourself. Remove trainer.gs_checkpoint_bucket from the overrides."
-        )
     parse_schedule(config.eval.sampling.schedule)
     parse_cfg_interval(config.eval.sampling.cfg_interval)
-    check_eval_keys(config.eval)
+    check_upstream_keys(config)
 
 
 def check_lr_schedule(config: Config) -> None:
@@ -405,12 +407,14 @@ def check_lr_schedule(config: Config) -> None:
         )
 
 
-def check_eval_keys(settings: EvalConfig) -> None:
-    """Upstream's evaluator keys away from their defaults are refused, with what replaced them."""
-    for key, replacement in EVAL_KEYS_REPLACED.items():
-        value, default = getattr(settings, key), getattr(EvalConfig, key)
-        if value != default:
+def check_upstream_keys(config: Config) -> None:
+    """Upstream's keys that flowmo-fast does not read (UPSTREAM_KEYS_REPLACED), away from their defaults, are
+    refused with what replaced them."""
+    defaults = Config()
+    for key, replacement in UPSTREAM_KEYS_REPLACED.items():
+        value = setting(config, key)
+        if value != setting(defaults, key):
             raise ValueError(
-                f"eval.{key}={value!r}: flowmo-fast does not read upstream's evaluator setting eval.{key}; "
-                f"{replacement}. Remove eval.{key} from the overrides."
+                f"{key}={value!r}: flowmo-fast does not read upstream's setting {key}; {replacement}. "
+                f"Remove {key} from the overrides."
             )
