@@ -596,10 +596,7 @@ class Report:
             model, config = self.models.get(name, impl).train(), self.models.config(name)
             images = self.images(sc.train_batch)
             if impl.startswith("upstream"):
-                optimizer = torch.optim.Adam(
-                    [p for p in model.parameters() if p.requires_grad], lr=config.opt.lr,
-                    betas=(config.opt.beta1, config.opt.beta2),
-                )
+                optimizer = upstream.upstream_optimizer(model, config)
 
                 def fn():
                     optimizer.zero_grad(set_to_none=True)

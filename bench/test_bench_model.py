@@ -26,10 +26,13 @@ import torch
 from bench import flops, upstream
 from bench.impls import IMPLS, Implementations
 from flowmo_fast import flow
+from flowmo_fast.config import load_config
 from flowmo_fast.layers import timestep_embedding
 from flowmo_fast.mmdit import TIME_EMBED_DIM, position_ids
+from flowmo_fast.model import FlowMo
 from flowmo_fast.sampling import UPSTREAM
 from kernels.rope import rope_tables
+from train.step import build_optimizer
 
 RECONSTRUCT_STEPS = 4  # pow_0.25: one of the 4 steps is guided, 5 decoder passes (evaluation: 25 and 6)
 CFG = 1.5
@@ -183,9 +186,8 @@ def gradient_check(impls: Implementations, impl: str) -> tuple[float, float]:
 
 
 def train_step_fn(impls: Implementations, impl: str) -> Callable[[], None]:
-    model, lr = impls.get(impl), impls.config.opt.lr
-    beta1, beta2 = impls.config.opt.beta1, impls.config.opt.beta2
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(beta1, beta2))
+    model = impls.get(impl)
+    optimizer = upstream.upstream_optimizer(model, impls.config)  # every row: the model's cost, not the optimizer's
     loss = loss_fn(impls, impl)
 
     def step():
@@ -218,10 +220,6 @@ def test_bench_optimizer_step(benchmark, impl):
     """Adam's step over the demo preset's parameters (12.6M): upstream's torch.optim.Adam (on CPU a loop over
     the tensors) against train.step.build_optimizer's fused Adam. One step's update is checked against the
     other implementation's before timing."""
-    from flowmo_fast.config import load_config
-    from flowmo_fast.model import FlowMo
-    from train.step import build_optimizer
-
     config = load_config(preset="demo")
     models = []
     for kind in ("per_tensor", impl):
@@ -229,10 +227,7 @@ def test_bench_optimizer_step(benchmark, impl):
         model = FlowMo(config)
         for p in model.parameters():
             p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
-        opt = config.opt
-        optimizer = (build_optimizer(model, config) if kind == "fused" else
-                     torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=opt.lr,
-                                      betas=(opt.beta1, opt.beta2)))
+        optimizer = build_optimizer(model, config) if kind == "fused" else upstream.upstream_optimizer(model, config)
         optimizer.step()
         models.append((model, optimizer))
     (reference, _), (model, optimizer) = models

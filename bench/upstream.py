@@ -76,3 +76,10 @@ def upstream_reconstruct(models, model, images: torch.Tensor, noise: torch.Tenso
         out = models.rf_sample(model, noise, code, null_code=null, sample_steps=steps, cfg=cfg,
                                schedule=model.config.eval.sampling.schedule)[-1]
     return out.clamp(-1, 1)
+
+
+def upstream_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """The optimizer upstream's train.py builds: torch.optim.Adam with its defaults (on CPU a loop over the
+    tensors), over the trainable parameters. Ours is train.step.build_optimizer."""
+    opt = config.opt
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=opt.lr, betas=(opt.beta1, opt.beta2))
