@@ -1,13 +1,17 @@
 """flowmo-fast: a fast, faithful PyTorch implementation of FlowMo (arXiv 2503.11056)."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# Our import names. The kernels live in `flowmo_kernels`, not `kernels`: Hugging Face's `kernels` distribution
+# (installed by transformers 5) has that import name, and two top-level packages of one name shadow each other.
+PACKAGES = ("flowmo_fast", "flowmo_kernels", "train", "eval")
 
 setup(
     name="flowmo-fast",
     version="0.1.0",
     description="Fast, faithful FlowMo diffusion-autoencoder image tokenizer",
     python_requires=">=3.10",
-    packages=["flowmo_fast", "kernels", "train", "eval"],
+    packages=find_packages(include=[p for name in PACKAGES for p in (name, f"{name}.*")]),
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

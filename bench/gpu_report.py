@@ -24,7 +24,7 @@ a row that fails is reported as such, so the table always prints):
    step; no perceptual loss) and encode (tokenizer images/s, `flowmo_fast.tokenize.make_encoder`, batch 32);
 6. LFQ loss: forward + backward at one training batch's codes (d = 9 for Lo, 14 for Hi), Triton vs torch
    (a check) and upstream's LFQ;
-7. kernels, for `kernels="auto"` (kernels.AUTO_WHEN_COMPILED): each fused op forward + backward at
+7. kernels, for `kernels="auto"` (flowmo_kernels.AUTO_WHEN_COMPILED): each fused op forward + backward at
    FlowMo-Lo's training shapes in bf16, as plain PyTorch eager, plain PyTorch under torch.compile and the
    Triton kernel; then FlowMo-Lo's decoder forward and train step with the fast path forced to Triton
    kernels inside the compiled blocks (`fast_triton`) next to `fast` (auto: plain ops there);
@@ -73,7 +73,7 @@ from flowmo_fast.model import autocast_for  # noqa: E402
 from flowmo_fast.sampling import UPSTREAM, SamplingOptions  # noqa: E402
 from flowmo_fast.token_shards import TokenSpec  # noqa: E402
 from flowmo_fast.tokenize import make_encoder  # noqa: E402
-from kernels import get_ops, triton_available  # noqa: E402
+from flowmo_kernels import get_ops, triton_available  # noqa: E402
 from train.objective import FlowMoObjective  # noqa: E402
 from train.step import build_optimizer, train_step  # noqa: E402
 

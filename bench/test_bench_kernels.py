@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import upstream
-from kernels import triton_available
-from kernels.lfq import LFQOutput, indices_to_codes, lfq_torch
+from flowmo_kernels import triton_available
+from flowmo_kernels.lfq import LFQOutput, indices_to_codes, lfq_torch
 
 N = 8192
 BITS = (9, 14)
@@ -74,7 +74,7 @@ def loss_fn(impl: str, bits: int, device: torch.device) -> Callable:
         return our_loss(lfq_torch)
     if impl == "ours_torch_compiled":
         return torch.compile(our_loss(lfq_torch))
-    from kernels.lfq_triton import lfq_triton
+    from flowmo_kernels.lfq_triton import lfq_triton
 
     return our_loss(lfq_triton)
 

@@ -31,7 +31,7 @@ from flowmo_fast.layers import timestep_embedding
 from flowmo_fast.mmdit import TIME_EMBED_DIM, position_ids
 from flowmo_fast.model import FlowMo
 from flowmo_fast.sampling import UPSTREAM
-from kernels.rope import rope_tables
+from flowmo_kernels.rope import rope_tables
 from train.step import build_optimizer
 
 RECONSTRUCT_STEPS = 4  # pow_0.25: one of the 4 steps is guided, 5 decoder passes (evaluation: 25 and 6)

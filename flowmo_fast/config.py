@@ -50,7 +50,7 @@ class ModelConfig:
     posttrain_sample: bool = False
     posttrain_sample_enable_cfg: bool = False
     posttrain_sample_k: int = 8
-    kernels: str = "auto"  # ours: auto (CUDA: Triton, in torch.compile as kernels.AUTO_WHEN_COMPILED) | triton | torch
+    kernels: str = "auto"  # ours: auto (CUDA: Triton, in torch.compile as flowmo_kernels.AUTO_WHEN_COMPILED) | triton | torch
     attention: str = "auto"  # ours: auto (fastest installed per shape on CUDA) | sdpa | flash_attn_3 | flash_attn_2 | xformers
     llm_path: str = DEFAULT_LLM_PATH  # ours, quantization_type qwen2.5-coder-0.5b: a HF model folder or a cached hub id
     llm_fim_ids: Optional[str] = None  # ours: "prefix,middle,suffix" ids; None: the model's tokenizer, else Qwen's

@@ -1,7 +1,7 @@
 """Building blocks of the FlowMo MMDiT (FLUX-style double-stream blocks).
 
 Module and parameter names equal upstream's, so the published state dicts load unchanged. Elementwise
-chains (modulation, gated residual, QK-norm + RoPE) go through a `kernels.KernelOps`, which picks the
+chains (modulation, gated residual, QK-norm + RoPE) go through a `flowmo_kernels.KernelOps`, which picks the
 fused Triton or the plain PyTorch version.
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import KernelOps
+from flowmo_kernels import KernelOps
 
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from flowmo_fast.attention import sdpa
 from flowmo_fast.layers import DoubleStreamBlock, LastLayer, MLPEmbedder, check_choice, timestep_embedding
-from kernels import KernelOps
-from kernels.rope import rope_tables
+from flowmo_kernels import KernelOps
+from flowmo_kernels.rope import rope_tables
 
 TIME_EMBED_DIM = 256
 OUTPUTS = ("img", "txt")  # which stream an MMDiT call reads out

@@ -17,7 +17,7 @@ from flowmo_fast.mmdit import MMDiT, MMDiTParams
 from flowmo_fast.noise import image_noise, normal, row_generator
 from flowmo_fast.quantizers import Generators, QuantizerOutput, build_quantizer
 from flowmo_fast.sampling import SamplingOptions
-from kernels import BACKENDS, KernelOps, get_ops
+from flowmo_kernels import BACKENDS, KernelOps, get_ops
 
 if TYPE_CHECKING:
     from flowmo_fast.llm_infill import LLMInfiller

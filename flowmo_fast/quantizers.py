@@ -22,8 +22,8 @@ from flowmo_fast.llm_infill import (
     LLMInfiller, check_llm_fits, gather_span, is_llm_quantization, parse_llm_quantization, span_starts,
 )
 from flowmo_fast.noise import POSTERIOR_NOISE, SPAN_START, normal
-from kernels import KernelOps
-from kernels.lfq import indices_to_codes
+from flowmo_kernels import KernelOps
+from flowmo_kernels.lfq import indices_to_codes
 
 
 @dataclass(frozen=True)

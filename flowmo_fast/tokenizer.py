@@ -11,7 +11,7 @@ from flowmo_fast.images import ImageLike, to_model_input
 from flowmo_fast.model import FlowMo, autocast_for
 from flowmo_fast.pretrained import from_pretrained
 from flowmo_fast.sampling import SamplingOptions
-from kernels.lfq import lfq_indices
+from flowmo_kernels.lfq import lfq_indices
 
 
 class Tokenizer:

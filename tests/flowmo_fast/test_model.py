@@ -100,7 +100,7 @@ def full_mmdit(mmdit, images, code, timesteps, ops, output, transpose_grid=False
     """The MMDiT computed in full (every stream of every block), as upstream does, with hand-built position ids
     (`transpose_grid`: the wrong ids, width and height swapped)."""
     from flowmo_fast.attention import sdpa
-    from kernels.rope import rope_tables
+    from flowmo_kernels.rope import rope_tables
 
     p = mmdit.params.patch_size
     h, w = images.shape[-2:]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.precision import upcast
+from flowmo_kernels.precision import upcast
 
 LN_EPS = 1e-6
 

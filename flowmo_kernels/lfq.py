@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kernels.precision import upcast
+from flowmo_kernels.precision import upcast
 
 INV_TEMPERATURE_X2 = 40.0  # logits 2 x.c / temperature 0.1 -> per-bit logit 2 * 20 x_i
 CODEBOOK_EPS = 1e-5

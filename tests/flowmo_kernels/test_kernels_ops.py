@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
-from kernels import AUTO_WHEN_COMPILED, TORCH_OPS, get_ops
-from kernels.adaln_triton import gated_residual_backward_op, gated_residual_op, modulate_backward_op, modulate_op
-from kernels.lfq_triton import lfq_backward_op, lfq_op
-from kernels.rope import rope_tables
-from kernels.rope_triton import norm_rope_backward_op, norm_rope_op
+from flowmo_kernels import AUTO_WHEN_COMPILED, TORCH_OPS, get_ops
+from flowmo_kernels.adaln_triton import gated_residual_backward_op, gated_residual_op, modulate_backward_op, modulate_op
+from flowmo_kernels.lfq_triton import lfq_backward_op, lfq_op
+from flowmo_kernels.rope import rope_tables
+from flowmo_kernels.rope_triton import norm_rope_backward_op, norm_rope_op
 
 
 def test_get_ops_picks_by_name_and_device(monkeypatch):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.adaln import gated_residual_torch, modulate_torch
-from kernels.adaln_triton import gated_residual_triton, modulate_triton
+from flowmo_kernels.adaln import gated_residual_torch, modulate_torch
+from flowmo_kernels.adaln_triton import gated_residual_triton, modulate_triton
 
 # (B, L, D): L odd; D a power of two and not; (2, 150, 48): a sample's rows in 2 programs of 2 tiles each
 SHAPES = [(2, 150, 48), (3, 5, 33)]

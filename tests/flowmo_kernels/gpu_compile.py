@@ -36,8 +36,8 @@ def record_launches(lfq_bits: tuple[int, ...]) -> list:
         launches.append((self, args, kwargs))
 
     JITFunction.run = record
-    from kernels.rope import rope_tables
-    from kernels.triton_ops import TRITON_OPS as ops
+    from flowmo_kernels.rope import rope_tables
+    from flowmo_kernels.triton_ops import TRITON_OPS as ops
 
     b, l, heads = 2, 300, 12  # L not a multiple of any block
     # (head dim, RoPE axes, dtypes): the encoder's 12 x 64 (both dtypes), the decoder's 12 x 96 (bf16, as run)

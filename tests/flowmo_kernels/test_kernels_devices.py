@@ -4,7 +4,7 @@ argument cannot be accessed from Triton"). On the CPU: each op's body runs on fa
 device 0 current, every launch recorded with the device current at that moment. On two GPUs: the ops on
 cuda:1, device 0 current, equal the PyTorch twins (in a process without the interpreter).
 
-Run as a script (`python tests/kernels/test_kernels_devices.py [DEVICE]`), it runs that comparison.
+Run as a script (`python tests/flowmo_kernels/test_kernels_devices.py [DEVICE]`), it runs that comparison.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
-from kernels import adaln_triton, lfq_triton, rope_triton  # noqa: E402
-from kernels.rope import rope_tables  # noqa: E402
+from flowmo_kernels import adaln_triton, lfq_triton, rope_triton  # noqa: E402
+from flowmo_kernels.rope import rope_tables  # noqa: E402
 
 KERNELS = {
     name: getattr(module, name)
@@ -121,7 +121,7 @@ def outputs_and_grads(fn, inputs: list, seed: int) -> list:
 
 def compare_with_twins(device: torch.device) -> None:
     """The Triton ops on `device` against the PyTorch twins there, values and gradients (float32)."""
-    from kernels import TORCH_OPS, get_ops
+    from flowmo_kernels import TORCH_OPS, get_ops
 
     triton_ops = get_ops("triton", device)
     g = torch.Generator().manual_seed(0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rope import qk_norm_rope_torch, rope_tables
-from kernels.rope_triton import qk_norm_rope_triton
+from flowmo_kernels.rope import qk_norm_rope_torch, rope_tables
+from flowmo_kernels.rope_triton import qk_norm_rope_triton
 
 # (B, H, L, axes): head dim = sum(axes); 18 = 9 pairs, not a power of two; L = 300 spans two position blocks
 CASES = [(2, 3, 13, (4, 6, 6)), (1, 2, 300, (2, 8, 8))]

@@ -1,7 +1,7 @@
 """Triton QK RMSNorm + RoPE: reads q or k straight from the qkv projection's strided view and writes the
 contiguous [B, H, L, D] layout that scaled_dot_product_attention takes, in one pass.
 
-Same function as `kernels.rope.qk_norm_rope_torch`, including its roundings: the normalised row is
+Same function as `flowmo_kernels.rope.qk_norm_rope_torch`, including its roundings: the normalised row is
 rounded to the input dtype, times the weight, rounded to the output dtype, then rotated in float32.
 Each program handles a block of rows of the flattened (sample, head, position) grid; the weight gradient
 is summed per program and added up in PyTorch.
@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import on_device_of
-from kernels.rope import RMS_EPS
+from flowmo_kernels import on_device_of
+from flowmo_kernels.rope import RMS_EPS
 
 EPS = tl.constexpr(RMS_EPS)
 MAX_TILE = 4096  # elements of a [rows, D / 2] tile kept in registers
@@ -185,5 +185,5 @@ def norm_rope_triton(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, out_dt
 def qk_norm_rope_triton(
     q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as `kernels.rope.qk_norm_rope_torch`."""
+    """Same contract as `flowmo_kernels.rope.qk_norm_rope_torch`."""
     return norm_rope_triton(q, q_weight, cos, sin, out_dtype), norm_rope_triton(k, k_weight, cos, sin, out_dtype)

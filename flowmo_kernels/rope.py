@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.precision import upcast
+from flowmo_kernels.precision import upcast
 
 RMS_EPS = 1e-6
 

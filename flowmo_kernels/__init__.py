@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from kernels.adaln import gated_residual_torch, modulate_torch
-from kernels.lfq import lfq_torch
-from kernels.rope import qk_norm_rope_torch
+from flowmo_kernels.adaln import gated_residual_torch, modulate_torch
+from flowmo_kernels.lfq import lfq_torch
+from flowmo_kernels.rope import qk_norm_rope_torch
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -92,6 +92,6 @@ def get_ops(name: str, device: torch.device) -> KernelOps:
             f"kernels='triton' runs on CUDA devices, got {torch.device(device)}; use kernels='auto' or 'torch' "
             "(or set TRITON_INTERPRET=1 before importing the kernels to run them in the slow CPU interpreter)"
         )
-    from kernels.triton_ops import AUTO_OPS, TRITON_OPS
+    from flowmo_kernels.triton_ops import AUTO_OPS, TRITON_OPS
 
     return AUTO_OPS if name == "auto" else TRITON_OPS

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.lfq import LFQOutput, indices_to_codes, lfq_torch
-from kernels.lfq_triton import lfq_triton
+from flowmo_kernels.lfq import LFQOutput, indices_to_codes, lfq_torch
+from flowmo_kernels.lfq_triton import lfq_triton
 
 # (d, N): d = 1, 9, 14, 17; N never a multiple of the 64-row blocks, and large enough to split rows
 SHAPES = [(1, 70), (9, 100), (14, 67), (17, 33)]

@@ -1,6 +1,6 @@
 """Triton LFQ: sign codes, indices, commitment and both entropies, never allocating N x 2^d.
 
-Same function as `kernels.lfq.lfq_torch` (see there for the factorisation). The bits split in halves
+Same function as `flowmo_kernels.lfq.lfq_torch` (see there for the factorisation). The bits split in halves
 A|B (|A| = d // 2); P_A [N, 2^|A|] and P_B are built tile by tile in registers, never stored.
 
 Forward:
@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import on_device_of, triton_interpreting
-from kernels.lfq import CODEBOOK_EPS, INV_TEMPERATURE_X2, LFQOutput
+from flowmo_kernels import on_device_of, triton_interpreting
+from flowmo_kernels.lfq import CODEBOOK_EPS, INV_TEMPERATURE_X2, LFQOutput
 
 MAX_BITS = 20
 DOT_MIN = 16  # tl.dot needs every side >= 16; also the (padded) number of bits of a half
@@ -282,7 +282,7 @@ lfq_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lfq_triton(x: Tensor, with_loss: bool = True) -> LFQOutput:
-    """Triton LFQ, same contract as `kernels.lfq.lfq_torch`. x [N, d] float32 or bfloat16, d <= 20."""
+    """Triton LFQ, same contract as `flowmo_kernels.lfq.lfq_torch`. x [N, d] float32 or bfloat16, d <= 20."""
     if x.ndim != 2:
         raise ValueError(f"lfq expects x of shape [N, d], got {tuple(x.shape)}")
     if x.shape[1] > MAX_BITS:

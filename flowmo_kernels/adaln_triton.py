@@ -1,6 +1,6 @@
 """Triton adaLN modulation (LayerNorm + (1 + scale) * x + shift) and gated residual (x + gate * y).
 
-Same functions as `kernels.adaln`. x [B, L, D] is read once per row; per-sample shift, scale and gate
+Same functions as `flowmo_kernels.adaln`. x [B, L, D] is read once per row; per-sample shift, scale and gate
 [B, 1, D] stay in registers. Each program owns a chunk of rows of one sample, so the gradients of the
 per-sample vectors are sums over the chunk, written per program and added up in PyTorch (deterministic,
 no atomics).
@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import on_device_of, triton_interpreting
-from kernels.adaln import LN_EPS
+from flowmo_kernels import on_device_of, triton_interpreting
+from flowmo_kernels.adaln import LN_EPS
 
 EPS = tl.constexpr(LN_EPS)
 MAX_TILE = 4096  # elements of a [rows, D] tile kept in registers
@@ -191,7 +191,7 @@ modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
 def modulate_triton(
     x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], out_dtype: Optional[torch.dtype] = None
 ) -> Tensor:
-    """Same contract as `kernels.adaln.modulate_torch`: x [B, L, D]; shift, scale [B, 1, D] or both None."""
+    """Same contract as `flowmo_kernels.adaln.modulate_torch`: x [B, L, D]; shift, scale [B, 1, D] or both None."""
     if (shift is None) != (scale is None):
         raise ValueError("modulate takes shift and scale together (both tensors or both None)")
     b, l, d = x.shape
@@ -302,7 +302,7 @@ gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_gat
 
 
 def gated_residual_triton(x: Tensor, gate: Optional[Tensor], y: Tensor) -> Tensor:
-    """Same contract as `kernels.adaln.gated_residual_torch`: x + gate * y; gate [B, 1, D] or None."""
+    """Same contract as `flowmo_kernels.adaln.gated_residual_torch`: x + gate * y; gate [B, 1, D] or None."""
     if gate is None:
         return x + y
     b, l, d = x.shape
