@@ -1,6 +1,8 @@
 """Attention backends: PyTorch SDPA by default; flash-attn (FA3 on Hopper, FA2 elsewhere) or xformers when
-installed, on CUDA, and faster for the shape. The choice is made once per (shape, dtype, device) by timing
-each candidate, and logged.
+installed, on CUDA, and faster for the shape. The choice is made once per (heads, lengths, head dim, dtype,
+device) by timing each candidate, and logged. The batch size is not part of that key: compiled blocks look the
+choice up, and a key with the batch size in it would make dynamo guard on it and recompile every block for each
+new batch size.
 """
 
 from __future__ import annotations
@@ -85,11 +87,16 @@ def time_backend(backend: Backend, q: Tensor, k: Tensor, v: Tensor, scale: float
         return float("inf")
 
 
+def choice_key(q: Tensor, k: Tensor) -> tuple:
+    """What decides the fastest backend for q [B, H, L, D], k [B, H, L_k, D]: all but the batch size."""
+    return (q.shape[1], q.shape[2], k.shape[2], q.shape[3], q.dtype, q.device)
+
+
 class Attention:
     """Callable attention(q, k, v, scale) that routes each input shape to its fastest backend.
 
     `backend="sdpa"` (or any backend name) pins one; "auto" times the candidates on the first call of each
-    shape on CUDA. CPU inputs and float32 always use SDPA. The per-shape choices live on this object.
+    shape (`choice_key`: any batch size) on CUDA. CPU inputs and float32 always use SDPA. The per-shape choices live on this object.
     """
 
     def __init__(self, backend: str = "auto", backends: Optional[list[Backend]] = None, timer=time_backend):
@@ -105,7 +112,7 @@ class Attention:
         return [b for b in self.backends.values() if ok or not b.half_only]
 
     def choose(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Backend:
-        key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+        key = choice_key(q, k)
         if key not in self.choices:
             candidates = self.candidates(q)
             if self.backend != "auto":
@@ -124,6 +131,5 @@ class Attention:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         if torch.compiler.is_compiling() or len(self.backends) == 1:
             # inside torch.compile / CUDA-graph capture no timing runs: use a choice made eagerly, else SDPA
-            key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
-            return self.choices.get(key, self.backends["sdpa"]).fn(q, k, v, scale)
+            return self.choices.get(choice_key(q, k), self.backends["sdpa"]).fn(q, k, v, scale)
         return self.choose(q, k, v, scale).fn(q, k, v, scale)
