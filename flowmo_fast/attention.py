@@ -96,7 +96,8 @@ class Attention:
     """Callable attention(q, k, v, scale) that routes each input shape to its fastest backend.
 
     `backend="sdpa"` (or any backend name) pins one; "auto" times the candidates on the first call of each
-    shape (`choice_key`: any batch size) on CUDA. CPU inputs and float32 always use SDPA. The per-shape choices live on this object.
+    shape (`choice_key`: any batch size) on CUDA. CPU inputs and float32 always use SDPA. The per-shape choices
+    live on this object.
     """
 
     def __init__(self, backend: str = "auto", backends: Optional[list[Backend]] = None, timer=time_backend):

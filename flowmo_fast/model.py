@@ -17,7 +17,7 @@ from flowmo_fast.mmdit import MMDiT, MMDiTParams
 from flowmo_fast.noise import image_noise, normal, row_generator
 from flowmo_fast.quantizers import Generators, QuantizerOutput, build_quantizer
 from flowmo_fast.sampling import SamplingOptions
-from flowmo_kernels import BACKENDS, KernelOps, get_ops
+from flowmo_kernels import BACKENDS, KernelOps, check_lfq_bits, get_ops
 
 if TYPE_CHECKING:
     from flowmo_fast.llm_infill import LLMInfiller
@@ -113,10 +113,17 @@ class FlowMo(nn.Module):
     def kernels(self, name: str) -> None:
         if name not in BACKENDS:
             raise ValueError(f"kernels={name!r}; allowed: {', '.join(BACKENDS)}")
+        check_lfq_bits(name, self.lfq_bits)  # before the first forward, on any device
         self._kernels = name
 
+    @property
+    def lfq_bits(self) -> int:
+        """Bits per LFQ code group (0 for the other quantizers): decides which LFQ `kernels=auto` can run."""
+        m = self.config.model
+        return m.codebook_size_for_entropy if m.quantization_type == "lfq" else 0
+
     def ops(self, device: torch.device) -> KernelOps:
-        return get_ops(self._kernels, device)
+        return get_ops(self._kernels, device, self.lfq_bits)
 
     def check_images(self, images: Tensor, name: str = "images") -> None:
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:

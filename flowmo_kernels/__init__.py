@@ -1,11 +1,11 @@
 """Fused kernels for FlowMo, each beside a plain PyTorch version of the same function.
 
-`get_ops(name, device)` picks one implementation set: "torch" (plain PyTorch, any device), "triton"
+`get_ops(name, device, lfq_bits)` picks one implementation set: "torch" (plain PyTorch, any device), "triton"
 (CUDA; on the CPU only under the Triton interpreter, TRITON_INTERPRET=1, for tests), or "auto": PyTorch
 off CUDA or without Triton; on CUDA the Triton kernel when running eagerly, and inside a torch.compile
-region the implementation `AUTO_WHEN_COMPILED` names per op. The Triton kernels are `torch.library`
-custom ops with fake implementations, so `torch.compile(fullgraph=True)` traces through them. The Triton modules
-are imported on first use: Triton may be missing (non-Linux), and the interpreter switch is read when
+region the implementation `AUTO_WHEN_COMPILED` names per op (and the PyTorch LFQ for code groups wider than
+the Triton LFQ takes). The Triton kernels are `torch.library` custom ops with fake implementations, so
+`torch.compile(fullgraph=True)` traces through them. The Triton modules are imported on first use: Triton may be missing (non-Linux), and the interpreter switch is read when
 they are imported. This package imports nothing of ours.
 """
 
@@ -79,9 +79,26 @@ def auto_ops(triton_ops: KernelOps) -> KernelOps:
     return KernelOps("auto", **ops)
 
 
-def get_ops(name: str, device: torch.device) -> KernelOps:
+# The Triton LFQ's limit: a code group of d bits keeps 2^(d/2) codes per half in its tiles.
+TRITON_LFQ_MAX_BITS = 20
+
+
+def check_lfq_bits(name: str, lfq_bits: int) -> None:
+    """Refuse kernels=`name` for LFQ codes of `lfq_bits` bits per group when it means the Triton LFQ past its limit."""
+    if name == "triton" and lfq_bits > TRITON_LFQ_MAX_BITS:
+        raise ValueError(
+            f"kernels='triton' with {lfq_bits}-bit LFQ code groups: the Triton LFQ takes at most "
+            f"{TRITON_LFQ_MAX_BITS} bits per group (model.codebook_size_for_entropy); set kernels='auto' (it takes "
+            f"the PyTorch LFQ for these codes) or 'torch', or codebook_size_for_entropy <= {TRITON_LFQ_MAX_BITS}"
+        )
+
+
+def get_ops(name: str, device: torch.device, lfq_bits: int = 0) -> KernelOps:
+    """The implementation set `name` on `device`, for LFQ code groups of `lfq_bits` bits (0: no LFQ); `auto`
+    takes the PyTorch LFQ for groups wider than the Triton LFQ's `TRITON_LFQ_MAX_BITS`."""
     if name not in BACKENDS:
         raise ValueError(f"kernels={name!r}; allowed: {', '.join(BACKENDS)}")
+    check_lfq_bits(name, lfq_bits)
     on_cuda = torch.device(device).type == "cuda"
     if name == "torch" or (name == "auto" and not (on_cuda and triton_available())):
         return TORCH_OPS
@@ -92,6 +109,8 @@ def get_ops(name: str, device: torch.device) -> KernelOps:
             f"kernels='triton' runs on CUDA devices, got {torch.device(device)}; use kernels='auto' or 'torch' "
             "(or set TRITON_INTERPRET=1 before importing the kernels to run them in the slow CPU interpreter)"
         )
-    from flowmo_kernels.triton_ops import AUTO_OPS, TRITON_OPS
+    from flowmo_kernels.triton_ops import AUTO_OPS, AUTO_OPS_WIDE_LFQ, TRITON_OPS
 
-    return AUTO_OPS if name == "auto" else TRITON_OPS
+    if name == "triton":
+        return TRITON_OPS
+    return AUTO_OPS_WIDE_LFQ if lfq_bits > TRITON_LFQ_MAX_BITS else AUTO_OPS

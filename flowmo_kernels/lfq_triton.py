@@ -24,10 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from flowmo_kernels import on_device_of, triton_interpreting
+from flowmo_kernels import check_lfq_bits, on_device_of, triton_interpreting
 from flowmo_kernels.lfq import CODEBOOK_EPS, INV_TEMPERATURE_X2, LFQOutput
 
-MAX_BITS = 20
 DOT_MIN = 16  # tl.dot needs every side >= 16; also the (padded) number of bits of a half
 LOGIT_SCALE = tl.constexpr(INV_TEMPERATURE_X2)
 EPS = tl.constexpr(CODEBOOK_EPS)
@@ -282,10 +281,10 @@ lfq_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lfq_triton(x: Tensor, with_loss: bool = True) -> LFQOutput:
-    """Triton LFQ, same contract as `flowmo_kernels.lfq.lfq_torch`. x [N, d] float32 or bfloat16, d <= 20."""
+    """Triton LFQ, same contract as `flowmo_kernels.lfq.lfq_torch`. x [N, d] float32 or bfloat16,
+    d <= flowmo_kernels.TRITON_LFQ_MAX_BITS."""
     if x.ndim != 2:
         raise ValueError(f"lfq expects x of shape [N, d], got {tuple(x.shape)}")
-    if x.shape[1] > MAX_BITS:
-        raise ValueError(f"lfq_triton supports codes of up to {MAX_BITS} bits, got d={x.shape[1]}; use kernels='torch'")
+    check_lfq_bits("triton", x.shape[1])
     sign, indices, commitment, per_sample, codebook, _, _ = lfq_op(x.contiguous(), with_loss)
     return LFQOutput(sign, indices, commitment, per_sample, codebook)

@@ -139,5 +139,5 @@ def test_loss_breakdown_equals_upstream_fixture(fn, parity, parity_model):
 def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"\[N, d\]"):
         lfq_triton(torch.randn(2, 3, 4))
-    with pytest.raises(ValueError, match="up to 20 bits"):
+    with pytest.raises(ValueError, match="at most 20 bits per group"):
         lfq_triton(torch.randn(2, 21))
