@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from flowmo_fast.config import PRESETS, Config, load_config
 
@@ -16,7 +16,8 @@ UPSTREAM_LAUNCHER_FLAGS = {
 }
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def build_parser(prog: str, description: str, presets: Iterable[str] = PRESETS) -> argparse.ArgumentParser:
+    """The training commands' flags; `presets`: the names --preset accepts (default: the tokenizer's)."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -28,7 +29,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--resume-from-ckpt", default="", help="start from this checkpoint's weights and step count: "
                         "a file, or flowmo_lo / flowmo_hi (the published ones, by name); a checkpoint already in the "
                         "experiment folder takes precedence")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named config to start from")
+    parser.add_argument("--preset", choices=sorted(presets), default=None, help="a named config to start from")
     launcher = parser.add_argument_group("upstream launcher flags (accepted, unused)")
     for flag, kind in UPSTREAM_LAUNCHER_FLAGS.items():
         launcher.add_argument(flag, type=kind, help=argparse.SUPPRESS)

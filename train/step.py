@@ -31,11 +31,13 @@ def compile_for_training(model: FlowMo, config: Config, device: torch.device, ba
     return True
 
 
-def build_optimizer(model: FlowMo, config: Config) -> torch.optim.Optimizer:
-    """Adam (AdamW when opt.weight_decay > 0) over the trainable parameters: encoder group, decoder group.
-    The fused implementation: one kernel over all tensors, same update rule (on CPU 3.6x faster than the per-tensor
-    loop, which took a fifth of the demo's step: bench/RESULTS.md, optimizer step)."""
-    groups = [{"params": [p for p in tower.parameters() if p.requires_grad]} for tower in (model.encoder, model.decoder)]
+def build_optimizer(model: FlowMo, config: Config, groups: Optional[list[dict]] = None) -> torch.optim.Optimizer:
+    """Adam (AdamW when opt.weight_decay > 0) over the trainable parameters: encoder group, decoder group, or
+    the parameter `groups` given (dicts; a group's own "weight_decay" wins). The fused implementation: one kernel
+    over all tensors, same update rule (on CPU 3.6x faster than the per-tensor loop, which took a fifth of the
+    demo's step: bench/RESULTS.md, optimizer step)."""
+    if groups is None:
+        groups = [{"params": [p for p in tower.parameters() if p.requires_grad]} for tower in (model.encoder, model.decoder)]
     opt = config.opt
     cls = torch.optim.AdamW if opt.weight_decay else torch.optim.Adam
     return cls([g for g in groups if g["params"]], lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
