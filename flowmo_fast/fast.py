@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,15 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> None:
     for module in model.modules():
         if isinstance(module, DoubleStreamBlock):
             module.compile(**compile_kwargs)
+
+
+def cast_matmul_weights(modules: Iterable[nn.Module], dtype: torch.dtype) -> None:
+    """Every nn.Linear's weight and bias under `modules` cast to `dtype` in place: the values autocast to
+    `dtype` casts them to at each call (its F.linear casts all three operands), cast once."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                m.to(dtype)
 
 
 def blocks_compiled(model: nn.Module) -> bool:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from flowmo_fast import flow
 from flowmo_fast.attention import Attention
 from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS, Config, rope_axes
-from flowmo_fast.fast import GraphedSampler
+from flowmo_fast.fast import GraphedSampler, cast_matmul_weights
 from flowmo_fast.mmdit import MMDiT, MMDiTParams
 from flowmo_fast.noise import image_noise, normal, row_generator
 from flowmo_fast.quantizers import Generators, QuantizerOutput, build_quantizer
@@ -23,14 +23,21 @@ if TYPE_CHECKING:
     from flowmo_fast.llm_infill import LLMInfiller
 
 
+def autocast_dtype(device: Union[torch.device, str]) -> Optional[torch.dtype]:
+    """The dtype `autocast_for` runs matrix products in on `device`: bf16 on CUDA, None (float32) elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else None
+
+
 def autocast_for(device: Union[torch.device, str], enabled: bool = True):
     """bf16 autocast on CUDA; nothing elsewhere (CPU runs float32).
 
     Without autocast's weight-cast cache: a CUDA-graph capture cannot use it (flowmo_fast.fast), and compiled
     code guards on the flag, so one setting everywhere lets training, evaluation and the captured sampler
-    share the compiled blocks. A cast gives the same values either way; each weight is cast once per pass."""
-    if enabled and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    share the compiled blocks. A cast gives the same values either way; each weight is cast once per pass
+    (inference casts them once for good: `FlowMo.cast_for_inference`)."""
+    dtype = autocast_dtype(device)
+    if enabled and dtype is not None:
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -121,6 +128,16 @@ class FlowMo(nn.Module):
         """Bits per LFQ code group (0 for the other quantizers): decides which LFQ `kernels=auto` can run."""
         m = self.config.model
         return m.codebook_size_for_entropy if m.quantization_type == "lfq" else 0
+
+    def cast_for_inference(self) -> "FlowMo":
+        """For inference only (evaluation, tokenize, detokenize, the sampler): the encoder's and decoder's matrix
+        weights cast once, in place, to the dtype `autocast_for` runs them in on their device (bf16 on CUDA;
+        nothing elsewhere), instead of at every pass. Under `autocast_for` the outputs are bit for bit the same
+        (autocast casts to the same values); the rest (norm scales) stays float32. `.float()` undoes it."""
+        dtype = autocast_dtype(next(self.parameters()).device)
+        if dtype is not None:
+            cast_matmul_weights((self.encoder, self.decoder), dtype)
+        return self
 
     def ops(self, device: torch.device) -> KernelOps:
         return get_ops(self._kernels, device, self.lfq_bits)
