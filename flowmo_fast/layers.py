@@ -107,6 +107,12 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
 
 
+def attention_scale(head_dim: int, mup: bool) -> float:
+    """Softmax scale of q.k: muP's 8 / head_dim (upstream's default), or 1 / sqrt(head_dim) with model.enable_mup
+    False (upstream's MUP_ENABLED = False); equal at head_dim 64."""
+    return 8.0 / head_dim if mup else head_dim**-0.5
+
+
 class DoubleStreamBlock(nn.Module):
     """Joint attention over [code tokens; image patches], separate weights per stream.
 
@@ -115,9 +121,10 @@ class DoubleStreamBlock(nn.Module):
     stream, so the other stream's projection and MLP are skipped (their parameters stay, unused).
     """
 
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, mup: bool = True):
         super().__init__()
         self.num_heads = num_heads
+        self.attention_scale = attention_scale(hidden // num_heads, mup)
         self.img_mod = Modulation(hidden)
         self.img_attn = SelfAttention(hidden, num_heads)
         self.img_mlp = _mlp(hidden, mlp_ratio)
@@ -149,7 +156,7 @@ class DoubleStreamBlock(nn.Module):
         q = torch.cat((txt_q, img_q), dim=2)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, 8.0 / q.shape[-1])  # muP scale 8 / head_dim
+        attn = attention(q, k, v, self.attention_scale)
         attn = attn.transpose(1, 2).flatten(2)  # [B, L, D]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
@@ -175,7 +182,9 @@ class LastLayer(nn.Module):
 
     def __init__(self, hidden: int, out_dim: int):
         super().__init__()
-        self.linear = nn.Linear(hidden, out_dim)  # upstream MuReadout, width multiplier 1 = nn.Linear
+        # Upstream: mup.MuReadout with muP, nn.Linear without. MuReadout computes Linear(output_mult * x / width_mult)
+        # and upstream sets its base shapes to the model's own (output_mult = width_mult = 1): nn.Linear either way.
+        self.linear = nn.Linear(hidden, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
     def forward(self, x: Tensor, vec: Optional[Tensor], ops: KernelOps) -> Tensor:

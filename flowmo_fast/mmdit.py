@@ -27,6 +27,7 @@ class MMDiTParams:
     axes_dim: tuple[int, int, int]  # RoPE dims per position axis; sums to hidden_size / num_heads
     mlp_ratio: float = 4.0
     theta: float = 10_000.0
+    mup: bool = True  # attention scale 8 / head_dim (muP), else 1 / sqrt(head_dim): model.enable_mup
 
     @property
     def patch_dim(self) -> int:
@@ -76,7 +77,7 @@ class MMDiT(nn.Module):
         self.img_in = nn.Linear(params.patch_dim, hidden)
         self.txt_in = nn.Linear(params.context_dim, hidden)
         self.double_blocks = nn.ModuleList(
-            [DoubleStreamBlock(hidden, params.num_heads, params.mlp_ratio) for _ in range(params.depth)]
+            [DoubleStreamBlock(hidden, params.num_heads, params.mlp_ratio, params.mup) for _ in range(params.depth)]
         )
         self.final_layer_img = LastLayer(hidden, params.patch_dim)
         self.final_layer_txt = LastLayer(hidden, params.context_dim)

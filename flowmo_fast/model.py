@@ -79,6 +79,7 @@ class FlowMo(nn.Module):
                 num_heads=NUM_HEADS,
                 depth=depth,
                 axes_dim=rope_axes(width),
+                mup=m.enable_mup,
             )
 
         self.encoder = MMDiT(params(enc_width, self.encoder_context_dim, m.enc_depth))
