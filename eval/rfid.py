@@ -30,13 +30,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from eval import metrics, weights
-from flowmo_fast import commands, load_checkpoint
+from flowmo_fast import load_checkpoint
 from flowmo_fast.checkpoint import atomic_write, file_sha256, read_checkpoint
-from flowmo_fast.commands import Processes
+from flowmo_fast.cli import flags
 from flowmo_fast.data import ImageDataset, collate_images, nothing_decodes
+from flowmo_fast.distributed import Processes, gather_objects, gather_rows, processes
 from flowmo_fast.images import GRID_IMAGES, image_grid, to_uint8
 from flowmo_fast.pretrained import resolve_checkpoint
-from flowmo_fast.sampling import SamplingOptions, add_sampler_flags
+from flowmo_fast.sampling import SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,11 @@ METRIC_DEFINITIONS = {name: info.definition for name, info in METRICS.items()}
 def add_image_flags(parser: argparse.ArgumentParser) -> None:
     """Which images of the data set, and how many at once."""
     data = parser.add_argument_group("which images, how many at once")
-    data.add_argument("--subsample", type=commands.positive_int, default=1, metavar="N",
+    data.add_argument("--subsample", type=flags.positive_int, default=1, metavar="N",
                       help="keep every N-th image (upstream's eval.subsample_rate)")
-    data.add_argument("--max-images", type=commands.positive_int, metavar="K", help="stop after the first K kept images")
-    data.add_argument("--batch-size", type=commands.positive_int, default=16, help="images per batch and process")
-    data.add_argument("--workers", type=commands.non_negative_int, default=commands.default_workers(),
+    data.add_argument("--max-images", type=flags.positive_int, metavar="K", help="stop after the first K kept images")
+    data.add_argument("--batch-size", type=flags.positive_int, default=16, help="images per batch and process")
+    data.add_argument("--workers", type=flags.non_negative_int, default=flags.default_workers(),
                       help="data loader processes per process (default: the CPUs beside this one, at most 8)")
 
 
@@ -87,9 +88,9 @@ def add_metric_weight_flags(parser: argparse.ArgumentParser) -> None:
 def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     """What eval.rfid and eval.watch share: --which, the data set, the images, the sampler and the metric weights."""
     parser.add_argument("--which", choices=("ema", "model"), default="ema", help="which weights of the checkpoint")
-    commands.add_data_flags(parser)
+    flags.add_data_flags(parser)
     add_image_flags(parser)
-    add_sampler_flags(parser)
+    flags.add_sampler_flags(parser)
     add_metric_weight_flags(parser)
 
 
@@ -104,9 +105,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="default: eval_results/<checkpoint name>")
     o.add_argument("--save-reconstructions", action="store_true", help="also write every reconstruction as a PNG")
-    commands.add_device_flag(o)
+    flags.add_device_flag(o)
     args = p.parse_args(argv)
-    commands.check_data_flags(p, args)
+    flags.check_data_flags(p, args)
     args.out = args.out or os.path.join("eval_results", os.path.splitext(os.path.basename(args.ckpt))[0])
     return args
 
@@ -247,14 +248,14 @@ def gather_in_row_order(got: Collected, procs: Processes) -> tuple[dict[str, Ten
     """All processes' results, sorted by data-set row: (per-image values, features x, features r, skipped)."""
 
     def gathered(parts: list, empty: Tensor) -> Tensor:
-        return commands.gather_rows(torch.cat(parts) if parts else empty, procs)
+        return gather_rows(torch.cat(parts) if parts else empty, procs)
 
     order = torch.argsort(gathered([torch.tensor(got.rows, dtype=torch.long)], torch.zeros(0, dtype=torch.long)))
     no_features = torch.zeros((0, metrics.FEATURE_DIM))
     features_x = gathered(got.features_x, no_features)[order]
     features_r = gathered(got.features_r, no_features)[order]
     values = {n: gathered(v, torch.zeros(0, dtype=torch.float64))[order] for n, v in got.values.items()}
-    skipped = sum(commands.gather_objects(got.skipped, procs), [])
+    skipped = sum(gather_objects(got.skipped, procs), [])
     return values, features_x, features_r, skipped
 
 
@@ -290,8 +291,8 @@ def evaluate(args, procs: Processes) -> Optional[dict]:
     measure = build_metrics(paths, procs.device)  # ... or unusable
     model = load_checkpoint(args.ckpt, which=args.which, device=procs.device)
     config = model.config
-    sampling = SamplingOptions.from_flags(args, model.sampling())
-    dataset = commands.dataset_from_flags(args, config.data.image_size)
+    sampling = flags.sampling_overrides(args).over(model.sampling())
+    dataset = flags.image_source(args).open(config.data.image_size)
     recon_dir = os.path.join(args.out, "reconstructions") if args.save_reconstructions else None
     os.makedirs(recon_dir or args.out, exist_ok=True)
     if procs.is_main:
@@ -337,9 +338,9 @@ def evaluate(args, procs: Processes) -> Optional[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     args = parse_args(argv)
-    with commands.one_line_errors("eval.rfid", also=(weights.WeightsUnavailable,)):
+    with flags.one_line_errors("eval.rfid", also=(weights.WeightsUnavailable,)):
         args.ckpt = resolve_checkpoint(args.ckpt)  # a published name -> its file in the Hugging Face cache
-        with commands.processes(args.device) as procs:
+        with processes(args.device) as procs:
             result = evaluate(args, procs)
     if result is not None:
         print(f"{summary_line(result)} -> {os.path.join(args.out, 'metrics.json')}", flush=True)

@@ -27,25 +27,15 @@ from eval import rfid, weights
 from eval.history import (
     FAILED, OK, Evaluation, History, Standing, keep_checkpoint, kept_before, plot_curves, standing, write_best,
 )
-from flowmo_fast import commands, load_checkpoint
+from flowmo_fast import load_checkpoint
 from flowmo_fast.checkpoint import CheckpointError, file_sha256, list_checkpoints, step_of
-from flowmo_fast.commands import Processes
-from flowmo_fast.sampling import SamplingOptions
+from flowmo_fast.cli import flags
+from flowmo_fast.distributed import Processes, gather_objects, on_rank0, processes
 
 EVAL_DIR = "eval"  # RUN_DIR/eval
 EVALUATE, WAIT, STOP = "evaluate", "wait", "stop"
 DELETED = "deleted"  # a checkpoint gone before its turn (training's retention)
 INTERRUPTED = 130  # exit status after Ctrl-C, as a shell reports SIGINT
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -59,21 +49,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     rfid.add_evaluation_flags(p)
     w = p.add_argument_group("when to stop, which checkpoint is best")
     w.add_argument("--once", action="store_true", help="evaluate the checkpoints there now, then exit")
-    w.add_argument("--until-step", type=commands.positive_int, metavar="N",
+    w.add_argument("--until-step", type=flags.positive_int, metavar="N",
                    help="stop once a checkpoint of step N or later is evaluated")
-    w.add_argument("--idle-minutes", type=positive_float, metavar="M",
+    w.add_argument("--idle-minutes", type=flags.positive_float, metavar="M",
                    help="stop after M minutes without a new checkpoint")
-    w.add_argument("--poll-seconds", type=positive_float, default=30.0, metavar="S",
+    w.add_argument("--poll-seconds", type=flags.positive_float, default=30.0, metavar="S",
                    help="how often to look for new checkpoints (default 30)")
     w.add_argument("--select", choices=tuple(rfid.METRICS), default="rfid",
                    help="the metric that picks the best checkpoint (rfid, lpips: lower is better; psnr, ssim: higher)")
-    w.add_argument("--patience", type=commands.positive_int, metavar="K",
+    w.add_argument("--patience", type=flags.positive_int, metavar="K",
                    help="early stopping: stop after K evaluations without a better --select")
     w.add_argument("--keep-best", action="store_true",
                    help="hard-link (or copy) the best checkpoint to RUN_DIR/eval/best.pth, out of retention's reach")
-    commands.add_device_flag(p)
+    flags.add_device_flag(p)
     args = p.parse_args(argv)
-    commands.check_data_flags(p, args)
+    flags.check_data_flags(p, args)
     if args.no_lpips and args.select.startswith("lpips_"):
         p.error(f"--select {args.select} needs LPIPS: drop --no-lpips or select another metric")
     if args.select == "rfid" and args.max_images == 1:
@@ -96,7 +86,7 @@ class Action:
 def on_main(fn, procs: Processes):
     """fn() on the main process only: its value there (None elsewhere); its error raised on every process."""
     box = []
-    commands.on_rank0(lambda: box.append(fn()), procs)
+    on_rank0(lambda: box.append(fn()), procs)
     return box[0] if box else None
 
 
@@ -277,7 +267,7 @@ def load_everywhere(path: str, which: str, procs: Processes):
         problem = DELETED
     except (CheckpointError, ValueError) as e:
         problem = str(e)
-    problems = [p for p in commands.gather_objects(problem, procs) if p is not None]
+    problems = [p for p in gather_objects(problem, procs) if p is not None]
     if problems:
         return None, None, DELETED if DELETED in problems else problems[0]
     return model, sha, None
@@ -292,7 +282,7 @@ def evaluate_checkpoint(action: Action, args, procs: Processes, measure, dataset
         return DELETED
     if problem is not None:
         return Evaluation(action.step, action.path, FAILED, which=args.which, error=problem)
-    sampling = SamplingOptions.from_flags(args, model.sampling())
+    sampling = flags.sampling_overrides(args).over(model.sampling())
     size = model.config.data.image_size
     sampler, data = rfid.sampler_record(sampling, args.seed), rfid.data_record(datasets(size), args, size)
     check_like(args.which, sampler, data)
@@ -309,14 +299,14 @@ def evaluate_checkpoint(action: Action, args, procs: Processes, measure, dataset
 def watch(args, procs: Processes) -> Optional[Finished]:
     """The whole watch; returns how it ended on the main process (None elsewhere)."""
     measure = rfid.build_metrics(rfid.locate_weights(args), procs.device)  # once, and before any waiting
-    datasets = functools.lru_cache(maxsize=None)(lambda size: commands.dataset_from_flags(args, size))
+    datasets = functools.lru_cache(maxsize=None)(lambda size: flags.image_source(args).open(size))
     watcher: Optional[Watcher] = on_main(lambda: Watcher(args), procs)
 
     def check_like(which: str, sampler: dict, data: dict) -> None:
         on_main(lambda: watcher.check_like(which, sampler, data), procs)
     try:
         while True:
-            action = commands.on_rank0(lambda: watcher.next_action(), procs)
+            action = on_rank0(lambda: watcher.next_action(), procs)
             if action.kind == STOP:
                 return on_main(lambda: watcher.finish(action.reason), procs)
             if action.kind == WAIT:
@@ -331,8 +321,8 @@ def watch(args, procs: Processes) -> Optional[Finished]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[Finished]:
     args = parse_args(argv)
-    with commands.one_line_errors("eval.watch", also=(weights.WeightsUnavailable,)):
-        with commands.processes(args.device) as procs:
+    with flags.one_line_errors("eval.watch", also=(weights.WeightsUnavailable,)):
+        with processes(args.device) as procs:
             try:
                 return watch(args, procs)
             except KeyboardInterrupt:

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from flowmo_fast.config import HIDDEN_PER_WIDTH, Config, config_from_dict, load_config
-from flowmo_fast.llm_infill import LLM_QUANTIZATION, LLMInfiller, find_llm, is_llm_quantization, llm_config_hash
+from flowmo_fast.llm_infill import LLMInfiller, find_llm, llm_config_hash
+from flowmo_fast.llm_settings import LLM_QUANTIZATION, is_llm_quantization
+from flowmo_fast.model import FlowMo
 
 WHICH = {"ema": "model_ema_state_dict", "model": "model_state_dict"}
 PRESET_BY_CODE = {("lfq", 18): "flowmo_lo", ("lfq", 56): "flowmo_hi", ("kl", 768): "flowmo_hi_kl"}
@@ -187,8 +189,6 @@ def load_checkpoint(
     path: str, which: str = "ema", device: Any = "cpu", overrides: Optional[Iterable[str]] = None
 ):
     """Load an upstream or flowmo-fast checkpoint as a FlowMo model in eval mode on `device`."""
-    from flowmo_fast.model import FlowMo
-
     path = os.fspath(path)
     ckpt = read_checkpoint(path)
     state_dict = select_state_dict(ckpt, which, path)

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union, get_args, get_origin, get_type_hints
 
-from flowmo_fast.llm_infill import (
+from flowmo_fast.llm_settings import (
     DEFAULT_LLM_PATH, LLM_QUANTIZATION, SPAN_FORM, check_llm_settings, is_llm_quantization,
 )
 

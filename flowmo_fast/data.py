@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from flowmo_fast.config import DataConfig
 from flowmo_fast.images import fit_square, shrink_to, uint8_to_model_range
 
 # Colour photographs shipped inside the scikit-image wheel (skimage/data), used when no data is given.
@@ -264,12 +266,23 @@ def open_dataset(
     return SamplePhotosDataset(size, random_crop)
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """The images a command reads (its --data / --imagenet-tar + --imagenet-index flags): an image folder, an
+    ImageNet tar with upstream's JSON index of it, or (neither) the bundled sample photos."""
+
+    folder: Optional[str] = None
+    tar: Optional[str] = None
+    index: Optional[str] = None
+
+    def open(self, size: int, random_crop: bool = False) -> ImageDataset:
+        return open_dataset(size, random_crop, folder=self.folder, tar=self.tar, index=self.index)
+
+
 def build_dataset(data_config, split: str) -> ImageDataset:
     """The data set a config names, for split "train" (random crops) or "val" (centre crops):
     `data.data_dir` if set (an image folder); else the ImageNet tar + index of the split if both exist;
     else, when the tar paths are left at their defaults, the bundled sample photos."""
-    from flowmo_fast.config import DataConfig
-
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; allowed: train, val")
     size, random_crop = data_config.image_size, split == "train"

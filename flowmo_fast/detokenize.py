@@ -9,9 +9,9 @@ so a row decodes the same in any batch, and a rerun skips the PNGs already writt
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -20,33 +20,14 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from flowmo_fast.checkpoint import atomic_write, load_checkpoint
-from flowmo_fast import commands
+from flowmo_fast.checkpoint import atomic_write, file_sha256, load_checkpoint
+from flowmo_fast.distributed import pick_device
 from flowmo_fast.images import to_uint8
 from flowmo_fast.model import FlowMo
-from flowmo_fast.checkpoint import file_sha256
-from flowmo_fast.token_shards import TokenShards, TokenSpec
 from flowmo_fast.noise import image_noise
-from flowmo_fast.pretrained import resolve_checkpoint
-from flowmo_fast.sampling import SamplingOptions, add_sampler_flags
+from flowmo_fast.sampling import SamplingOverrides
+from flowmo_fast.token_shards import TokenShards, TokenSpec
 from flowmo_fast.tokenizer import Tokenizer
-
-
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m flowmo_fast.detokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--ckpt", required=True, help="FlowMo checkpoint whose encoder made the tokens (a file, or "
-                   "flowmo_lo / flowmo_hi: the published ones, by name)")
-    p.add_argument("--which", default="ema", choices=("ema", "model"), help="EMA or raw weights (default: ema)")
-    p.add_argument("--tokens", required=True, help="output folder of flowmo_fast.tokenize")
-    p.add_argument("--out", required=True, help="folder for the PNG files")
-    p.add_argument("--batch-size", type=commands.positive_int, default=16, help="rows per sampler call (default 16)")
-    p.add_argument("--limit", type=commands.positive_int, default=None, help="decode only the first N rows")
-    commands.add_device_flag(p)
-    add_sampler_flags(p)
-    args = p.parse_args(argv)
-    return args
 
 
 def log(message: str) -> None:
@@ -69,44 +50,63 @@ def save_png(image: np.ndarray, path: str) -> None:
     atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    args = parse_args(argv)
-    args.ckpt = resolve_checkpoint(args.ckpt)
-    shards = TokenShards(args.tokens)
-    device = commands.pick_device(args.device)
-    model = load_checkpoint(args.ckpt, which=args.which, device=device)
+@dataclass(frozen=True)
+class DetokenizeSettings:
+    """One detokenize run (the command's flags, `flowmo_fast.cli.detokenize`)."""
+
+    ckpt: str  # the checkpoint whose encoder made the tokens (a published name resolved already)
+    tokens: str  # the output folder of flowmo_fast.tokenize
+    out: str  # folder for the PNG files
+    which: str = "ema"  # "ema" or "model" weights
+    batch_size: int = 16  # rows per sampler call
+    limit: Optional[int] = None  # decode only the first N rows
+    device: str = "auto"
+    sampling: SamplingOverrides = SamplingOverrides()  # over the checkpoint's eval.sampling
+    seed: int = 0  # row r's noise: its own (seed, r) generator
+
+
+def load_matching_model(s: DetokenizeSettings, shards: TokenShards, device) -> FlowMo:
+    """The checkpoint's model; refused if it makes other rows than the shards hold, a warning if it is not the
+    checkpoint that made them."""
+    model = load_checkpoint(s.ckpt, which=s.which, device=device)
     spec = TokenSpec.for_model(model)
     if spec != shards.spec:
         raise ValueError(
-            f"{args.tokens} holds {shards.spec.kind} {shards.spec.dtype} rows of shape {list(shards.spec.row_shape)}, "
-            f"but {args.ckpt} makes {spec.kind} of shape {list(spec.row_shape)}: use the checkpoint that made them"
+            f"{s.tokens} holds {shards.spec.kind} {shards.spec.dtype} rows of shape {list(shards.spec.row_shape)}, "
+            f"but {s.ckpt} makes {spec.kind} of shape {list(spec.row_shape)}: use the checkpoint that made them"
         )
-    if file_sha256(args.ckpt) != shards.manifest["checkpoint"]["sha256"]:
-        log(f"warning: {args.ckpt} is not the checkpoint that made these tokens "
+    if file_sha256(s.ckpt) != shards.manifest["checkpoint"]["sha256"]:
+        log(f"warning: {s.ckpt} is not the checkpoint that made these tokens "
             f"({shards.manifest['checkpoint']['path']}); fine for a fine-tuned decoder, garbage otherwise")
-    sampling = SamplingOptions.from_flags(args, model.sampling())
+    return model
+
+
+def run(settings: DetokenizeSettings) -> None:
+    """Decode the rows of `settings.tokens` not yet in `settings.out` into PNG files."""
+    s = settings
+    shards = TokenShards(s.tokens)
+    device = pick_device(s.device)
+    model = load_matching_model(s, shards, device)
+    spec = shards.spec
+    sampling = s.sampling.over(model.sampling())
     size = shards.manifest["data"]["image_size"]
-    total = len(shards) if args.limit is None else min(args.limit, len(shards))
-    todo = [r for r in range(total) if not os.path.exists(png_path(args.out, r))]
-    os.makedirs(args.out, exist_ok=True)
-    log(f"{total} rows of {args.tokens}: {total - len(todo)} PNGs already in {args.out}, {len(todo)} to decode "
+    total = len(shards) if s.limit is None else min(s.limit, len(shards))
+    todo = [r for r in range(total) if not os.path.exists(png_path(s.out, r))]
+    os.makedirs(s.out, exist_ok=True)
+    log(f"{total} rows of {s.tokens}: {total - len(todo)} PNGs already in {s.out}, {len(todo)} to decode "
         f"({sampling.steps} steps, cfg {sampling.cfg}, {size}x{size}, {device})")
     with tqdm(total=len(todo), unit="img", desc="detokenize", dynamic_ncols=True) as bar:
-        for i in range(0, len(todo), args.batch_size):
-            rows = todo[i : i + args.batch_size]
+        for i in range(0, len(todo), s.batch_size):
+            rows = todo[i : i + s.batch_size]
             code = rows_to_code(model, spec, np.stack([shards[r] for r in rows]))
-            noise = image_noise(rows, args.seed, (3, size, size))
+            noise = image_noise(rows, s.seed, (3, size, size))
             images = model.sample_images(code, (size, size), sampling, noise=noise)
             for row, image in zip(rows, to_uint8(images)):
-                save_png(image, png_path(args.out, row))
+                save_png(image, png_path(s.out, row))
             bar.update(len(rows))
 
 
-def cli(argv: Optional[list[str]] = None) -> None:
-    """main() with bad input (missing files, mismatched checkpoint, an --out that is a file) reported in one line."""
-    with commands.one_line_errors("detokenize"):
-        main(argv)
-
-
 if __name__ == "__main__":
+    from flowmo_fast.cli.detokenize import cli
+
     cli()

@@ -18,9 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from flowmo_fast.config import ModelConfig
-from flowmo_fast.llm_infill import (
-    LLMInfiller, check_llm_fits, gather_span, is_llm_quantization, parse_llm_quantization, span_starts,
-)
+from flowmo_fast.llm_infill import LLMInfiller, check_llm_fits, gather_span, span_starts
+from flowmo_fast.llm_settings import is_llm_quantization, parse_llm_quantization
 from flowmo_fast.noise import POSTERIOR_NOISE, SPAN_START, normal
 from flowmo_kernels import KernelOps
 from flowmo_kernels.lfq import indices_to_codes

@@ -3,21 +3,18 @@ interval) and the plan of one sampling run computed from it (times, step sizes, 
 
 The defaults are upstream's `eval.sampling` (flowmo_fast/config.py `SamplingConfig`): 25 steps, cfg 1.5, schedule
 pow_0.25, guidance for EDM sigmas in (0.17, 1.02). A model samples with its own config's settings unless given
-others; commands build them from their flags with `SamplingOptions.from_flags`.
+others: `SamplingOverrides`, the settings a user gave (a command's flags), over the model's.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from flowmo_fast.commands import non_negative_int, positive_int
 from flowmo_fast.config import SamplingConfig, parse_cfg_interval, parse_schedule
-from flowmo_fast.noise import MAX_SEED
 
 
 @dataclass(frozen=True)
@@ -50,12 +47,6 @@ class SamplingOptions:
     def from_config(cls, sampling: SamplingConfig) -> "SamplingOptions":
         """A config's `eval.sampling` (upstream's keys) as options."""
         return cls(sampling.sample_steps, sampling.cfg, sampling.schedule, sampling.cfg_interval)
-
-    @classmethod
-    def from_flags(cls, args, base: "SamplingOptions") -> "SamplingOptions":
-        """Command-line `--steps --cfg --schedule --cfg-interval` (None: not given) over `base`."""
-        given = {name: getattr(args, name, None) for name in ("steps", "cfg", "schedule", "cfg_interval")}
-        return base.replace(**{k: v for k, v in given.items() if v is not None})
 
     def replace(self, **changes) -> "SamplingOptions":
         return dataclasses.replace(self, **changes)
@@ -91,50 +82,21 @@ class SamplingOptions:
         return dataclasses.asdict(self)
 
 
-def _checked(parse):
-    """An argparse `type` that turns a ValueError into argparse's one-line usage error."""
+@dataclass(frozen=True)
+class SamplingOverrides:
+    """Sampler settings a user gave (None: not given) over a model's own (`SamplingOptions` of its config)."""
 
-    def convert(text: str):
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+    steps: Optional[int] = None
+    cfg: Optional[float] = None
+    schedule: Optional[str] = None
+    cfg_interval: Union[tuple[float, float], str, None] = None  # "none": guidance at every step (None: not given)
 
-    return convert
+    def over(self, base: SamplingOptions) -> SamplingOptions:
+        return base.replace(**self.given())
 
-
-def _seed(text: str) -> int:
-    value = non_negative_int(text)
-    if value >= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}), got {value}")
-    return value
-
-
-def _schedule(text: str) -> str:
-    parse_schedule(text)
-    return text
-
-
-def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
-    """--steps --cfg --schedule --cfg-interval (None when not given: the checkpoint's `eval.sampling` then
-    applies, through `SamplingOptions.from_flags`) and --seed of the per-image noise."""
-    s = parser.add_argument_group(
-        "sampler (defaults: the checkpoint's eval.sampling; upstream's are "
-        f"{UPSTREAM.steps} steps, cfg {UPSTREAM.cfg}, {UPSTREAM.schedule}, interval {UPSTREAM.cfg_interval})"
-    )
-    s.add_argument("--steps", type=positive_int, help="sampler steps")
-    s.add_argument("--cfg", type=float, help="guidance scale (1: no guidance)")
-    s.add_argument("--schedule", type=_checked(_schedule), help="linear or pow_P")
-    s.add_argument("--cfg-interval", type=_checked(parse_cfg_interval_flag),
-                   help="'lo,hi' EDM sigmas where guidance applies, or 'none' for every step")
-    s.add_argument("--seed", type=_seed, default=0,
-                   help=f"noise seed, 0 <= S < {MAX_SEED}: image row r draws from its own (S, r) generator")
-
-
-def parse_cfg_interval_flag(text: str):
-    """--cfg-interval: 'lo,hi' -> (lo, hi); 'none' -> the string "none" (guidance at every step; kept distinct
-    from an absent flag, which means the checkpoint's setting)."""
-    return "none" if parse_cfg_interval(text) is None else parse_cfg_interval(text)
+    def given(self) -> dict:
+        """The settings given, by name."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 UPSTREAM = SamplingOptions.from_config(SamplingConfig())  # upstream's defaults, from the config's one copy

@@ -18,11 +18,11 @@ are left out of the rows and listed in the manifest's "failed".
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -32,10 +32,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from flowmo_fast.checkpoint import file_sha256, load_checkpoint, read_config
-from flowmo_fast import commands
-from flowmo_fast.data import ImageDataset, collate_images, nothing_decodes
+from flowmo_fast.data import ImageDataset, ImageSource, collate_images, nothing_decodes
+from flowmo_fast.distributed import barrier, on_rank0, processes
 from flowmo_fast.model import FlowMo, autocast_for
-from flowmo_fast.pretrained import resolve_checkpoint
 from flowmo_fast.token_shards import (
     INDEX,
     MANIFEST,
@@ -58,26 +57,6 @@ from flowmo_fast.tokenizer import Tokenizer
 
 # Ranks that finish early wait for the others at the end; encoding a shard can take long on a CPU.
 BARRIER_TIMEOUT = datetime.timedelta(hours=6)
-
-
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m flowmo_fast.tokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--ckpt", required=True, help="FlowMo checkpoint: flowmo_lo / flowmo_hi (published, by name) or a file")
-    p.add_argument("--which", default="ema", choices=("ema", "model"), help="EMA or raw weights (default: ema)")
-    commands.add_data_flags(p)
-    p.add_argument("--out", required=True, help="output folder (created; reused by a rerun)")
-    p.add_argument("--batch-size", type=commands.positive_int, default=64, help="images per encoder call, per process (default 64)")
-    p.add_argument("--image-size", type=commands.positive_int, default=None, help="crop side (default: the checkpoint's, 256)")
-    p.add_argument("--shard-size", type=commands.positive_int, default=4096, help="images per shard file (default 4096)")
-    p.add_argument("--num-workers", type=commands.non_negative_int, default=commands.default_workers(),
-                   help="data loader processes per rank (default: the CPUs beside this one, at most 8)")
-    commands.add_device_flag(p)
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the encoder on CUDA")
-    args = p.parse_args(argv)
-    commands.check_data_flags(p, args)
-    return args
 
 
 def log(message: str) -> None:
@@ -178,47 +157,63 @@ def finish(out: str, planned: dict, ranges: list[range]) -> dict:
     return manifest
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    args = parse_args(argv)
-    args.ckpt = resolve_checkpoint(args.ckpt)
-    with commands.processes(args.device, timeout=BARRIER_TIMEOUT) as procs:
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """One tokenize run (the command's flags, `flowmo_fast.cli.tokenize`)."""
+
+    ckpt: str  # a checkpoint file (a published name resolved already)
+    out: str  # output folder (created; reused by a rerun)
+    which: str = "ema"  # "ema" or "model" weights
+    source: ImageSource = ImageSource()  # the images (default: the bundled sample photos)
+    batch_size: int = 64  # images per encoder call, per process
+    image_size: Optional[int] = None  # crop side; None: the checkpoint's data.image_size
+    shard_size: int = 4096  # images per shard file
+    num_workers: int = 0  # data loader processes per process
+    device: str = "auto"
+    compile: bool = True  # torch.compile the encoder on CUDA
+
+
+def run(settings: TokenizeSettings) -> None:
+    """Encode the images into token shards in `settings.out`, on every process of the command (torchrun)."""
+    s = settings
+    with processes(s.device, timeout=BARRIER_TIMEOUT) as procs:
         rank, world, device = procs.rank, procs.world_size, procs.device
-        check_tokenizable(read_config(args.ckpt, args.which).model)  # before loading a model (or an LLM)
-        model = load_checkpoint(args.ckpt, which=args.which, device=device)
+        check_tokenizable(read_config(s.ckpt, s.which).model)  # before loading a model (or an LLM)
+        model = load_checkpoint(s.ckpt, which=s.which, device=device)
         spec = TokenSpec.for_model(model)
-        size = args.image_size or model.config.data.image_size
+        size = s.image_size or model.config.data.image_size
         if size % model.patch_size:
-            raise SystemExit(f"--image-size {size} must be a multiple of the patch size {model.patch_size}")
-        dataset = commands.dataset_from_flags(args, size)
-        ranges = shard_ranges(len(dataset), args.shard_size)
+            raise ValueError(f"--image-size {size} must be a multiple of the patch size {model.patch_size}")
+        dataset = s.source.open(size)
+        ranges = shard_ranges(len(dataset), s.shard_size)
 
         def plan() -> tuple[dict, list[int]]:
-            checkpoint = {"path": os.path.abspath(args.ckpt), "sha256": file_sha256(args.ckpt), "which": args.which}
+            checkpoint = {"path": os.path.abspath(s.ckpt), "sha256": file_sha256(s.ckpt), "which": s.which}
             data = {"source": dataset.describe(), "image_size": size, "num_images": len(dataset),
                     "names_sha256": names_sha256(dataset.names)}
-            planned = new_manifest(checkpoint, model.config.to_dict(), spec, data, args.shard_size)
-            return planned, prepare(args.out, planned, ranges, spec)
+            planned = new_manifest(checkpoint, model.config.to_dict(), spec, data, s.shard_size)
+            return planned, prepare(s.out, planned, ranges, spec)
 
-        planned, pending = commands.on_rank0(plan, procs)
+        planned, pending = on_rank0(plan, procs)
         done = len(ranges) - len(pending)
         if rank == 0:
-            log(f"{dataset.describe()} -> {len(ranges)} shards of {args.shard_size} in {args.out}; "
+            log(f"{dataset.describe()} -> {len(ranges)} shards of {s.shard_size} in {s.out}; "
                 f"{done} already done, {len(pending)} to encode on {world} process(es), {device}")
         mine = [(k, ranges[k]) for k in pending[rank::world]]
         if mine:
-            compile = device.type == "cuda" and not args.no_compile
-            encode = make_encoder(model, spec, compile, args.batch_size)
+            compile = device.type == "cuda" and s.compile
+            encode = make_encoder(model, spec, compile, s.batch_size)
             start = time.perf_counter()
             count = encode_shards(
-                encode, spec, dataset, mine, args.out, args.batch_size, args.num_workers, device.type == "cuda",
+                encode, spec, dataset, mine, s.out, s.batch_size, s.num_workers, device.type == "cuda",
                 progress=rank == 0, desc=f"tokenize rank {rank}/{world}",
             )
             seconds = time.perf_counter() - start
             log(f"rank {rank}: {count} images in {len(mine)} shards, {seconds:.1f} s, {count / seconds:.1f} images/s")
         elif rank == 0 and not pending:
             log("all shards already done; nothing to encode")
-        commands.barrier(procs)
-        manifest = commands.on_rank0(lambda: finish(args.out, planned, ranges), procs)
+        barrier(procs)
+        manifest = on_rank0(lambda: finish(s.out, planned, ranges), procs)
         if rank == 0:
             c = manifest["counts"]
             log(f"{c['rows']} rows ({spec.kind} {spec.dtype} {list(spec.row_shape)}), {c['failed']} failed images")
@@ -228,12 +223,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise nothing_decodes(dataset.describe(), manifest["counts"]["failed"])
 
 
-def cli(argv: Optional[list[str]] = None) -> None:
-    """main() with bad input (missing files, wrong settings, a foreign output folder, undecodable data) reported
-    in one line."""
-    with commands.one_line_errors("tokenize"):
-        main(argv)
-
-
 if __name__ == "__main__":
+    from flowmo_fast.cli.tokenize import cli
+
     cli()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from flowmo_fast.llm_infill import QWEN_CODER_FIM_IDS
+from flowmo_fast.llm_settings import QWEN_CODER_FIM_IDS
 
 WIDTH = 16  # model.context_dim = the tiny LLM's hidden size (2 heads of 8: RoPE needs an even head size)
 MAX_POSITIONS = 32  # the `tiny` preset's code_length 16 + 3 markers fits

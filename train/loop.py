@@ -22,10 +22,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from flowmo_fast.checkpoint import (
     CheckpointError, check_llm_record, check_state_dict, read_checkpoint, select_state_dict,
 )
-from flowmo_fast.commands import Processes, gather_objects, min_across_ranks, processes, spare_cpus
+from flowmo_fast.distributed import Processes, gather_objects, min_across_ranks, processes, spare_cpus
 from flowmo_fast.config import Config
 from flowmo_fast.images import GRID_IMAGES
-from flowmo_fast.llm_infill import find_llm, is_llm_quantization
+from flowmo_fast.llm_infill import find_llm
+from flowmo_fast.llm_settings import is_llm_quantization
 from flowmo_fast.data import DataError, ImageDataset, build_dataset, first_valid_images, make_loader
 from flowmo_fast.model import FlowMo
 from flowmo_fast.pretrained import resolve_checkpoint

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from flowmo_fast.hardware import peak_bf16_tflops
 from flowmo_fast.model import FlowMo
 from train.objective import FlowMoObjective
-from flowmo_fast.commands import Processes
+from flowmo_fast.distributed import Processes
 from train.parallel import sum_across_ranks
 
 

@@ -1,5 +1,5 @@
 """Training's side of several processes: DDP / FSDP2 wrapping, gradient sync control, whole tensors from shards,
-summing logged numbers, and agreeing to stop. The processes themselves start in flowmo_fast.commands."""
+summing logged numbers, and agreeing to stop. The processes themselves start in flowmo_fast.distributed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from flowmo_fast.commands import Processes, min_across_ranks
+from flowmo_fast.distributed import Processes, min_across_ranks
 from flowmo_fast.model import FlowMo
 
 _DDP_OPTIONS = inspect.signature(DistributedDataParallel.__init__).parameters

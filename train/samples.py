@@ -9,7 +9,7 @@ import os
 import torch
 from PIL import Image
 
-from flowmo_fast.commands import Processes
+from flowmo_fast.distributed import Processes
 from flowmo_fast.images import image_grid
 from flowmo_fast.model import FlowMo
 

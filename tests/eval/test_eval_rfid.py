@@ -21,7 +21,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import flowmo_fast
 from eval import rfid, weights
-from flowmo_fast.commands import Processes
+from flowmo_fast.distributed import Processes
 from flowmo_fast import noise
 from flowmo_fast.data import SamplePhotosDataset
 from flowmo_fast.sampling import SamplingOptions

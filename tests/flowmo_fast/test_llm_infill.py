@@ -13,18 +13,16 @@ from torch import nn
 
 from flowmo_fast import load_config
 from flowmo_fast.llm_infill import (
-    QWEN_CODER_FIM_IDS,
-    FimIds,
     LLMInfiller,
     LLMNotFoundError,
     fim_ids_for,
     gather_span,
     llm_config_hash,
-    parse_llm_quantization,
     resolve_llm_path,
     span_starts,
     span_starts_per_image,
 )
+from flowmo_fast.llm_settings import QWEN_CODER_FIM_IDS, FimIds, parse_llm_quantization
 
 from llm_helpers import WIDTH, tiny_qwen2_config
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import flowmo_fast
-from flowmo_fast import flow, tokenize
+from flowmo_fast import flow
+from flowmo_fast.cli import tokenize
 from flowmo_fast.checkpoint import CheckpointError, infer_config, read_checkpoint
 from flowmo_fast.llm_infill import span_starts
 from flowmo_fast.noise import SPAN_START, row_generator

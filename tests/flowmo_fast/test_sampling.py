@@ -8,7 +8,8 @@ import torch
 
 import flowmo_fast
 from flowmo_fast.config import SamplingConfig
-from flowmo_fast.sampling import UPSTREAM, SamplingOptions, add_sampler_flags
+from flowmo_fast.cli.flags import add_sampler_flags, sampling_overrides
+from flowmo_fast.sampling import UPSTREAM, SamplingOptions
 
 
 def test_upstream_defaults_come_from_the_config():
@@ -43,9 +44,9 @@ def test_flags_override_only_what_is_given():
     parser = argparse.ArgumentParser()
     add_sampler_flags(parser)
     base = UPSTREAM.replace(steps=10)
-    assert SamplingOptions.from_flags(parser.parse_args([]), base) == base
+    assert sampling_overrides(parser.parse_args([])).over(base) == base
     args = parser.parse_args(["--steps", "3", "--cfg-interval", "none", "--schedule", "linear"])
-    assert SamplingOptions.from_flags(args, base) == SamplingOptions(3, 1.5, "linear", None)
+    assert sampling_overrides(args).over(base) == SamplingOptions(3, 1.5, "linear", None)
     for bad in (["--steps", "0"], ["--schedule", "cosine"], ["--cfg-interval", "1,0"], ["--seed", "-1"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)

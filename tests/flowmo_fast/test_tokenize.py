@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 import flowmo_fast
-from flowmo_fast import Tokenizer, detokenize, tokenize
+from flowmo_fast import Tokenizer
+from flowmo_fast.cli import detokenize, tokenize
 from flowmo_fast.data import ImageFolderDataset, IndexedTarDataset, SamplePhotosDataset
 from flowmo_fast.checkpoint import file_sha256
 from flowmo_fast.token_shards import (
@@ -300,7 +301,7 @@ def test_clear_errors(tiny_checkpoint, folder_tokens, image_folder, tmp_path):
         run_tokenize(tiny_checkpoint, tmp_path / "t", "--data", tmp_path / "missing")
     with pytest.raises(ValueError, match=r"\(shard_size: 3 there, 4 now\)\. Use a new output folder"):
         run_tokenize(tiny_checkpoint, folder_tokens, "--data", image_folder, "--shard-size", 4)
-    with pytest.raises(SystemExit, match="multiple of the patch size 4"):
+    with pytest.raises(ValueError, match="multiple of the patch size 4"):  # cli(): one line, as the others
         tokenize.main(["--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "t"), "--image-size", "30"])
     with pytest.raises(FileNotFoundError, match="is it the --out folder of flowmo_fast.tokenize"):
         detokenize.main(["--ckpt", str(tiny_checkpoint), "--tokens", str(tmp_path), "--out", str(tmp_path / "p")])

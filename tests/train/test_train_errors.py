@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from flowmo_fast.commands import Processes
+from flowmo_fast.distributed import Processes
 from flowmo_fast.config import load_config
 from train import posttrain, pretrain
 from train.checkpointing import Progress

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flowmo_fast
-from flowmo_fast.commands import Processes
+from flowmo_fast.distributed import Processes
 from flowmo_fast.fast import blocks_compiled
 from train import loop
 from train.checkpointing import Progress

@@ -1,16 +1,14 @@
-"""What every command shares (train.pretrain, train.posttrain, eval.rfid, eval.watch, flowmo_fast.tokenize and
-detokenize): how a command starts its processes, which device each one uses, the collectives that put results
-back together, and the data set named by command-line flags.
+"""The processes of a command (train.pretrain, train.posttrain, eval.rfid, eval.watch, tokenize, detokenize):
+how they start, which device each one uses, and the collectives that put their results back together.
 
-Processes: under torchrun every process joins one group, NCCL on CUDA (one GPU per local rank) and Gloo on the
-CPU, with a Gloo side group on CUDA for the small CPU-side agreements (stop requests, objects) that must not
-wait on the GPU. A command run as plain `python -m ...` is one process: without a group (eval, tokenize), or in
-a group of one where the training code needs one (`always_group`).
+Under torchrun every process joins one group, NCCL on CUDA (one GPU per local rank) and Gloo on the CPU, with a
+Gloo side group on CUDA for the small CPU-side agreements (stop requests, objects) that must not wait on the GPU.
+A command run as plain `python -m ...` is one process: without a group (eval, tokenize), or in a group of one
+where the training code needs one (`always_group`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import os
@@ -21,8 +19,6 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-from flowmo_fast.data import ImageDataset, open_dataset
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
 GROUP_TIMEOUT = datetime.timedelta(hours=1)  # long enough for rank 0 to write a checkpoint or a shard index
@@ -165,72 +161,7 @@ def gather_rows(rows: Tensor, procs: Processes) -> Tensor:
     return torch.cat([p[: int(c)] for p, c in zip(parts, counts)]).cpu()
 
 
-def positive_int(text: str) -> int:
-    """An argparse `type`: an integer >= 1, else a usage error that says so."""
-    return _bounded_int(text, 1, "a positive integer")
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse `type`: an integer >= 0, else a usage error that says so."""
-    return _bounded_int(text, 0, "0 or more")
-
-
-def _bounded_int(text: str, lowest: int, meaning: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < lowest:
-        raise argparse.ArgumentTypeError(f"must be {meaning}, got {value}")
-    return value
-
-
 def spare_cpus() -> int:
     """The CPUs this process may use beside its own: the most loader workers that keep processes <= CPUs."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, cpus - 1)
-
-
-def default_workers() -> int:
-    """Data loader processes per command process: what the machine has beside the main process (at most 8), so a
-    2-core machine gets 1 and no command starts more processes than there are CPUs."""
-    return min(8, spare_cpus())
-
-
-@contextlib.contextmanager
-def one_line_errors(command: str, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
-    """A user's mistake (a missing file, an unusable checkpoint, a bad setting) ends the command with one line
-    naming the problem, exit status 1, instead of a traceback. Data errors (`flowmo_fast.data.DataError`) are
-    ValueErrors; a path that is the wrong kind of thing (a file for a folder, a folder for a file, unwritable)
-    is one too. `also`: the command's own error types for a user's mistake."""
-    from flowmo_fast.checkpoint import CheckpointError
-
-    try:
-        yield
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-            CheckpointError, ValueError, *also) as e:
-        raise SystemExit(f"{command}: error: {e}") from None
-
-
-def add_device_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto: this process's GPU, else cpu)")
-
-
-def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    """--data / --imagenet-tar + --imagenet-index; neither: the bundled sample photos."""
-    data = parser.add_argument_group("data (default: the bundled scikit-image sample photos)")
-    data.add_argument("--data", metavar="DIR", help="an image folder (searched recursively; sub-folders are classes)")
-    data.add_argument("--imagenet-tar", metavar="T", help="ImageNet tar file, with --imagenet-index")
-    data.add_argument("--imagenet-index", metavar="J", help="upstream's JSON index of the tar")
-
-
-def check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.data and (args.imagenet_tar or args.imagenet_index):
-        parser.error("give either --data DIR or --imagenet-tar T --imagenet-index J, not both")
-    if bool(args.imagenet_tar) != bool(args.imagenet_index):
-        parser.error("--imagenet-tar and --imagenet-index go together (the tar and upstream's JSON index of it)")
-
-
-def dataset_from_flags(args: argparse.Namespace, size: int) -> ImageDataset:
-    """The data set `add_data_flags` names, centre-cropped to `size`."""
-    return open_dataset(size, folder=args.data, tar=args.imagenet_tar, index=args.imagenet_index)
