@@ -1,0 +1,73 @@
+"""Token-shard identity: a rerun of tokenize into a folder that holds tokens written with other settings is
+refused, naming the setting; each setting that changes what a row holds is tried in turn (the list is this
+test's own, so a key dropped from the library's identity fails here). Settings that do not change the rows
+(where the checkpoint file lies, what a finished run added) are accepted."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+
+from flowmo_fast.token_shards import MANIFEST, TokenSpec, check_resumable, finished_manifest, new_manifest, to_json
+
+CHECKPOINT = {"path": "/checkpoints/a.pth", "sha256": "a" * 64, "which": "ema"}
+CONFIG = {"model": {"context_dim": 18, "codebook_size_for_entropy": 9, "quantization_type": "lfq"},
+          "data": {"image_size": 32}}
+SPEC = TokenSpec("ids", "uint16", (16,), 512)
+DATA = {"source": "7 images under /data", "image_size": 32, "num_images": 7, "names_sha256": "1" * 64}
+
+# (dotted manifest key, another value): each changes what the rows hold or which rows there are
+CHANGES = [
+    ("version", 2),
+    ("checkpoint.sha256", "b" * 64),  # other weights
+    ("checkpoint.which", "model"),  # raw weights instead of the EMA
+    ("config.model.context_dim", 56),
+    ("config.model.quantization_type", "kl"),
+    ("tokens.kind", "latents"),
+    ("tokens.dtype", "float16"),
+    ("tokens.row_shape", [16, 18]),
+    ("tokens.vocab_size", 16384),
+    ("data.image_size", 64),
+    ("data.num_images", 8),
+    ("data.names_sha256", "2" * 64),  # other images, or another order
+    ("shard_size", 4),
+]
+
+
+def planned() -> dict:
+    return new_manifest(copy.deepcopy(CHECKPOINT), copy.deepcopy(CONFIG), SPEC, dict(DATA), 3)
+
+
+def with_value(manifest: dict, key: str, value) -> dict:
+    out = copy.deepcopy(manifest)
+    *parents, last = key.split(".")
+    inner = out
+    for part in parents:
+        inner = inner[part]
+    assert last in inner, key  # the change must be to a key the manifest has
+    inner[last] = value
+    return out
+
+
+@pytest.fixture()
+def written(tmp_path):
+    """A folder holding a finished run of `planned()`."""
+    records = [{"shard": k, "items": [3 * k, min(3 * k + 3, 7)], "rows": [{"index": i, "name": f"{i}.png"}
+               for i in range(3 * k, min(3 * k + 3, 7))], "failed": []} for k in range(3)]
+    (tmp_path / MANIFEST).write_text(to_json(finished_manifest(planned(), records)))
+    return tmp_path
+
+
+@pytest.mark.parametrize("key, value", CHANGES, ids=[key for key, _ in CHANGES])
+def test_a_rerun_with_another_setting_is_refused_naming_it(written, key, value):
+    with pytest.raises(ValueError, match=re.escape(f"{key}: ")) as refused:
+        check_resumable(str(written), with_value(planned(), key, value))
+    assert f"{value!r} now" in str(refused.value) and "Use a new output folder" in str(refused.value)
+
+
+def test_a_rerun_with_the_same_settings_is_accepted(written):
+    check_resumable(str(written), planned())
+    moved = with_value(planned(), "checkpoint.path", "/elsewhere/a.pth")  # the same file, copied
+    check_resumable(str(written), moved)
