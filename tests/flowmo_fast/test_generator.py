@@ -103,3 +103,102 @@ def test_config_checks_and_overrides():
         TokenGenerator(config).loss(torch.zeros(2, 32, dtype=torch.long), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[B, 32\]"):
         TokenGenerator(config).loss(torch.zeros(2, 30, dtype=torch.long))
+
+
+# ---- sampling (flowmo_fast/generation.py) ---------------------------------------------------------------------
+
+
+def train_on_patterns(steps: int = 120) -> tuple[TokenGenerator, torch.Tensor, list]:
+    """A tiny generator trained on two classes whose rows are each one fixed random pattern."""
+    torch.manual_seed(0)
+    model = TokenGenerator(preset_config("tiny", 8, 18, 9, num_classes=2, label_smoothing=0.0))
+    patterns = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(5))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(steps):
+        labels = torch.randint(0, 2, (32,))
+        out = model.loss(patterns[labels], labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        history.append((out.loss.item(), out.accuracy.item()))
+    return model.eval(), patterns, history
+
+
+def test_a_tiny_generator_learns_two_patterns_and_samples_each_class():
+    from flowmo_fast.generation import GenerationOptions, generate, sample_keys
+
+    model, patterns, history = train_on_patterns()
+    first, last = history[0][0], sum(loss for loss, _ in history[-10:]) / 10
+    assert last < 0.1 * first  # masked-token loss falls (6.3 -> ~0.1)
+    assert sum(acc for _, acc in history[-10:]) / 10 > 0.9
+    labels = torch.tensor([0, 1] * 16)
+    keys = sample_keys(0, labels.tolist(), list(range(32)))
+    ids = generate(model, labels, keys, GenerationOptions(steps=8))
+    own = (ids == patterns[labels]).float().mean(1)
+    other = (ids == patterns[1 - labels]).float().mean(1)
+    assert own.min() >= 0.8 and own.mean() > 0.95 and other.max() < 0.2  # each row is its class's pattern
+    sharp = generate(model, labels, keys, GenerationOptions(steps=8, softmax_temperature=0.25))
+    assert torch.equal(sharp, patterns[labels])
+
+
+def test_samples_do_not_depend_on_the_batch():
+    from flowmo_fast.generation import GenerationOptions, generate, sample_keys
+
+    model = tiny().eval()
+    labels = [0, 1, 1, 0, 1]
+    keys = sample_keys(7, labels, [0, 0, 1, 1, 2])
+    options = GenerationOptions(steps=6, cfg=3.0)
+    together = generate(model, torch.tensor(labels), keys, options)
+    for i in range(5):
+        assert torch.equal(generate(model, torch.tensor(labels[i : i + 1]), keys[i : i + 1], options), together[i:i+1])
+    assert len({tuple(row) for row in together.tolist()}) == 5  # distinct keys, distinct samples
+    again = generate(model, torch.tensor(labels), sample_keys(8, labels, [0, 0, 1, 1, 2]), options)
+    assert not torch.equal(again, together)  # the seed matters
+
+
+def test_guidance_mixes_conditional_and_null_logits():
+    from flowmo_fast.generation import guided_logits
+
+    model = tiny().eval()
+    bits = tokens_to_bits(torch.randint(0, 512, (3, 8, 2)), 9)
+    classes = torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        cond, uncond = model(bits, classes), model(bits, torch.full((3,), 2))
+        assert torch.allclose(guided_logits(model, bits, classes, 2.5), uncond + 2.5 * (cond - uncond), atol=1e-5)
+        assert torch.equal(guided_logits(model, bits, classes, 1.0), cond)
+
+
+def test_the_plan_reveals_every_group_by_the_last_step():
+    from flowmo_fast.generation import GenerationOptions
+
+    for steps, n in ((8, 16), (16, 16), (64, 512), (3, 1024)):
+        for schedule in ("arccos", "cosine"):
+            plan = GenerationOptions(steps=steps, schedule=schedule).plan(n)
+            masked = (n, *plan.masked_after)
+            assert masked[-1] == 0 and all(a > b for a, b in zip(masked, masked[1:]))
+    plan = GenerationOptions(steps=4, cfg=3.0, cfg_schedule="linear", temperature=2.0).plan(16)
+    assert plan.cfg == (1.0, 1.5, 2.0, 2.5) and plan.temperature == (1.5, 1.0, 0.5, 0.0)
+    with pytest.raises(ValueError, match="at most 16 steps"):
+        GenerationOptions(steps=17).plan(16)
+    with pytest.raises(ValueError, match="allowed"):
+        GenerationOptions(cfg_schedule="cosine")
+
+
+def test_revealed_groups_stay_and_follow_the_plan():
+    from flowmo_fast.generation import GenerationOptions, generate, sample_keys
+
+    model = tiny().eval()
+    seen = captured_inputs(model)
+    options = GenerationOptions(steps=6, cfg=1.0)
+    final = generate(model, torch.tensor([0, 1, 1]), sample_keys(0, [0, 1, 1], [0, 0, 1]), options)
+    plan = options.plan(16)
+    revealed = [bits.ne(0).all(-1).flatten(1) for bits, _ in seen]  # [B, N] per step's input
+    assert revealed[0].sum() == 0
+    for k in range(1, 6):
+        assert revealed[k].sum(1).tolist() == [16 - plan.masked_after[k - 1]] * 3
+        assert (revealed[k] >= revealed[k - 1]).all()  # a revealed group is never masked again
+        previous, now = seen[k - 1][0], seen[k][0]
+        assert torch.equal(now.flatten(1, 2)[revealed[k - 1]], previous.flatten(1, 2)[revealed[k - 1]])
+    assert torch.equal(tokens_to_bits(final.view(3, 8, 2), 9).flatten(1, 2)[revealed[-1]],
+                       seen[-1][0].flatten(1, 2)[revealed[-1]])

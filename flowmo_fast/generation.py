@@ -1,0 +1,229 @@
+"""Sampling token rows from a `TokenGenerator`: MaskGiT's iterative parallel decoding over bit groups.
+
+All `code_length * groups` groups of an image start masked. At each of `steps` steps the generator predicts
+every group; an id is drawn for each masked group (softmax at `softmax_temperature`), its confidence is
+log p(id) plus Gumbel noise of a temperature annealed linearly from `temperature` to 0, and the least confident
+new ids are masked again so that the masked count follows the mask schedule (arccos or cosine), reaching 0 at
+the last step. Guidance (classifier-free) mixes the conditional and the null-class logits, conditional and
+unconditional rows batched in one forward pass, with a scale ramped from 1 to `cfg` over the steps
+(`cfg_schedule`: constant, linear, or MaskBit's power-cosine).
+
+Randomness: each sample has its own key, from (seed, class, index) through numpy's SeedSequence (as the
+per-image streams of flowmo_fast.noise), and every draw is a counter-based hash of (key, step, stream,
+group) computed on the device. A sample's draws therefore depend neither on the batch it is in nor on the
+process that makes it, nor on the device; the loop has a fixed step count and no host synchronisation, so on
+CUDA it is captured once per shape as a CUDA graph (`GraphedGenerator`) and replayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowmo_fast.generator import MASK_SCHEDULES, MaskSchedule, TokenGenerator, mask_ratio, tokens_to_bits
+from flowmo_fast.noise import MAX_SEED
+
+CfgSchedule = Literal["constant", "linear", "pow_cosine"]
+CFG_SCHEDULES = ("constant", "linear", "pow_cosine")
+GENERATION_STREAM = 3  # beside flowmo_fast.noise's streams 0-2, so a sample key never equals an image's stream seed
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """The generator's sampler settings. Hashable (a CUDA-graph capture is keyed by it)."""
+
+    steps: int = 64  # MaskBit's, for FlowMo-Lo's 512 groups per image
+    cfg: float = 4.0  # the guidance scale reached at the last step (1: no guidance)
+    cfg_schedule: CfgSchedule = "pow_cosine"
+    cfg_power: float = 2.75  # pow_cosine: scale = 1 + (cfg - 1) (1 - cos(pi r^power)) / 2, r = step / steps
+    temperature: float = 4.5  # Gumbel noise on the confidence, annealed linearly to 0 (MaskGiT's choice temp.)
+    softmax_temperature: float = 1.0  # of the categorical each new id is drawn from
+    schedule: MaskSchedule = "arccos"  # the fraction still masked after each step
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"generation steps={self.steps!r}: must be a positive integer")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg schedule {self.cfg_schedule!r}; allowed: {', '.join(CFG_SCHEDULES)}")
+        if self.schedule not in MASK_SCHEDULES:
+            raise ValueError(f"mask schedule {self.schedule!r}; allowed: {', '.join(MASK_SCHEDULES)}")
+        if self.cfg < 0 or self.temperature < 0 or self.softmax_temperature <= 0 or self.cfg_power <= 0:
+            raise ValueError(
+                f"cfg={self.cfg}, temperature={self.temperature}, softmax_temperature={self.softmax_temperature}, "
+                f"cfg_power={self.cfg_power}: cfg and temperature must be >= 0, the others > 0"
+            )
+        for name in ("cfg", "cfg_power", "temperature", "softmax_temperature"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    def replace(self, **changes) -> "GenerationOptions":
+        return dataclasses.replace(self, **changes)
+
+    def plan(self, groups_per_image: int) -> "GenerationPlan":
+        return GenerationPlan.of(self, groups_per_image)
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Per step, computed on the host once: groups still masked after it, guidance scale, Gumbel temperature."""
+
+    masked_after: tuple[int, ...]
+    cfg: tuple[float, ...]
+    temperature: tuple[float, ...]
+
+    @classmethod
+    def of(cls, options: GenerationOptions, n: int) -> "GenerationPlan":
+        s = options.steps
+        if s > n:
+            raise ValueError(f"generation steps={s} exceeds the {n} groups of an image: use at most {n} steps")
+        progress = torch.arange(1, s + 1, dtype=torch.float64) / s
+        target = torch.floor(n * mask_ratio(progress, options.schedule)).long().tolist()
+        masked, left = [], n
+        for k, want in enumerate(target):  # at least one group revealed per step, one left for each step to come
+            left = max(min(want, left - 1), s - 1 - k)
+            masked.append(left)
+        ramp = {"constant": lambda r: 1.0, "linear": lambda r: r,
+                "pow_cosine": lambda r: (1 - math.cos(math.pi * r**options.cfg_power)) / 2}[options.cfg_schedule]
+        ratios = [k / s for k in range(s)]  # the ramp starts at the first step, as MaskBit's
+        cfg = tuple(1.0 + (options.cfg - 1.0) * ramp(r) for r in ratios)
+        temperature = tuple(options.temperature * (1.0 - (k + 1) / s) for k in range(s))
+        return cls(tuple(masked), cfg, temperature)
+
+
+def sample_key(seed: int, label: int, index: int) -> int:
+    """The 32-bit key of sample `index` of class `label` (-1: unconditional) under `seed`."""
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed {seed}: must be in [0, {MAX_SEED})")
+    return int(np.random.SeedSequence([seed, label + 1, index, GENERATION_STREAM]).generate_state(1)[0])
+
+
+def sample_keys(seed: int, labels: list[int], indices: list[int], device=None) -> Tensor:
+    """Keys [B] int64 of samples (labels[i], indices[i])."""
+    return torch.tensor([sample_key(seed, c, i) for c, i in zip(labels, indices)], dtype=torch.int64, device=device)
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (lowbias32-style) on int64 tensors holding values in [0, 2^32); no overflow."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def counter_uniform(keys: Tensor, step: int, stream: int, n: int) -> Tensor:
+    """U(0, 1) float32 [B, n]: element j of sample b is a hash of (keys[b], step, stream, j) only."""
+    salt = _mix32(torch.tensor(step * 8 + stream + 1, dtype=torch.int64))
+    base = _mix32((keys ^ salt.to(keys.device)) & _MASK32)  # [B]
+    j = torch.arange(n, device=keys.device, dtype=torch.int64)
+    x = _mix32((base[:, None] + j * 0x9E3779B9) & _MASK32)  # [B, n]
+    return ((x >> 8).float() + 0.5) / 2**24
+
+
+def guided_logits(model: TokenGenerator, bits: Tensor, classes: Tensor, cfg: float) -> Tensor:
+    """Logits [B, T, G, V] float32; with cfg != 1 the conditional and null-class rows run as one batch."""
+    if cfg == 1.0:
+        return model(bits, classes).float()
+    null = torch.full_like(classes, model.config.null_class)
+    cond, uncond = model(torch.cat([bits, bits]), torch.cat([classes, null])).float().chunk(2)
+    return uncond + cfg * (cond - uncond)
+
+
+def choose(logits: Tensor, keys: Tensor, step: int, softmax_temperature: float) -> tuple[Tensor, Tensor]:
+    """logits [B, N, V] -> (ids [B, N] drawn by inverse CDF from the step's uniforms, their log-probabilities)."""
+    logp = torch.log_softmax(logits / softmax_temperature, dim=-1)  # [B, N, V]
+    cdf = logp.exp().cumsum(-1)
+    u = counter_uniform(keys, step, 0, logits.shape[1])[..., None] * cdf[..., -1:]  # [B, N, 1]
+    ids = torch.searchsorted(cdf, u).clamp_max(logits.shape[-1] - 1)  # [B, N, 1]
+    return ids[..., 0], logp.gather(-1, ids)[..., 0]
+
+
+@torch.no_grad()
+def generate(model: TokenGenerator, labels: Optional[Tensor], keys: Tensor, options: GenerationOptions) -> Tensor:
+    """Token rows [B, code_length * groups] (the tokenizer's ids) for class `labels` [B] (None: unconditional)
+    and sample `keys` [B] (`sample_keys`). Fixed step count, tensor ops only: no host sync in the loop."""
+    c = model.config
+    b, n = keys.shape[0], c.tokens_per_image
+    plan = options.plan(n)
+    classes = model.classes_for(labels, b, keys.device)
+    guide = labels is not None
+    ids = torch.zeros(b, n, dtype=torch.long, device=keys.device)
+    masked = torch.ones(b, n, dtype=torch.bool, device=keys.device)
+    for step in range(options.steps):
+        bits = tokens_to_bits(ids.view(b, c.code_length, c.groups), c.bits, model.bits_in.weight.dtype)
+        bits = bits * (~masked).view(b, c.code_length, c.groups, 1)
+        cfg = plan.cfg[step] if guide else 1.0
+        logits = guided_logits(model, bits, classes, cfg).flatten(1, 2)  # [B, N, V]
+        sampled, logp = choose(logits, keys, step, options.softmax_temperature)
+        ids = torch.where(masked, sampled, ids)
+        keep = plan.masked_after[step]
+        if keep == 0:
+            masked = torch.zeros_like(masked)
+            continue
+        u = counter_uniform(keys, step, 1, n)
+        confidence = logp + plan.temperature[step] * -torch.log(-torch.log(u))  # Gumbel noise
+        confidence = torch.where(masked, confidence, torch.full_like(confidence, math.inf))
+        least = confidence.topk(keep, dim=-1, largest=False).indices  # [B, keep]
+        masked = torch.zeros_like(masked).scatter_(1, least, True)
+    return ids
+
+
+@dataclass
+class _Captured:
+    graph: "torch.cuda.CUDAGraph"
+    labels: Optional[Tensor]
+    keys: Tensor
+    out: Tensor
+
+
+class GraphedGenerator:
+    """`generate` replayed from one CUDA graph per (device, batch, conditional or not, options, autocast).
+
+    The first call for a key runs once on a side stream (warm-up), then captures; later calls copy labels and
+    keys into the static buffers and replay. Moving the weights drops every capture. Outputs equal `generate`'s
+    (same kernels, same order)."""
+
+    def __init__(self, model: TokenGenerator):
+        self.model = model
+        self.captured: dict[tuple, _Captured] = {}
+        self.weights: tuple = ()
+
+    def __call__(self, labels: Optional[Tensor], keys: Tensor, options: GenerationOptions) -> Tensor:
+        weights = tuple(p.data_ptr() for p in self.model.parameters())
+        if weights != self.weights:
+            self.captured.clear()
+            self.weights = weights
+        autocast = torch.is_autocast_enabled("cuda")
+        key = (keys.device, keys.shape[0], labels is not None, options, autocast)
+        if key not in self.captured:
+            self.captured[key] = self._capture(labels, keys, options, autocast)
+        entry = self.captured[key]
+        entry.keys.copy_(keys)
+        if labels is not None:
+            entry.labels.copy_(labels)
+        entry.graph.replay()
+        return entry.out.clone()
+
+    def _capture(self, labels, keys, options: GenerationOptions, autocast: bool) -> _Captured:
+        static_keys = keys.clone()
+        static_labels = labels.clone().long() if labels is not None else None
+        amp = (
+            torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+            if autocast
+            else contextlib.nullcontext()
+        )
+        with torch.cuda.device(keys.device):
+            side = torch.cuda.Stream(device=keys.device)
+            side.wait_stream(torch.cuda.current_stream(keys.device))
+            with torch.cuda.stream(side), amp:
+                generate(self.model, static_labels, static_keys, options)
+            torch.cuda.current_stream(keys.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"), amp:
+                out = generate(self.model, static_labels, static_keys, options)
+        return _Captured(graph, static_labels, static_keys, out)
