@@ -19,7 +19,7 @@ from flowmo_fast.llm_settings import (
 @dataclass
 class DataConfig:
     batch_size: int = 16
-    eval_batch_size: int = 5
+    eval_batch_size: int = 5  # upstream's evaluator batch: refused when set (UPSTREAM_KEYS_REPLACED)
     image_size: int = 256
     num_workers: int = 8
     imagenet_train_index: str = "imagenet_train_index_overall.json"
@@ -31,7 +31,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    enable_mup: bool = True
+    enable_mup: bool = True  # attention scale 8 / head_dim (muP); False: 1 / sqrt(head_dim), as upstream's MUP_ENABLED
     patch_size: int = 4
     mup_width: int = 6  # decoder hidden size = 192 * mup_width
     enc_mup_width: Optional[int] = 4  # encoder hidden size = 192 * enc_mup_width (None: mup_width)
@@ -120,6 +120,8 @@ UPSTREAM_KEYS_REPLACED = {
     "`python -m eval.rfid --ckpt PATH` evaluates one checkpoint",
     "eval.force_ckpt_path": "use `python -m eval.rfid --ckpt PATH`",
     "eval.subsample_rate": "use --subsample N of eval.rfid / eval.watch",
+    "data.eval_batch_size": "set the evaluation batch with --batch-size of eval.rfid / eval.watch (images per batch "
+    "and process)",
     "trainer.gs_checkpoint_bucket": "flowmo-fast writes checkpoints under --results-dir only and uploads nothing; "
     "point --results-dir at a mounted bucket (e.g. gcsfuse) or copy RESULTS_DIR/NAME/checkpoints yourself",
 }
@@ -147,7 +149,6 @@ PRESETS: dict[str, list[str]] = {
     "tiny": [
         "data.image_size=32",
         "data.batch_size=8",
-        "data.eval_batch_size=4",
         "data.num_workers=0",
         "model.mup_width=2",
         "model.enc_mup_width=2",

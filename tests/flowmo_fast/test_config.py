@@ -1,11 +1,16 @@
 """Config: upstream keys and defaults, dotlist overrides, presets, and errors naming key and allowed values."""
 
+import ast
+import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
 from flowmo_fast import load_config
-from flowmo_fast.config import config_from_dict
+from flowmo_fast.config import ALLOWED, UPSTREAM_KEYS_REPLACED, Config, config_from_dict
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Every key of upstream flowmo/configs/base.yaml with its default.
 UPSTREAM_BASE = {
@@ -64,15 +69,18 @@ def test_upstream_seed_command_overrides_work_as_written():
         ("state_dict_key", "model_state_dict", "--which ema|model"),
         ("reconstruction", False, "--no-lpips"),
         ("eval_baseline", "sdxl", "not part of flowmo-fast"),
+        ("data.eval_batch_size", 4, "--batch-size of eval.rfid / eval.watch"),
     ],
 )
 def test_upstream_evaluator_keys_are_refused_naming_their_replacement(key, value, flag):
-    """Upstream's eval.* evaluator keys do nothing here: a value other than the default is an error that names
-    the command or flag in its place; stored in an older checkpoint's config, they are passed over."""
-    with pytest.raises(ValueError, match=rf"eval\.{key}=.*does not read.*{re.escape(flag)}"):
-        load_config([f"eval.{key}={value}"])
+    """Upstream's evaluator keys do nothing here: a value other than the default is an error that names the
+    command or flag in its place; stored in an older checkpoint's config, they are passed over."""
+    key = key if "." in key else f"eval.{key}"
+    with pytest.raises(ValueError, match=rf"{re.escape(key)}=.*does not read.*{re.escape(flag)}"):
+        load_config([f"{key}={value}"])
     stored = load_config().to_dict()
-    stored["eval"][key] = value
+    section, leaf = key.split(".")
+    stored[section][leaf] = value
     assert config_from_dict(stored) == load_config()
 
 
@@ -113,3 +121,62 @@ def test_round_trip_through_dict():
 def test_bad_settings_raise_value_error_naming_key_and_allowed_values(overrides, preset, message):
     with pytest.raises(ValueError, match=message):
         load_config(overrides, preset=preset)
+
+
+# Every config key does something: some module of the library or the commands reads it (flowmo_fast/config.py's
+# own checks do not count), or UPSTREAM_KEYS_REPLACED refuses it, or ALLOWED pins it to its one value.
+SOURCES = ("flowmo_fast", "train", "eval")
+CONFIG_MODULE = "flowmo_fast/config.py"
+# Keys read through a computed attribute name, with the code that reads them (checked to still be there).
+READ_BY_COMPUTED_NAME = {
+    "data.imagenet_train_tar": ("flowmo_fast/data.py", 'f"imagenet_{split}_tar"'),
+    "data.imagenet_val_tar": ("flowmo_fast/data.py", 'f"imagenet_{split}_tar"'),
+    "data.imagenet_train_index": ("flowmo_fast/data.py", 'f"imagenet_{split}_index"'),
+    "data.imagenet_val_index": ("flowmo_fast/data.py", 'f"imagenet_{split}_index"'),
+}
+
+
+def config_keys(node=None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config dataclasses, e.g. "model.enable_mup", "eval.sampling.cfg"."""
+    node = Config() if node is None else node
+    keys = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        keys += config_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+    return keys
+
+
+def attribute_reads(tree: ast.Module) -> set[str]:
+    """Names a module reads as attributes (`x.name`, `getattr(x, "name")`), not counting those read from an
+    imported module (`torch.compile`), `self` or argparse's `args`: a config key is read by its name."""
+    skip = {"self", "args"} | {
+        (alias.asname or alias.name).split(".")[0]
+        for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names
+    }
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            if not (isinstance(node.value, ast.Name) and node.value.id in skip):
+                names.add(node.attr)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and len(node.args) >= 2:
+            if isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+                names.add(node.args[1].value)
+    return names
+
+
+def unread_keys(keys) -> list[str]:
+    files = [p for folder in SOURCES for p in sorted((ROOT / folder).rglob("*.py")) if "__pycache__" not in p.parts]
+    read = set().union(*(attribute_reads(ast.parse(p.read_text())) for p in files if p != ROOT / CONFIG_MODULE))
+    pinned = {key for key, allowed in ALLOWED.items() if len(allowed) == 1}
+    accounted = set(UPSTREAM_KEYS_REPLACED) | pinned | set(READ_BY_COMPUTED_NAME)
+    return [key for key in keys if key not in accounted and key.rsplit(".", 1)[-1] not in read]
+
+
+def test_every_config_key_is_read_or_refused():
+    """A key no module reads and no table refuses would be accepted and silently ignored (as model.enable_mup
+    and data.eval_batch_size were): it must be read, or refused in UPSTREAM_KEYS_REPLACED with its replacement."""
+    for key, (path, code) in READ_BY_COMPUTED_NAME.items():
+        assert code in (ROOT / path).read_text(), f"{key}: {path} no longer reads it as {code}"
+    assert unread_keys(["model.no_such_key"]) == ["model.no_such_key"]  # the walker sees an unread key
+    unread = unread_keys(config_keys())
+    assert not unread, f"config keys no module reads: {unread}; use them, or refuse them in UPSTREAM_KEYS_REPLACED"
