@@ -8,8 +8,14 @@ from __future__ import annotations
 import copy
 import re
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+import flowmo_fast
+from flowmo_fast.checkpoint import save_checkpoint
+from flowmo_fast.cli import tokenize as tokenize_command
 from flowmo_fast.token_shards import MANIFEST, TokenSpec, check_resumable, finished_manifest, new_manifest, to_json
 
 CHECKPOINT = {"path": "/checkpoints/a.pth", "sha256": "a" * 64, "which": "ema"}
@@ -71,3 +77,41 @@ def test_a_rerun_with_the_same_settings_is_accepted(written):
     check_resumable(str(written), planned())
     moved = with_value(planned(), "checkpoint.path", "/elsewhere/a.pth")  # the same file, copied
     check_resumable(str(written), moved)
+
+
+# ----------------------------------------------------------------------------------- the command, end to end
+
+
+def photos(folder, names: list[str]):
+    folder.mkdir()
+    for i, name in enumerate(names):
+        pixels = np.random.default_rng(i).integers(0, 256, (36, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+    return folder
+
+
+def tokenize(ckpt, out, data, *extra):
+    tokenize_command.main([str(a) for a in ["--ckpt", ckpt, "--out", out, "--data", data, "--image-size", 32,
+                                            "--shard-size", 2, "--num-workers", 0, *extra]])
+
+
+def test_the_tokenize_command_refuses_a_folder_of_other_settings_naming_them(tiny_checkpoint, tmp_path, capsys):
+    torch.manual_seed(1)
+    other_weights = tmp_path / "other.pth"
+    save_checkpoint(other_weights, flowmo_fast.FlowMo(flowmo_fast.load_config(preset="tiny")))
+    data = photos(tmp_path / "data", ["a.png", "b.png", "c.png"])
+    out = tmp_path / "tokens"
+    tokenize(tiny_checkpoint, out, data)
+    reruns = [
+        ("checkpoint.which", [tiny_checkpoint, out, data, "--which", "model"]),  # raw weights, same file
+        ("checkpoint.sha256", [other_weights, out, data]),
+        ("data.image_size", [tiny_checkpoint, out, data, "--image-size", 16]),
+        ("shard_size", [tiny_checkpoint, out, data, "--shard-size", 3]),
+        ("data.names_sha256", [tiny_checkpoint, out, photos(tmp_path / "renamed", ["a.png", "b.png", "d.png"])]),
+        ("data.num_images", [tiny_checkpoint, out, photos(tmp_path / "more", ["a.png", "b.png", "c.png", "e.png"])]),
+    ]
+    for key, args in reruns:
+        with pytest.raises(ValueError, match=rf"[(;] ?{re.escape(key)}: "):  # one of the differences named
+            tokenize(*args[:3], *args[3:])
+    tokenize(tiny_checkpoint, out, data)  # the same settings: accepted, nothing to encode
+    assert "nothing to encode" in capsys.readouterr().err
