@@ -1,7 +1,7 @@
 """flowmo-fast installs and imports like a library, from any folder (issue 21).
 
-Each check runs where a user would: a subprocess of this Python whose working folder is a temporary directory
-and whose PYTHONPATH is empty, so nothing is found through the repository root. With transformers 5 installed,
+The import, start and distribution checks run where a user would: a subprocess of this Python whose working
+folder is a temporary directory and whose PYTHONPATH is empty, so nothing is found through the repository root. With transformers 5 installed,
 Hugging Face's `kernels` is on the path too: a top-level name of ours that some other distribution also
 provides shadows one of the two (our old `kernels` package did).
 """
