@@ -17,10 +17,13 @@ def test_readme_python_example_runs(tiny_checkpoint, capsys):
 
 
 def test_readme_commands_are_the_ci_commands():
+    """CI is a new user: the README's test command, run by a new virtual environment's Python."""
     readme = README.read_text()
     ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
     assert 'pip install -e ".[test]" && python -m pytest' in readme
-    assert 'pip install -e ".[test]" && python -m pytest' in ci
+    assert re.search(r'^python3 -m venv "\$WORK/venv"$', ci, re.M)
+    assert re.search(r'^"\$PY" -m pip install -q -e "\.\[test\]"$', ci, re.M)
+    assert re.search(r'^"\$PY" -m pytest\b', ci, re.M)
 
 
 def test_readme_main_job_is_the_tested_demo_preset():
