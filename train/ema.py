@@ -1,5 +1,5 @@
 """Exponential moving average of the weights, as upstream's SimpleEMA: every `every` steps,
-ema = ema * decay^every + weights * (1 - decay^every), over the whole state dict."""
+ema = ema * decay^every + weights * (1 - decay^every), over the whole state dict (as one `_foreach_lerp_`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Mapping
 
 import torch
 from torch import Tensor, nn
+
+from train.shards import local_shard
 
 
 class EMA:
@@ -23,8 +25,14 @@ class EMA:
             return
         keep = self.decay**self.every
         current = model.state_dict()
+        floats = [name for name, avg in self.tensors.items() if avg.is_floating_point()]
+        # ema + (1 - keep) (w - ema): one fused update over the local shards (no DTensor dispatch per tensor)
+        torch._foreach_lerp_(
+            [local_shard(self.tensors[n]) for n in floats], [local_shard(current[n]) for n in floats], 1 - keep
+        )
         for name, avg in self.tensors.items():
-            avg.copy_(avg * keep + current[name] * (1 - keep))
+            if not avg.is_floating_point():  # an integer buffer (a counter) follows the model
+                avg.copy_(current[name])
 
     @torch.no_grad()
     def load(self, state_dict: Mapping[str, Tensor]) -> None:
