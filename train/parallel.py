@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import signal
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,10 +19,12 @@ from flowmo_fast.model import FlowMo
 _DDP_OPTIONS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
-def wrap(objective: nn.Module, model: FlowMo, config, procs: Processes) -> nn.Module:
-    """DDP over the whole objective (default; no wrapper for a lone process), or FSDP2 `fully_shard` per
-    transformer block, then per encoder/decoder and the model (`trainer.fsdp=true`; parameters stay float32,
-    bf16 comes from autocast as with DDP). Parameters that get no gradient must already be frozen."""
+def wrap(objective: nn.Module, model: FlowMo, config, procs: Processes,
+         units: Optional[Sequence[nn.Module]] = None) -> nn.Module:
+    """DDP over the whole objective (default; no wrapper for a lone process), or FSDP2 `fully_shard` per unit,
+    then the model (`trainer.fsdp=true`; parameters stay float32, bf16 comes from autocast as with DDP).
+    `units`: the modules sharded one by one, inner first (default FlowMo's: each transformer block of a tower,
+    then the tower). Parameters that get no gradient must already be frozen."""
     if not config.trainer.fsdp:
         if procs.world_size == 1:
             return objective  # nothing to synchronize
@@ -36,10 +39,10 @@ def wrap(objective: nn.Module, model: FlowMo, config, procs: Processes) -> nn.Mo
         )
     from torch.distributed.fsdp import fully_shard
 
-    for tower in (model.encoder, model.decoder):
-        for block in tower.double_blocks:
-            fully_shard(block)
-        fully_shard(tower)
+    if units is None:
+        units = [unit for tower in (model.encoder, model.decoder) for unit in (*tower.double_blocks, tower)]
+    for unit in units:
+        fully_shard(unit)
     fully_shard(model)
     return objective
 
