@@ -1,0 +1,183 @@
+"""eval.generate: token shards in tokenize's format from a generator checkpoint, the same from 1 or 2 processes,
+resumable, decoded into PNGs and an ADM-style samples.npz; its mistakes end in one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import flowmo_fast
+from eval import generate
+from flowmo_fast.checkpoint import atomic_save, file_sha256
+from flowmo_fast.cli import detokenize
+from flowmo_fast.generator import TokenGenerator, preset_config
+from flowmo_fast.token_shards import TokenShards, TokenSpec
+
+REPO = Path(__file__).resolve().parents[2]
+CLASSES = ["cat", "dog"]
+
+
+def save_generator(model: TokenGenerator, tokenizer_path: Path, path: Path) -> Path:
+    """`model` saved in train.generator's layout (what flowmo_fast.generator.load_generator reads), its tokens
+    made by the FlowMo checkpoint `tokenizer_path`."""
+    tokenizer = flowmo_fast.load_checkpoint(tokenizer_path)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tokens = {"checkpoint": {"path": str(tokenizer_path), "sha256": file_sha256(tokenizer_path), "which": "ema"},
+              "config": tokenizer.config.to_dict(), "tokens": TokenSpec.for_model(tokenizer).to_dict(),
+              "class_names": CLASSES}
+    atomic_save({"total_steps": 150, "model_ema_state_dict": state, "model_state_dict": state,
+                 "config": {"model": model.config.to_dict()}, "tokens": tokens}, path)
+    return path
+
+
+def tiny_generator() -> TokenGenerator:
+    """For the tiny FlowMo's tokens: 16 positions x 2 groups of 9 bits, 2 classes."""
+    torch.manual_seed(0)
+    return TokenGenerator(preset_config("tiny", 16, 18, 9, num_classes=2, label_smoothing=0.0))
+
+
+@pytest.fixture(scope="module")
+def generator_checkpoint(tiny_checkpoint, tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    """A tiny generator trained until each of two classes is one fixed pattern."""
+    model = tiny_generator()
+    patterns = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        labels = torch.randint(0, 2, (32,))
+        loss = model.loss(patterns[labels], labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_generator(model, tiny_checkpoint, tmp_path_factory.mktemp("generator") / "00000150.pth"), patterns
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """An untrained generator: its samples are near-uniform draws, so every noise stream shows in them."""
+    return save_generator(tiny_generator(), tiny_checkpoint, tmp_path_factory.mktemp("random") / "00000000.pth")
+
+
+ARGS = ["--per-class", "3", "--steps", "8", "--shard-size", "4", "--batch-size", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def generated(generator_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("generated") / "out"
+    generate.main(["--generator", str(generator_checkpoint[0]), "--out", str(out), *ARGS])
+    return out
+
+
+@pytest.fixture(scope="module")
+def random_rows(random_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("random_rows") / "out"
+    generate.main(["--generator", str(random_checkpoint), "--out", str(out), *ARGS])
+    return out
+
+
+def mtimes(folder: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
+
+
+def test_rows_are_token_shards_of_each_class(generated, generator_checkpoint):
+    patterns = generator_checkpoint[1]
+    shards = TokenShards(str(generated))
+    assert len(shards) == 6 and shards.spec.dtype == "uint16" and len(shards.shards) == 2
+    sources = shards.sources()
+    assert [s["label"] for s in sources] == [0, 0, 0, 1, 1, 1]
+    assert [s["name"] for s in sources][:2] == ["cat/000000", "cat/000001"]
+    rows = torch.from_numpy(shards.read().astype(np.int64))
+    labels = torch.tensor([s["label"] for s in sources])
+    match = (rows == patterns[labels]).float().mean(1)
+    assert match.min() >= 0.8  # each row is its class's pattern (a sample may differ in a few groups)
+    assert len({tuple(r) for r in rows.tolist()}) > 1  # samples of one class are not all the same draw
+    manifest = shards.manifest
+    assert manifest["checkpoint"]["sha256"] == file_sha256(manifest["checkpoint"]["path"])  # the tokenizer's
+    assert manifest["generation"]["options"]["steps"] == 8 and manifest["generation"]["classes"] == [0, 1]
+
+
+def test_a_rerun_writes_nothing_and_a_lost_shard_is_redone(random_rows, random_checkpoint, tmp_path):
+    generated = random_rows
+    before = mtimes(generated)
+    generate.main(["--generator", str(random_checkpoint), "--out", str(generated), *ARGS])
+    assert mtimes(generated) == before
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in os.listdir(generated):
+        (copy / name).write_bytes((generated / name).read_bytes())
+    (copy / "shard-00001.json").unlink()  # an interrupted run: shard 1 never finished
+    kept = (copy / "shard-00000.npy").stat().st_mtime_ns
+    generate.main(["--generator", str(random_checkpoint), "--out", str(copy), *ARGS])
+    assert (copy / "shard-00000.npy").stat().st_mtime_ns == kept
+    for name in ("shard-00001.npy", "shard-00001.json", "manifest.json", "index.jsonl"):
+        assert (copy / name).read_bytes() == (generated / name).read_bytes(), name
+
+
+def test_classes_by_name_or_index_and_batching(random_rows, random_checkpoint, tmp_path):
+    out = tmp_path / "dogs"
+    generate.main(["--generator", str(random_checkpoint), "--out", str(out), "--classes", "1",
+                   *ARGS[:-4], "--batch-size", "3", "--device", "cpu"])
+    dogs = TokenShards(str(out))
+    assert [s["label"] for s in dogs.sources()] == [1, 1, 1]
+    # the same samples (dog 0-2) as in the two-class run, made in batches of 3 instead of 2
+    assert np.array_equal(dogs.read(), TokenShards(str(random_rows)).read(3, 6))
+    assert len({tuple(r) for r in dogs.read().tolist()}) == 3
+
+
+@pytest.mark.distributed
+def test_two_processes_write_the_same_bytes_as_one(random_rows, random_checkpoint, tmp_path):
+    generated = random_rows
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+               "eval.generate", "--generator", str(random_checkpoint), "--out", str(out), *ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 to make on 2 process(es)" in result.stderr and "rank 1: 2 samples" in result.stderr
+    names = sorted(os.listdir(generated))
+    assert sorted(os.listdir(out)) == names
+    for name in names:
+        assert (out / name).read_bytes() == (generated / name).read_bytes(), name
+
+
+def test_decoded_into_pngs_and_an_adm_npz(generated, generator_checkpoint, tiny_checkpoint, tmp_path):
+    out = tmp_path / "decoded"
+    generate.main(["--generator", str(generator_checkpoint[0]), "--out", str(out), *ARGS,
+                   "--tokenizer", str(tiny_checkpoint), "--decode-steps", "2", "--decode-batch-size", "4"])
+    assert sorted(os.listdir(out / "images")) == [f"{r:08d}.png" for r in range(6)]
+    with np.load(out / "samples.npz") as npz:
+        assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (6, 32, 32, 3)
+        assert npz["arr_1"].tolist() == [0, 0, 0, 1, 1, 1]
+        # the PNGs are detokenize's of the same rows with the same seed and sampler
+        detokenize.main(["--ckpt", str(tiny_checkpoint), "--tokens", str(generated), "--out", str(tmp_path / "d"),
+                         "--steps", "2", "--device", "cpu"])
+        from PIL import Image
+
+        again = np.stack([np.asarray(Image.open(tmp_path / "d" / f"{r:08d}.png")) for r in range(6)])
+        assert np.array_equal(npz["arr_0"], again)
+
+
+def one_line_exit(argv: list) -> str:
+    with pytest.raises(SystemExit) as stop:
+        generate.cli([str(a) for a in argv])
+    message = str(stop.value.code)
+    assert stop.value.code not in (0, None) and "\n" not in message and message.startswith("generate: error:")
+    return message
+
+
+def test_mistakes_end_in_one_line(generated, generator_checkpoint, tiny_checkpoint, tmp_path):
+    ckpt = generator_checkpoint[0]
+    assert "neither a class name" in one_line_exit(["--generator", ckpt, "--out", tmp_path / "a", "--classes",
+                                                    "bird", *ARGS])
+    assert "at most 32 steps" in one_line_exit(["--generator", ckpt, "--out", tmp_path / "b", "--steps", "33",
+                                                "--device", "cpu"])
+    assert "not a token generator checkpoint" in one_line_exit(["--generator", tiny_checkpoint, "--out",
+                                                                tmp_path / "c", "--device", "cpu"])
+    assert "not found" in one_line_exit(["--generator", tmp_path / "missing.pth", "--out", tmp_path / "d"])
+    assert "other settings" in one_line_exit(["--generator", ckpt, "--out", generated, *ARGS, "--cfg", "2"])
+    assert "without checkpoints" in one_line_exit(["--generator", tmp_path, "--out", tmp_path / "e"])
