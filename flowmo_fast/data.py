@@ -64,13 +64,18 @@ class ImageDataset(Dataset):
     """Rows of named images; subclasses say how to read a row's bytes (`read_bytes`).
 
     `size`: output side; `random_crop`: train crops (random) rather than val crops (centre).
+    `class_names`: the name of each label, when every row has one (a class-labelled data set); else None.
     """
 
-    def __init__(self, names: Sequence[str], labels: Sequence[int], size: int, random_crop: bool):
+    def __init__(
+        self, names: Sequence[str], labels: Sequence[int], size: int, random_crop: bool,
+        class_names: Optional[Sequence[str]] = None,
+    ):
         if size < 1:
             raise ValueError(f"image size must be a positive integer, got {size}")
         self.names = list(names)
         self.labels = list(labels)
+        self.class_names = list(class_names) if class_names is not None else None
         self.size = size
         self.random_crop = random_crop
 
@@ -105,11 +110,28 @@ class ImageDataset(Dataset):
         return f"{len(self)} images"
 
 
-def _synset_labels(names: Sequence[str]) -> list[int]:
-    """Label = rank of the ImageNet synset (nXXXXXXXX) found in the name among all found; -1 where none."""
-    found = [m.group(0) if (m := SYNSET.search(n)) else None for n in names]
-    classes = {s: k for k, s in enumerate(sorted({s for s in found if s}))}
-    return [classes[s] if s else -1 for s in found]
+def classes_of(keys: Sequence[Optional[str]]) -> tuple[list[int], Optional[list[str]]]:
+    """Per-row class keys (None: unknown) -> (label = rank of the key among the sorted keys, -1 where None;
+    the sorted keys as class names, or None unless every row has a key)."""
+    names = sorted({k for k in keys if k is not None})
+    rank = {k: i for i, k in enumerate(names)}
+    labels = [rank[k] if k is not None else -1 for k in keys]
+    return labels, (names if names and None not in keys else None)
+
+
+def _synset_labels(names: Sequence[str]) -> tuple[list[int], Optional[list[str]]]:
+    """Labels and class names from the ImageNet synset (nXXXXXXXX) found in each name (`classes_of`)."""
+    return classes_of([m.group(0) if (m := SYNSET.search(n)) else None for n in names])
+
+
+def _index_labels(index: Sequence[dict]) -> tuple[list[int], Optional[list[str]]]:
+    """The index's own integer "label" of every entry (class names: the numbers, as text), else synsets."""
+    if not all("label" in e for e in index):
+        return _synset_labels([e["name"] for e in index])
+    labels = [int(e["label"]) for e in index]
+    if min(labels, default=0) < 0:
+        raise DataError(f"the index gives negative labels (smallest {min(labels)}); labels are 0, 1, ... per class")
+    return labels, [str(k) for k in range(max(labels) + 1)] if labels else None
 
 
 class IndexedTarDataset(ImageDataset):
@@ -131,9 +153,8 @@ class IndexedTarDataset(ImageDataset):
         ):
             raise DataError(f"{index_path}: expected a JSON list of {{'name', 'offset', 'size'}} entries (upstream's tar index)")
         index = sorted(index, key=lambda e: e["name"].split("/")[-1])
-        names = [e["name"] for e in index]
-        labels = [int(e["label"]) for e in index] if all("label" in e for e in index) else _synset_labels(names)
-        super().__init__(names, labels, size, random_crop)
+        labels, class_names = _index_labels(index)
+        super().__init__([e["name"] for e in index], labels, size, random_crop, class_names)
         self.tar_path = tar_path
         self.spans = [(int(e["offset"]), int(e["size"])) for e in index]
         self._fd: Optional[int] = None
@@ -164,8 +185,9 @@ def image_extensions() -> set[str]:
 class ImageFolderDataset(ImageDataset):
     """Every PIL-readable file under `root` (recursively, by extension), sorted by relative path.
 
-    Label: rank of the top-level sub-folder (as torchvision's ImageFolder); -1 for files directly in root.
-    `files` limits the rows to the given relative paths.
+    Label: rank of the top-level sub-folder among the sorted sub-folder names (as torchvision's ImageFolder);
+    -1 for files directly in root. The data set has classes (`class_names`: those sub-folder names) when every
+    image lies in a sub-folder. `files` limits the rows to the given relative paths.
     """
 
     def __init__(self, root: str, size: int, random_crop: bool = False, files: Optional[Sequence[str]] = None):
@@ -186,9 +208,8 @@ class ImageFolderDataset(ImageDataset):
                 f"no image files under {root} (searched its sub-folders for {', '.join(sorted(image_extensions())[:12])}, "
                 "...): give a folder that holds images"
             )
-        tops = [f.split(os.sep)[0] if os.sep in f else None for f in files]
-        classes = {t: k for k, t in enumerate(sorted({t for t in tops if t}))}
-        super().__init__(files, [classes[t] if t else -1 for t in tops], size, random_crop)
+        labels, class_names = classes_of([f.split(os.sep)[0] if os.sep in f else None for f in files])
+        super().__init__(files, labels, size, random_crop, class_names)
         self.root = root
 
     def read_bytes(self, i: int) -> bytes:

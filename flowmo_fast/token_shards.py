@@ -2,20 +2,25 @@
 loader, through `TokenShards`) reads.
 
 An output folder holds
-  manifest.json     checkpoint sha256, config, token spec, data set, shard list, counts, images that failed
-  index.jsonl       one line per row: {"row", "shard", "index" (data set row), "name", "label" if known}
+  manifest.json     checkpoint sha256, config, token spec, data set, class names ("classes", null without
+                    classes), "flip", shard list, counts, images that failed
+  index.jsonl       one line per row: {"row", "shard", "index" (data set row), "name", "label" if known,
+                    "flip": true on mirrored rows}
+  labels.npy        with classes only: each row's class, int64 [rows] (an index into the manifest's "classes")
   shard-00000.npy   the rows of shard 0: LFQ ids [n, tokens_per_image] in the smallest unsigned dtype that
                     holds the codebook, or KL latents [n, code_length, context_dim] float16
   shard-00000.json  where shard 0's rows came from and which of its images failed to decode
 
 Shard k covers data set rows [k * shard_size, (k + 1) * shard_size); it holds those that decoded, in data set
-order. Its content depends only on the data set, the checkpoint and shard_size, never on the process count.
+order; with "flip" each image gives two consecutive rows, as it is and mirrored left to right. Its content
+depends only on the data set, the checkpoint, shard_size and flip, never on the process count.
 Each file is written atomically, the .npy before the .json: a shard is finished when its .json exists and
 agrees with its .npy, so a rerun skips finished shards and redoes the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,9 +36,10 @@ FORMAT = "flowmo-fast-tokens"
 VERSION = 1
 MANIFEST = "manifest.json"
 INDEX = "index.jsonl"
+LABELS = "labels.npy"
 # Manifest entries (dotted, flattened) that must match for a rerun to reuse the shards already written.
 IDENTITY = ("format", "version", "checkpoint.sha256", "checkpoint.which", "config", "tokens", "data.image_size",
-            "data.num_images", "data.names_sha256", "shard_size")
+            "data.num_images", "data.names_sha256", "classes", "flip", "shard_size")
 
 
 def smallest_uint_dtype(vocab_size: int) -> np.dtype:
@@ -150,8 +156,12 @@ def shard_is_done(folder: str, k: int, items: range, spec: TokenSpec) -> bool:
     return rows.dtype == np.dtype(spec.dtype) and rows.shape == (len(record["rows"]), *spec.row_shape)
 
 
-def new_manifest(checkpoint: dict, config: dict, spec: TokenSpec, data: dict, shard_size: int) -> dict:
-    """The manifest of a run not yet finished: what it encodes, with what, into which shards."""
+def new_manifest(
+    checkpoint: dict, config: dict, spec: TokenSpec, data: dict, shard_size: int,
+    classes: Optional[list[str]] = None, flip: bool = False,
+) -> dict:
+    """The manifest of a run not yet finished: what it encodes, with what, into which shards; `classes`: the
+    class names of a class-labelled data set (None: no classes); `flip`: a mirrored row after each image's."""
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -160,6 +170,8 @@ def new_manifest(checkpoint: dict, config: dict, spec: TokenSpec, data: dict, sh
         "config": config,
         "tokens": spec.to_dict(),
         "data": data,
+        "classes": classes,
+        "flip": flip,
         "shard_size": shard_size,
     }
 
@@ -227,6 +239,27 @@ def finished_manifest(planned: dict, records: list[dict]) -> dict:
     return {**planned, "complete": True, "counts": counts, "shards": shards, "failed": failed}
 
 
+def row_labels(records: list[dict]) -> np.ndarray:
+    """Each row's class, int64 [rows], from the shard records (in shard order) of a class-labelled data set."""
+    sources = [source for record in records for source in record["rows"]]
+    missing = [s["name"] for s in sources if "label" not in s]
+    if missing:
+        raise ValueError(f"{len(missing)} rows have no class ({missing[0]}, ...) in a data set said to have classes")
+    return np.array([s["label"] for s in sources], dtype=np.int64)
+
+
+def write_labels_if_changed(folder: str, labels: np.ndarray) -> bool:
+    """labels.npy, atomically, unless it already holds exactly `labels`; True if written."""
+    path = os.path.join(folder, LABELS)
+    try:
+        if np.array_equal(np.load(path), labels):
+            return False
+    except (OSError, ValueError):
+        pass
+    atomic_write(path, lambda f: np.save(f, labels))
+    return True
+
+
 def index_text(records: list[dict]) -> str:
     """index.jsonl: one line per row, in row order."""
     lines, row = [], 0
@@ -284,6 +317,39 @@ class TokenShards:
         if not parts:
             return np.zeros((0, *self.spec.row_shape), dtype=self.spec.dtype)
         return np.concatenate(parts)
+
+    @property
+    def flip(self) -> bool:
+        """Whether each image gave two consecutive rows, as it is and mirrored left to right."""
+        return bool(self.manifest.get("flip", False))
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """The data set's class names (label k is class_names[k]); None when it has no classes."""
+        if "classes" not in self.manifest:
+            raise ValueError(
+                f"{self.folder} was written by a tokenize that did not record classes: tokenize into a new folder"
+            )
+        return self.manifest["classes"]
+
+    @functools.cached_property
+    def labels(self) -> Optional[np.ndarray]:
+        """Each row's class, int64 [len(self)] (values < len(class_names)); None when the data set has no classes."""
+        names = self.class_names
+        if names is None:
+            return None
+        path = os.path.join(self.folder, LABELS)
+        try:
+            labels = np.load(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {path} ({e}): run the same tokenize command again to rewrite it") from e
+        in_range = len(labels) == 0 or (labels.min() >= 0 and labels.max() < len(names))
+        if labels.shape != (len(self),) or labels.dtype != np.int64 or not in_range:
+            raise ValueError(
+                f"{path} holds {labels.dtype} {labels.shape}, not {len(self)} int64 classes below {len(names)}: "
+                "run the same tokenize command again to rewrite it"
+            )
+        return labels
 
     def sources(self) -> list[dict]:
         with open(os.path.join(self.folder, INDEX), encoding="utf-8") as f:

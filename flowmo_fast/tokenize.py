@@ -11,6 +11,11 @@ same images. KL checkpoints give the posterior mean of each latent in float16 (t
 the mean is deterministic, so reruns and any number of processes give the same bytes (upstream's eval path
 adds exp(logvar / 2) noise to it).
 
+Class labels: an image folder laid out as torchvision's ImageFolder (one sub-folder per class, every image in
+one) or an ImageNet tar (synsets in the names, or the index's "label") records each row's class (labels.npy) and
+the sorted class names (the manifest's "classes"); other data sets have no classes (unconditional generation).
+--flip adds each image's mirror image as the row right after its own.
+
 Each process (torchrun rank) encodes a disjoint set of the unfinished shards; rank 0 then writes the index
 and manifest. A rerun skips finished shards and writes nothing when all are done. Images that fail to decode
 are left out of the rows and listed in the manifest's "failed".
@@ -47,9 +52,11 @@ from flowmo_fast.token_shards import (
     names_sha256,
     new_manifest,
     read_shard_record,
+    row_labels,
     shard_is_done,
     shard_ranges,
     to_json,
+    write_labels_if_changed,
     write_shard,
     write_text_if_changed,
 )
@@ -90,6 +97,15 @@ def make_encoder(model: FlowMo, spec: TokenSpec, compile: bool, batch_size: int)
     return encode
 
 
+def encode_rows(encode: Callable[[Tensor], np.ndarray], images: Tensor, flip: bool) -> np.ndarray:
+    """images [B, 3, H, W] -> rows [B, ...]; with `flip` [2B, ...]: image b's row at 2b, its mirror image's at 2b + 1."""
+    rows = encode(images)
+    if not flip:
+        return rows
+    mirrored = encode(images.flip(-1))
+    return np.stack([rows, mirrored], axis=1).reshape(2 * len(rows), *rows.shape[1:])
+
+
 def shard_batches(items: range, batch_size: int) -> list[list[int]]:
     return [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
@@ -105,8 +121,11 @@ def encode_shards(
     pin_memory: bool,
     progress: bool,
     desc: str,
+    flip: bool = False,
 ) -> int:
-    """Encode and write each (k, rows) shard; batches never straddle shards. Returns images read."""
+    """Encode and write each (k, rows) shard; batches never straddle shards. Returns images read.
+    `flip`: each image gives two consecutive rows, as it is, then mirrored left to right (`"flip": true` in its
+    source line)."""
     plan = [(k, items, shard_batches(items, batch_size)) for k, items in shards]
     batches = [batch for _, _, shard in plan for batch in shard]
     loader = DataLoader(
@@ -121,9 +140,10 @@ def encode_shards(
                 batch = next(loaded)
                 got = batch["index"].tolist()
                 if got:
-                    rows.append(encode(batch["image"]))
+                    rows.append(encode_rows(encode, batch["image"], flip))
                 for i, name, label in zip(got, batch["name"], batch["label"].tolist()):
-                    sources.append({"index": i, "name": name, **({"label": label} if label >= 0 else {})})
+                    source = {"index": i, "name": name, **({"label": label} if label >= 0 else {})}
+                    sources += [source, {**source, "flip": True}] if flip else [source]
                 failed.extend({"index": i, "name": dataset.names[i]} for i in sorted(set(wanted) - set(got)))
                 bar.update(len(wanted))
             rows = np.concatenate(rows) if rows else np.zeros((0, *spec.row_shape), spec.dtype)
@@ -150,9 +170,10 @@ def finish(out: str, planned: dict, ranges: list[range]) -> dict:
     if missing:
         raise RuntimeError(f"shards {missing[:5]} of {out} have no record after encoding; run the command again")
     manifest = finished_manifest(planned, records)
+    wrote_labels = planned["classes"] is not None and write_labels_if_changed(out, row_labels(records))
     wrote_index = write_text_if_changed(os.path.join(out, INDEX), index_text(records))
     wrote_manifest = write_text_if_changed(os.path.join(out, MANIFEST), to_json(manifest))
-    if not (wrote_index or wrote_manifest):
+    if not (wrote_labels or wrote_index or wrote_manifest):
         log(f"{INDEX} and {MANIFEST} unchanged")
     return manifest
 
@@ -171,6 +192,7 @@ class TokenizeSettings:
     num_workers: int = 0  # data loader processes per process
     device: str = "auto"
     compile: bool = True  # torch.compile the encoder on CUDA
+    flip: bool = False  # also a row of each image mirrored left to right (right after the image's own)
 
 
 def run(settings: TokenizeSettings) -> None:
@@ -191,13 +213,16 @@ def run(settings: TokenizeSettings) -> None:
             checkpoint = {"path": os.path.abspath(s.ckpt), "sha256": file_sha256(s.ckpt), "which": s.which}
             data = {"source": dataset.describe(), "image_size": size, "num_images": len(dataset),
                     "names_sha256": names_sha256(dataset.names)}
-            planned = new_manifest(checkpoint, model.config.to_dict(), spec, data, s.shard_size)
+            planned = new_manifest(checkpoint, model.config.to_dict(), spec, data, s.shard_size,
+                                   classes=dataset.class_names, flip=s.flip)
             return planned, prepare(s.out, planned, ranges, spec)
 
         planned, pending = on_rank0(plan, procs)
         done = len(ranges) - len(pending)
         if rank == 0:
-            log(f"{dataset.describe()} -> {len(ranges)} shards of {s.shard_size} in {s.out}; "
+            classes = dataset.class_names
+            log(f"{dataset.describe()}, {f'{len(classes)} classes' if classes else 'no classes'}"
+                f"{', and mirrored' if s.flip else ''} -> {len(ranges)} shards of {s.shard_size} in {s.out}; "
                 f"{done} already done, {len(pending)} to encode on {world} process(es), {device}")
         mine = [(k, ranges[k]) for k in pending[rank::world]]
         if mine:
@@ -206,7 +231,7 @@ def run(settings: TokenizeSettings) -> None:
             start = time.perf_counter()
             count = encode_shards(
                 encode, spec, dataset, mine, s.out, s.batch_size, s.num_workers, device.type == "cuda",
-                progress=rank == 0, desc=f"tokenize rank {rank}/{world}",
+                progress=rank == 0, desc=f"tokenize rank {rank}/{world}", flip=s.flip,
             )
             seconds = time.perf_counter() - start
             log(f"rank {rank}: {count} images in {len(mine)} shards, {seconds:.1f} s, {count / seconds:.1f} images/s")

@@ -26,6 +26,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="data loader processes per rank (default: the CPUs beside this one, at most 8)")
     flags.add_device_flag(p)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the encoder on CUDA")
+    p.add_argument("--flip", action="store_true",
+                   help="also encode each image mirrored left to right: two consecutive rows per image")
     args = p.parse_args(argv)
     flags.check_data_flags(p, args)
     return args
@@ -35,7 +37,7 @@ def settings_from(args: argparse.Namespace) -> tokenize.TokenizeSettings:
     return tokenize.TokenizeSettings(
         ckpt=resolve_checkpoint(args.ckpt), out=args.out, which=args.which, source=flags.image_source(args),
         batch_size=args.batch_size, image_size=args.image_size, shard_size=args.shard_size,
-        num_workers=args.num_workers, device=args.device, compile=not args.no_compile,
+        num_workers=args.num_workers, device=args.device, compile=not args.no_compile, flip=args.flip,
     )
 
 
