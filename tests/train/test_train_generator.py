@@ -1,0 +1,130 @@
+"""train.generator end to end on the CPU, the `tiny` preset on token rows whose answer is known (each class one
+fixed pattern): the masked-token loss falls, checkpoints load with `load_generator` and record the tokens'
+tokenizer, a run resumed from a checkpoint equals the straight run bit for bit, and mistakes end in one line."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from flowmo_fast.checkpoint import read_checkpoint
+from flowmo_fast.generator import load_generator
+from flowmo_fast.token_shards import TokenSpec
+from train import checkpointing, generator
+
+from generator_helpers import TOKENIZER_SHA, pattern_rows, write_token_folder
+from train_helpers import check, run_command
+
+TINY = ["--preset", "tiny", "data.batch_size=8", "trainer.log_every=5"]
+
+
+def log_lines(stdout: str) -> dict[int, dict[str, float]]:
+    """{step: {name: value}} from the lines `step N | name value | ...`."""
+    out = {}
+    for m in re.finditer(r"^step (\d+) \| (.*)$", stdout, re.M):
+        out[int(m.group(1))] = {k: float(v) for k, v in (part.rsplit(" ", 1) for part in m.group(2).split(" | "))}
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    rows, labels = pattern_rows(64, classes=2)
+    return write_token_folder(tmp_path_factory.mktemp("tokens"), rows, labels)
+
+
+def train(argv: list, capsys) -> tuple[int, str]:
+    code = generator.main([str(a) for a in argv])
+    return code, capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def straight(tokens, tmp_path_factory):
+    """One process, 40 steps, checkpoints every 10 (all kept)."""
+    results = tmp_path_factory.mktemp("results")
+    stdout = check(run_command([
+        "train.generator", "--tokens", tokens, *TINY, "--results-dir", results, "--experiment-name", "a",
+        "trainer.max_steps=40", "trainer.checkpoint_every=10", "trainer.keep_every=10",
+    ]))
+    return results / "a", stdout
+
+
+def test_masked_token_loss_falls_and_checkpoints_load(straight, tokens):
+    log_dir, stdout = straight
+    logs = log_lines(stdout)
+    assert sorted(logs) == list(range(5, 41, 5))
+    first, last = logs[5], logs[40]
+    # 40 steps take the loss from ln(512) ~ 6.2 to ~4.7 and the accuracy from chance to the class patterns' ~0.5
+    assert np.isfinite(first["total_loss"]) and last["total_loss"] < 0.85 * first["total_loss"], (first, last)
+    assert last["masked_token_accuracy"] > 0.4 and first["masked_token_accuracy"] < 0.1, (first, last)
+    assert last["images_per_sec"] > 0 and "lr" in last
+    assert [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(log_dir))] == [10, 20, 30, 40]
+    loaded = load_generator(log_dir / "checkpoints" / "00000040.pth")
+    assert loaded.total_steps == 40 and not loaded.model.training
+    assert loaded.model.config.num_classes == 2 and loaded.model.config.code_length == 16
+    assert loaded.source.checkpoint["sha256"] == TOKENIZER_SHA and loaded.source.tokenizer_config["model"]["context_dim"] == 18
+    ckpt = read_checkpoint(log_dir / "checkpoints" / "00000040.pth")
+    assert ckpt["data_position"] == 40 * 8 and ckpt["world_size"] == 1
+    assert ckpt["config"]["opt"]["lr"] == 1e-3 and ckpt["config"]["trainer"]["ema_decay"] == 0.99
+    assert (log_dir / "config.json").exists() and list(log_dir.glob("events.out.tfevents.*"))
+
+
+def test_a_run_resumed_from_a_checkpoint_equals_the_straight_run(straight, tokens, tmp_path, lone_process, capsys):
+    reference_dir, _ = straight
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copy(reference_dir / "checkpoints" / "00000020.pth", tmp_path / "b" / "checkpoints")
+    code, stdout = train(["--tokens", tokens, *TINY, "--results-dir", tmp_path, "--experiment-name", "b",
+                          "trainer.max_steps=40", "trainer.checkpoint_every=10"], capsys)
+    assert code == 0, stdout[-3000:]
+    assert f"resuming from {tmp_path / 'b' / 'checkpoints' / '00000020.pth'} (step 20)" in stdout
+    resumed = read_checkpoint(tmp_path / "b" / "checkpoints" / "00000040.pth")
+    reference = read_checkpoint(reference_dir / "checkpoints" / "00000040.pth")
+    for key in ("model_state_dict", "model_ema_state_dict"):
+        for name, value in reference[key].items():
+            assert torch.equal(resumed[key][name], value), (key, name)
+    for pid, state in reference["optimizer_state_dict"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(resumed["optimizer_state_dict"]["state"][pid][k], v), (pid, k)
+    assert resumed["data_position"] == reference["data_position"]
+
+
+def one_line_error(argv: list) -> str:
+    with pytest.raises(SystemExit) as stop:
+        generator.main([str(a) for a in argv])
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_shards_it_cannot_use_end_in_one_line(tmp_path):
+    common = ["--results-dir", tmp_path, "--experiment-name", "x", "trainer.max_steps=0"]  # missed: no training
+    (tmp_path / "photos").mkdir()
+    assert "no manifest.json" in one_line_error(["--tokens", tmp_path / "photos", *common])
+    kl = write_token_folder(tmp_path / "kl", np.zeros((4, 16, 36)), spec=TokenSpec("latents", "float16", (16, 36)))
+    assert "holds latents" in one_line_error(["--tokens", kl, *common])
+    rows, _ = pattern_rows(8)
+    unlabelled = write_token_folder(tmp_path / "unlabelled", rows)
+    message = one_line_error(["--tokens", unlabelled, "--preset", "B", *common])
+    assert "no class labels, but preset B is class-conditional" in message and "model.num_classes=0" in message
+    assert "model.num_classes=3" in one_line_error(["--tokens", unlabelled, *TINY, "model.num_classes=3", *common])
+    assert "model.code_length=8" in one_line_error(["--tokens", unlabelled, *TINY, "model.code_length=8", *common])
+    rows, labels = pattern_rows(8, classes=2)
+    labelled = write_token_folder(tmp_path / "labelled", rows, labels)
+    message = one_line_error(["--tokens", labelled, *TINY, "model.num_classes=3", *common])
+    assert "model.num_classes=3, but the token shards have 2 classes" in message
+
+
+def test_a_run_resumed_on_tokens_of_another_tokenizer_ends_in_one_line(tmp_path, lone_process, capsys):
+    rows, labels = pattern_rows(8, classes=2)
+    first = write_token_folder(tmp_path / "first", rows, labels)
+    other = write_token_folder(tmp_path / "other", rows, labels, sha256="0f" * 32)
+    common = [*TINY, "--results-dir", tmp_path, "--experiment-name", "r", "trainer.max_steps=1"]
+    code, _ = train(["--tokens", first, *common], capsys)
+    assert code == 0
+    code, stdout = train(["--tokens", other, *common, "trainer.max_steps=2"], capsys)
+    errors = [line for line in stdout.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "sha256 5e5e5e5e5e5e), but --tokens" in errors[0], stdout[-2000:]
+    assert checkpointing.list_checkpoints(str(tmp_path / "r"))[-1].endswith("00000001.pth")

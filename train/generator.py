@@ -1,0 +1,206 @@
+"""Training the token generator: `torchrun --nproc-per-node=N -m train.generator --tokens DIR --experiment-name NAME
+[--preset tiny|B|L] [key=value ...]` (or `python -m train.generator ...` for one process). DIR is the output of
+`flowmo_fast.tokenize` (LFQ token ids; with class labels for a class-conditional generator). Rerunning the same
+command resumes from the newest checkpoint in results/NAME/checkpoints.
+
+The tokenizer trainer's parts, reused: processes and DDP / FSDP2 (train.parallel), the training step with bf16
+autocast on CUDA and gradient accumulation, the AdamW warm-up + decay schedule (train.step), EMA (train.ema),
+metrics, TensorBoard and the progress bar (train.metrics), checkpoints and their retention (train.checkpointing),
+start point, RNG seeding and the non-finite-loss watch (train.loop). Each step: one batch of token rows per rank,
+masked-token loss (`TokenGenerator.loss`: its masks and label dropout draw from the global RNG, which the
+checkpoints carry, so a stopped and resumed run equals a straight one), AdamW step, EMA every 10 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+
+from flowmo_fast.checkpoint import CheckpointError, atomic_save, check_state_dict, select_state_dict
+from flowmo_fast.data import DataError
+from flowmo_fast.distributed import Processes, gather_objects, processes
+from flowmo_fast.generator import TokenGenerator
+from train import checkpointing, cli, parallel
+from train.checkpointing import Progress
+from train.ema import EMA
+from train.generator_config import PRESETS, GeneratorTrainingConfig, make_config
+from train.generator_data import TokenBatch, TokenData, open_tokens, token_batches
+from train.loop import NonFiniteLoss, NonFiniteWatch, StartPoint, find_start, prepare, say, seed_rngs
+from train.metrics import MetricLogger
+from train.step import build_optimizer, compiles, set_learning_rate, train_step
+
+DEFAULT_PRESET = "B"
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = cli.build_parser("python -m train.generator", "Token generator training (MaskGiT family) on token "
+                              "shards.", presets=PRESETS)
+    parser.add_argument("--tokens", required=True, metavar="DIR", help="a flowmo_fast.tokenize output folder")
+    args, overrides = cli.parse(parser, argv)
+    try:
+        tokens = open_tokens(args.tokens)
+        config = make_config(args.preset or DEFAULT_PRESET, tokens.layout, overrides)
+    except ValueError as e:  # DataError included: shards it cannot use, or settings that do not fit them
+        raise SystemExit(f"error: {e}") from None
+    return run(args, tokens, config)
+
+
+def run(args: argparse.Namespace, tokens: TokenData, config: GeneratorTrainingConfig) -> int:
+    """Train until trainer.max_steps (or SIGTERM); returns the process exit code."""
+    with processes(always_group=True) as procs:
+        try:
+            return train(args, tokens, config, procs)
+        except NonFiniteLoss as e:
+            say(procs, f"error: {e}")
+            return 1
+        except (FileNotFoundError, CheckpointError, DataError) as e:
+            say(procs, f"error: {e}")
+            return 2
+
+
+class GeneratorObjective(nn.Module):
+    """The generator's loss as a module (what DDP wraps): a batch -> (loss, the terms to log)."""
+
+    def __init__(self, model: TokenGenerator):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        labels = batch.labels if self.model.config.num_classes else None  # unconditional: classes unused
+        out = self.model.loss(batch.ids, labels)
+        return out.loss, {"total_loss": out.loss.detach(), "masked_token_accuracy": out.accuracy}
+
+
+@dataclass
+class Trainee:
+    """The generator and everything that updates it."""
+
+    model: TokenGenerator
+    objective: GeneratorObjective
+    wrapped: nn.Module  # the objective under DDP (or itself: one process, FSDP)
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices (and embeddings) decay, biases and norm scales do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def build_trainee(config: GeneratorTrainingConfig, procs: Processes, start: StartPoint) -> Trainee:
+    """Same initial weights on every rank, the start point's weights, regional compile (CUDA), the objective
+    wrapped for several processes, EMA and optimizer (their states on resume)."""
+    torch.manual_seed(config.global_seed)
+    model = TokenGenerator(config.model).to(procs.device)
+    if start.ckpt is not None:
+        state = select_state_dict(start.ckpt, "model", start.path)
+        check_state_dict(model, state, start.path)
+        model.load_state_dict(state)
+    if compiles(config, procs.device):
+        for block in model.blocks:
+            block.compile()
+    objective = GeneratorObjective(model)
+    wrapped = parallel.wrap(objective, model, config, procs, units=list(model.blocks))
+    optimizer = build_optimizer(model, config, weight_decay_groups(model, config.opt.weight_decay))
+    trainee = Trainee(model, objective, wrapped, EMA(model, config.trainer.ema_decay), optimizer)
+    if start.resuming:
+        trainee.ema.load(select_state_dict(start.ckpt, "ema", start.path))
+        set_optimizer_state_dict(model, optimizer, start.ckpt["optimizer_state_dict"],
+                                 options=StateDictOptions(full_state_dict=True))
+    n_params = sum(p.numel() for p in model.parameters())
+    layout = "FSDP2" if config.trainer.fsdp else "DDP" if procs.world_size > 1 else "one process"
+    say(procs, f"TokenGenerator: {n_params / 1e6:.2f}M parameters; {layout}")
+    return trainee
+
+
+def check_tokens(start: StartPoint, tokens: TokenData) -> None:
+    """A run continues on tokens of the tokenizer it started with (the checkpoint's record)."""
+    record = (start.ckpt or {}).get("tokens") if start.resuming else None
+    if record is None:
+        return
+    was, now = record["checkpoint"]["sha256"], tokens.record["checkpoint"]["sha256"]
+    if was != now:
+        raise CheckpointError(
+            f"{start.path} was trained on tokens of the tokenizer {record['checkpoint'].get('path')} (sha256 "
+            f"{was[:12]}), but --tokens {tokens.shards.folder} holds tokens of {tokens.record['checkpoint'].get('path')} "
+            f"(sha256 {now[:12]}): give the tokens it was trained on, or a new --experiment-name"
+        )
+
+
+def save(trainee: Trainee, config: GeneratorTrainingConfig, tokens: TokenData, procs: Processes, log_dir: str,
+         progress: Progress, metrics: MetricLogger) -> str:
+    """Every rank gathers (FSDP needs all); rank 0 writes, then prunes. Returns the path."""
+    path = checkpointing.checkpoint_path(log_dir, progress.total_steps)
+    model_state = parallel.full_state_dict(trainee.model.state_dict(), keep=procs.is_main)
+    ema_state = parallel.full_state_dict(trainee.ema.tensors, keep=procs.is_main)
+    optimizer_state = get_optimizer_state_dict(trainee.model, trainee.optimizer, options=FULL)
+    rng = gather_objects(checkpointing.capture_rng(), procs)
+    if procs.is_main:
+        atomic_save({
+            "total_steps": progress.total_steps, "model_ema_state_dict": ema_state, "model_state_dict": model_state,
+            "config": config.to_dict(), "tokens": tokens.record, "optimizer_state_dict": optimizer_state,
+            "rng_state_per_rank": rng, "data_position": progress.data_position, "world_size": procs.world_size,
+        }, path)
+        checkpointing.prune(log_dir, config.trainer.keep_every)
+        metrics.write(f"saved {path}")
+    return path
+
+
+def train(args: argparse.Namespace, tokens: TokenData, config: GeneratorTrainingConfig, procs: Processes) -> int:
+    log_dir = prepare(args, config, procs)
+    start = find_start(args, log_dir, procs)
+    progress, trainer = start.progress, config.trainer
+    if progress.total_steps >= trainer.max_steps:
+        say(procs, f"nothing to do: already at step {progress.total_steps} >= trainer.max_steps={trainer.max_steps}; "
+            "set trainer.max_steps higher to train further")
+        return 0
+    check_tokens(start, tokens)
+    say(procs, f"training data: {tokens.describe()}")
+    batches = token_batches(tokens, config.data.batch_size, procs.rank, procs.world_size, config.global_seed,
+                            progress.data_position)
+    trainee = build_trainee(config, procs, start)
+    rows_per_step = config.data.batch_size * procs.world_size
+    metrics = MetricLogger(procs, log_dir, trainer.max_steps, progress.total_steps, rows_per_step, None)
+    seed_rngs(config, procs, start)
+    watch, last_good = NonFiniteWatch(procs.device), start.path if start.resuming else ""
+    say(procs, f"training from step {progress.total_steps} to {trainer.max_steps}")
+    with parallel.StopRequest(procs) as stop, contextlib.closing(metrics):
+        while progress.total_steps < trainer.max_steps:
+            batch = next(batches)
+            progress.data_position += len(batch)
+            trainee.objective.train()
+            set_learning_rate(trainee.optimizer, config, progress.total_steps)
+            terms = train_step(trainee.wrapped, trainee.model, batch.to(procs.device, non_blocking=True),
+                               trainee.optimizer, config, procs.device)
+            trainee.ema.update(trainee.model, progress.total_steps)
+            progress.total_steps += 1
+            step = progress.total_steps  # steps done; the log, checkpoints and messages count this way
+            watch.observe(terms["total_loss"], step)
+            metrics.add(terms)
+            stopping = stop.agreed()
+            final = step == trainer.max_steps or stopping
+            if step % trainer.log_every == 0 or final:
+                watch.check(procs, last_good)
+                metrics.log(step, {"lr": trainee.optimizer.param_groups[0]["lr"]}, 0)
+            if step % trainer.checkpoint_every == 0 or final:
+                watch.check(procs, last_good)
+                last_good = save(trainee, config, tokens, procs, log_dir, progress, metrics)
+            if stopping:
+                say(procs, f"stopped by SIGTERM after step {step}; rerun the same command to resume")
+                break
+    say(procs, f"done at step {progress.total_steps}; newest checkpoint {last_good}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
