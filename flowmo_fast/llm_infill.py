@@ -23,7 +23,6 @@ Hugging Face cache.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import json
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from flowmo_fast.autocast import autocast_dtype, autocast_for
 from flowmo_fast.llm_settings import (
     DEFAULT_LLM_PATH, LLM_QUANTIZATION, QWEN_CODER_FIM_IDS, FimIds, LLMQuantization, check_llm_settings, parse_fim_ids,
     parse_llm_quantization,
@@ -257,14 +257,6 @@ def replace_span(code: Tensor, span: Tensor, starts: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------- module
 
 
-def _llm_autocast(device: torch.device):
-    """bf16 autocast on CUDA (without the weight-cast cache, as flowmo_fast.model.autocast_for: a CUDA-graph
-    capture cannot use it); float32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-    return contextlib.nullcontext()
-
-
 class _OutOfTree:
     """Holds a module where nn.Module does not look: state_dict, parameters(), train() and hooks skip it."""
 
@@ -281,6 +273,10 @@ class LLMInfiller(nn.Module):
         llm = getattr(llm, "base_model", llm)  # a *ForCausalLM -> its base model: hidden states, no LM head
         self._frozen = _OutOfTree(llm.eval().requires_grad_(False))
         self.fim_ids = fim_ids
+        # built once, moved with the module: no host-to-device copy per call (not in the state dict)
+        marker_ids = torch.tensor([fim_ids.prefix, fim_ids.suffix, fim_ids.middle])
+        self.register_buffer("marker_ids", marker_ids, persistent=False)
+        self._keep_llm_dtype()
         self.spec = spec
         self.config_hash = llm_config_hash(llm.config)
 
@@ -299,9 +295,18 @@ class LLMInfiller(nn.Module):
         return self.spec.span_length(code_length)
 
     def _apply(self, fn, recurse: bool = True):
-        """`.to()`, `.cuda()`, `.double()`, ... reach the out-of-tree LLM too."""
+        """`.to()`, `.cuda()`, `.double()`, ... reach the out-of-tree LLM too (then `_keep_llm_dtype`)."""
         self.llm._apply(fn)
+        self._keep_llm_dtype()
         return super()._apply(fn, recurse)
+
+    def _keep_llm_dtype(self) -> None:
+        """The frozen LLM in the dtype autocast runs it in on its device (bf16 on CUDA, whatever `.to()` says
+        elsewhere): stored in float32 there, each forward would recast its weights and keep the copies for
+        backward."""
+        dtype = autocast_dtype(self.llm.get_input_embeddings().weight.device)
+        if dtype is not None:
+            self.llm.to(dtype)
 
     def infill(self, code: Tensor, starts: Tensor) -> Infilled:
         """code [B, T, D], starts [B] int64 in [0, T - n] (n = span_length(T)) -> Infilled(code [B, T, D]
@@ -312,10 +317,9 @@ class LLMInfiller(nn.Module):
         n = self.span_length(t)
         self._check_inputs(code, starts)
         embedding = self.llm.get_input_embeddings()
-        marker_ids = torch.tensor([self.fim_ids.prefix, self.fim_ids.suffix, self.fim_ids.middle], device=code.device)
-        markers = embedding(marker_ids).expand(b, -1, -1)  # [B, 3, D]
+        markers = embedding(self.marker_ids).expand(b, -1, -1)  # [B, 3, D]
         embeds = fim_sequence(code.to(embedding.weight.dtype), markers, starts, n)  # [B, T+3, D]
-        with _llm_autocast(code.device):
+        with autocast_for(code.device):
             hidden = self.llm(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, T+3, D]
         span = hidden[:, t + N_MARKERS - n:].to(code.dtype)  # [B, n, D]
         return Infilled(replace_span(code, span, starts), span)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from flowmo_fast import flow
 from flowmo_fast.attention import Attention
+from flowmo_fast.autocast import autocast_dtype, autocast_for
 from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS, Config, rope_axes
 from flowmo_fast.fast import GraphedSampler, cast_matmul_weights
 from flowmo_fast.mmdit import MMDiT, MMDiTParams
@@ -21,24 +21,6 @@ from flowmo_kernels import BACKENDS, KernelOps, check_lfq_bits, get_ops
 
 if TYPE_CHECKING:
     from flowmo_fast.llm_infill import LLMInfiller
-
-
-def autocast_dtype(device: Union[torch.device, str]) -> Optional[torch.dtype]:
-    """The dtype `autocast_for` runs matrix products in on `device`: bf16 on CUDA, None (float32) elsewhere."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else None
-
-
-def autocast_for(device: Union[torch.device, str], enabled: bool = True):
-    """bf16 autocast on CUDA; nothing elsewhere (CPU runs float32).
-
-    Without autocast's weight-cast cache: a CUDA-graph capture cannot use it (flowmo_fast.fast), and compiled
-    code guards on the flag, so one setting everywhere lets training, evaluation and the captured sampler
-    share the compiled blocks. A cast gives the same values either way; each weight is cast once per pass
-    (inference casts them once for good: `FlowMo.cast_for_inference`)."""
-    dtype = autocast_dtype(device)
-    if enabled and dtype is not None:
-        return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
-    return contextlib.nullcontext()
 
 
 @dataclass
