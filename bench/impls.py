@@ -1,32 +1,227 @@
-"""The settings and implementations the model benchmarks compare (the rows of each group).
+"""The implementations the benchmarks compare, behind one adapter (`Implementation`), built by one factory
+(`build`). The CPU benchmarks (bench/test_bench_*.py) and the GPU report (bench/gpu_report.py) call each
+workload the same way for ours and for upstream; only this module knows how each runs it.
 
 - plain: our model eager with the plain PyTorch kernels (`kernels="torch"`, no compile, no CUDA graphs);
 - fast: our fast path: `compile_blocks` (regional torch.compile of each DoubleStreamBlock); on CUDA also
-  the Triton kernels (`kernels="auto"`) and the CUDA-graph sampler;
+  the Triton kernels (`kernels="auto"`) and the CUDA-graph sampler; fast_triton: the same with the Triton
+  kernels forced inside the compiled blocks (`kernels="triton"`, CUDA only);
 - upstream_eager / upstream_compiled: upstream's FlowMo from the checkout at $FLOWMO_REFERENCE with the
-  same config and weights, without and with its own @torch.compile decorators (rows skip when unset).
+  same config and weights, without and with its own @torch.compile decorators.
+
+A train step is one micro-batch without norm logging on both sides (`TRAIN_STEP_OVERRIDES`): upstream's
+step here is its loss on the whole batch, then backward and Adam, so ours is timed doing the same work.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
-import pytest
 import torch
+from torch import Tensor, nn
 
 import flowmo_fast
 from bench import upstream
+from flowmo_fast import flow
 from flowmo_fast.config import Config
 from flowmo_fast.fast import compile_blocks
+from flowmo_fast.model import autocast_for
+from flowmo_fast.sampling import SamplingOptions
+from flowmo_fast.token_shards import TokenSpec
+from flowmo_fast.tokenize import make_encoder
+from flowmo_kernels import triton_available
+from flowmo_kernels.rope import rope_tables
+from train.objective import FlowMoObjective
+from train.step import build_optimizer, train_step
 
 IMPLS = ("plain", "fast", "upstream_eager", "upstream_compiled")
+OURS = ("plain", "fast", "fast_triton")
+KERNELS = {"plain": "torch", "fast": "auto", "fast_triton": "triton"}  # model.kernels of each of ours
+# The work a train-step row times, on every side: one micro-batch (the whole batch), no gradient or weight norms.
+TRAIN_STEP_OVERRIDES = ("opt.n_grad_acc=1", "opt.log_norms=False")
+TRAIN_STEP_WORK = "1 micro-batch, no norm logging"
+
+
+class Unavailable(Exception):
+    """The implementation cannot run here (no upstream checkout, Triton without CUDA); the message says why."""
+
+
+@dataclass
+class Implementation:
+    """One implementation of FlowMo on one device. Every call runs as the implementation would in evaluation
+    or training: bf16 autocast on CUDA (float32 elsewhere), no gradients outside the training calls."""
+
+    name: str
+    model: nn.Module
+    device: torch.device
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def reconstruct(self, images: Tensor, sampling: SamplingOptions, seed: int) -> Tensor:
+        """Encode, quantize, sample back with `sampling` from noise drawn by a generator seeded `seed`."""
+        raise NotImplementedError
+
+    def decode(self, zt: Tensor, code: Tensor, t: Tensor) -> Tensor:
+        """One decoder pass: the velocity [B, 3, H, W] in float32."""
+        raise NotImplementedError
+
+    def encode(self, images: Tensor) -> Tensor:
+        """The encoder's code before quantization."""
+        raise NotImplementedError
+
+    def token_ids(self, images: Tensor) -> Tensor:
+        """The LFQ token ids of the images, int64 [B, ...] on the CPU."""
+        raise NotImplementedError
+
+    def loss(self, images: Tensor, t: Optional[Tensor] = None, noise: Optional[Tensor] = None,
+             enable_cfg: bool = True) -> Tensor:
+        """The training loss (rectified flow + quantizer); times and noise drawn when None."""
+        raise NotImplementedError
+
+    def block(self, img: Tensor, txt: Tensor, vec: Tensor, ids: Tensor) -> Callable[[], tuple]:
+        """The decoder's first DoubleStreamBlock on these hidden states, RoPE ids `ids` [L, 3]; no gradients."""
+        raise NotImplementedError
+
+    def train_step(self, images: Tensor, config: Config) -> Callable[[], None]:
+        """One optimizer step on `images` with the implementation's own optimizer (built here): forward,
+        backward, Adam. `config` must hold TRAIN_STEP_OVERRIDES, so both sides do the same work."""
+        raise NotImplementedError
+
+
+def check_train_step_work(config: Config) -> None:
+    if config.opt.n_grad_acc != 1 or config.opt.log_norms:
+        raise ValueError(
+            f"a benchmark train step times {TRAIN_STEP_WORK} on every side, but the config has "
+            f"opt.n_grad_acc={config.opt.n_grad_acc} opt.log_norms={config.opt.log_norms}; "
+            f"add {' '.join(TRAIN_STEP_OVERRIDES)}"
+        )
+
+
+@dataclass
+class Ours(Implementation):
+    encoders: dict = field(default_factory=dict)  # batch size -> the tokenizer's encode function
+
+    def reconstruct(self, images, sampling, seed):
+        return self.model.reconstruct(images, sampling, generator=self.generator(seed))
+
+    @torch.no_grad()
+    def decode(self, zt, code, t):
+        with autocast_for(self.device):
+            return self.model.decode(zt, code, t).float()
+
+    @torch.no_grad()
+    def encode(self, images):
+        with autocast_for(self.device):
+            return self.model.encode(images)
+
+    def token_ids(self, images):
+        """What flowmo_fast.tokenize runs (`make_encoder`, ids as the shards store them)."""
+        b = images.shape[0]
+        if b not in self.encoders:
+            self.encoders[b] = make_encoder(self.model, TokenSpec.for_model(self.model), compile=False, batch_size=b)
+        return torch.from_numpy(self.encoders[b](images).astype("int64"))
+
+    def loss(self, images, t=None, noise=None, enable_cfg=True):
+        with autocast_for(self.device):
+            return flow.rectified_flow_loss(self.model, images, t=t, noise=noise, enable_cfg=enable_cfg).loss
+
+    def block(self, img, txt, vec, ids):
+        decoder = self.model.decoder
+        rope = rope_tables(ids, decoder.params.axes_dim, decoder.params.theta)
+        block, ops = decoder.double_blocks[0], self.model.ops(img.device)
+        return torch.no_grad()(lambda: block(img, txt, vec, rope, ops, self.model.attention))
+
+    def train_step(self, images, config):
+        """What train.pretrain runs each step (train/step.py), without the perceptual term."""
+        check_train_step_work(config)
+        model = self.model
+        optimizer, objective = build_optimizer(model, config), FlowMoObjective(model, None).train()
+        return lambda: train_step(objective, model, images, optimizer, config, self.device)
+
+
+@dataclass
+class Upstream(Implementation):
+    module: object = None  # upstream's `flowmo.models`
+
+    def reconstruct(self, images, sampling, seed):
+        noise = torch.randn(images.shape, generator=self.generator(seed), device=self.device)
+        with autocast_for(self.device):
+            return upstream.upstream_reconstruct(self.module, self.model, images, noise, sampling.steps,
+                                                 sampling.cfg).float()
+
+    @torch.no_grad()
+    def decode(self, zt, code, t):
+        with autocast_for(self.device):
+            return self.model.decode(img=zt, code=code, timesteps=t)[0].float()
+
+    @torch.no_grad()
+    def encode(self, images):
+        with autocast_for(self.device):
+            return self.model.encode(images)[0]
+
+    @torch.no_grad()
+    def token_ids(self, images):
+        with autocast_for(self.device):
+            return self.model._quantize(self.model.encode(images)[0])[1].reshape(images.shape[0], -1).cpu()
+
+    def loss(self, images, t=None, noise=None, enable_cfg=True):
+        with autocast_for(self.device):
+            if t is None:  # upstream's own training loss, drawing its own t, noise and guidance dropout
+                return self.module.rf_loss(self.model.config, self.model, {"image": images}, {})[0]
+            tb = t.view(-1, 1, 1, 1)
+            v, aux = self.model(img=images, noised_img=(1 - tb) * images + tb * noise, timesteps=t,
+                                enable_cfg=enable_cfg)
+            return (noise - v - images).pow(2).mean() + aux["quantizer_loss"]
+
+    def block(self, img, txt, vec, ids):
+        pe = self.model.decoder.pe_embedder(ids[None].expand(img.shape[0], -1, -1))
+        block = self.model.decoder.double_blocks[0]
+        return torch.no_grad()(lambda: block(img=img, txt=txt, vec=vec, pe=(None, pe)))
+
+    def train_step(self, images, config):
+        """Upstream's loss (rf_loss) on the whole batch, backward, its optimizer (upstream.upstream_optimizer)."""
+        check_train_step_work(config)
+        optimizer = upstream.upstream_optimizer(self.model, config)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            self.loss(images).backward()
+            optimizer.step()
+
+        return step
+
+
+def build(impl: str, config: Config, weights: dict, device: torch.device,
+          compile_backend: str = "inductor") -> Implementation:
+    """`impl` with `config` and the initial `weights` on `device`, in eval mode; raises Unavailable when it
+    cannot run here."""
+    if impl in OURS:
+        if impl == "fast_triton" and not (device.type == "cuda" and triton_available()):
+            raise Unavailable("Triton kernels run on CUDA")
+        with torch.device(device):
+            model = flowmo_fast.FlowMo(config)
+        model.load_state_dict(weights)
+        model.kernels = KERNELS[impl]
+        model.cuda_graphs = impl != "plain"
+        if impl != "plain":
+            compile_blocks(model, dynamic=False, backend=compile_backend)
+        return Ours(impl, model.eval(), device)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join((*OURS, *IMPLS[2:]))}")
+    reason = upstream.skip_reason()
+    if reason is not None:
+        raise Unavailable(reason)
+    with torch.device(device):
+        module, model = upstream.load_upstream(config, weights, compiled=impl == "upstream_compiled")
+    return Upstream(impl, model.eval(), device, module)
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A tiny-preset model with `overrides`, fed `batch` random images of `size` x `size` pixels."""
+    """A tiny-preset model with `overrides`, fed `batch` random images of `size` x `size` pixels (CPU)."""
 
     name: str
     overrides: tuple[str, ...]
@@ -40,14 +235,6 @@ class Setting:
         g = torch.Generator().manual_seed(0)
         return torch.rand(self.batch, 3, self.size, self.size, generator=g) * 2 - 1
 
-    def noise(self) -> torch.Tensor:
-        """The sampler's starting noise: what `reconstruct(generator=noise_generator())` draws."""
-        return torch.randn(self.batch, 3, self.size, self.size, generator=self.noise_generator())
-
-    @staticmethod
-    def noise_generator() -> torch.Generator:
-        return torch.Generator().manual_seed(1)
-
     def describe(self) -> str:
         m = self.config().model
         return f"{self.name}: width {m.mup_width}, {m.enc_depth}+{m.dec_depth} blocks, {self.size}px, batch {self.batch}"
@@ -56,21 +243,21 @@ class Setting:
 # Issue 7's CPU setting for the sampler: width 2, 4 decoder blocks, 64px, batch 4; and the tiny preset as is.
 SAMPLING = Setting("sampling", ("model.dec_depth=4",), size=64, batch=4)
 TINY_SAMPLING = Setting("tiny sampling", (), size=32, batch=4)
-TRAINING = Setting("training", (), size=32, batch=4)
+TRAINING = Setting("training", TRAIN_STEP_OVERRIDES, size=32, batch=4)
+NOISE_SEED = 1  # the reconstruct rows' sampler noise
 
 
 class Implementations:
-    """The four implementations of one setting, each built on first use and kept for the session."""
+    """The implementations of one CPU setting, each built on first use and kept for the pytest session."""
 
     def __init__(self, setting: Setting, train: bool):
         self.setting = setting
         self.train = train
         self.config = setting.config()
         torch.manual_seed(0)
-        self.template = flowmo_fast.FlowMo(self.config)  # the initial weights; never run
-        self.built: dict[str, torch.nn.Module] = {}
+        self.weights = copy.deepcopy(flowmo_fast.FlowMo(self.config).state_dict())  # every row starts from these
+        self.built: dict[str, Implementation] = {}
         self.references: dict[str, tuple] = {}
-        self.upstream_module = None
 
     def reference(self, key: str, compute: Callable[[], tuple]) -> tuple:
         """The plain model's values for `key`, computed once."""
@@ -78,26 +265,15 @@ class Implementations:
             self.references[key] = compute()
         return self.references[key]
 
-    def plain(self) -> flowmo_fast.FlowMo:
-        return self.get("plain")
-
-    def get(self, impl: str) -> torch.nn.Module:
-        """The model of `impl`, with the setting's initial weights; skips the calling row when upstream is
-        unavailable. Every model starts from `self.template`, so rows that train do not affect the others."""
+    def get(self, impl: str) -> Implementation:
+        """`impl` of this setting; skips the calling benchmark when it cannot run here."""
         if impl not in self.built:
-            if impl in ("plain", "fast"):
-                model = copy.deepcopy(self.template).train(self.train)
-                model.kernels = "torch" if impl == "plain" else "auto"
-                model.cuda_graphs = impl == "fast"
-                if impl == "fast":
-                    compile_blocks(model, dynamic=False)
-            else:
-                reason = upstream.skip_reason()
-                if reason is not None:
-                    pytest.skip(reason)
-                self.upstream_module, model = upstream.load_upstream(
-                    self.config, self.template.state_dict(), compiled=impl == "upstream_compiled"
-                )
-                model.train(self.train)
-            self.built[impl] = model
+            import pytest  # here: the GPU report imports this module where pytest may be missing
+
+            try:
+                built = build(impl, self.config, self.weights, torch.device("cpu"))
+            except Unavailable as e:
+                pytest.skip(str(e))
+            built.model.train(self.train)
+            self.built[impl] = built
         return self.built[impl]

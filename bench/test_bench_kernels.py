@@ -54,13 +54,11 @@ def our_loss(lfq: Callable[[torch.Tensor], LFQOutput]) -> Callable:
 
 def upstream_lfq_loss(bits: int, device: torch.device) -> Callable:
     """Upstream's own LFQ module (from $FLOWMO_REFERENCE) in training mode: its entropy and commitment losses."""
-    quantizer = upstream.import_upstream().lookup_free_quantize.LFQ(
-        codebook_size=2**bits, dim=bits, num_codebooks=1, token_factorization=False
-    ).to(device).train()
+    losses = upstream.upstream_lfq_losses(bits, device)
 
     def loss(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        (_, entropy_aux, _), breakdown = quantizer(x.T[None], return_loss_breakdown=True)  # [1, d, N]
-        return entropy_aux + breakdown.commitment
+        entropy, commitment = losses(x)
+        return entropy + commitment
 
     return loss
 

@@ -6,7 +6,8 @@ upstream_compiled (bench/impls.py), so the ratios read off the table.
 - reconstruct: encode, quantize, then the guided sampler, for the tiny preset (32px) and the sampling
   setting (issue 7's CPU target), RECONSTRUCT_STEPS steps instead of evaluation's 25 to fit the time
   budget: the time per decoder pass, and so the ratios, do not depend on the step count;
-- train step: forward + backward + Adam step (training setting).
+- train step: forward + backward + Adam step, each implementation's own (training setting; one micro-batch,
+  no norm logging on every side).
 The upstream_compiled rows of the train step (compiling upstream's whole training graph takes ~5 minutes
 on a 2-core CPU) and of the tiny reconstruct (another minute) run only with FLOWMO_BENCH_FULL=1: they would
 take the suite past its 10 minutes.
@@ -23,22 +24,21 @@ from typing import Callable
 import pytest
 import torch
 
-from bench import flops, upstream
-from bench.impls import IMPLS, Implementations
-from flowmo_fast import flow
+from bench import upstream
+from bench.impls import IMPLS, NOISE_SEED, TRAIN_STEP_WORK, Implementations
+from flowmo_fast import flops
 from flowmo_fast.config import load_config
 from flowmo_fast.layers import timestep_embedding
 from flowmo_fast.mmdit import TIME_EMBED_DIM, position_ids
 from flowmo_fast.model import FlowMo
 from flowmo_fast.sampling import UPSTREAM
-from flowmo_kernels.rope import rope_tables
 from train.step import build_optimizer
 
 RECONSTRUCT_STEPS = 4  # pow_0.25: one of the 4 steps is guided, 5 decoder passes (evaluation: 25 and 6)
 CFG = 1.5
 # The minimum over rounds is the statistic to read: on a shared 2-core machine a round can take 4x longer
 # when another process runs.
-ROUNDS = {"block": 5, "encode": 5, "reconstruct": 4, "train step": 5}
+ROUNDS = {"block": 5, "encode": 5, "reconstruct": 4, "train step": 5}  # by the group name before " ("
 TOLERANCE = 1e-4  # float32: compiled kernels and upstream's op order round differently
 
 
@@ -52,7 +52,7 @@ def time_row(benchmark, impls: Implementations, workload: str, impl: str, fn: Ca
               warmup_rounds: int = 0) -> None:
     """Time `fn` (already warm) as row `impl` of the workload's group; record throughput at the fastest round."""
     benchmark.group = f"{workload} ({impls.setting.describe()}, cpu {torch.get_num_threads()} threads)"
-    benchmark.pedantic(fn, rounds=ROUNDS[workload], iterations=1, warmup_rounds=warmup_rounds)
+    benchmark.pedantic(fn, rounds=ROUNDS[workload.split(" (")[0]], iterations=1, warmup_rounds=warmup_rounds)
     if benchmark.stats is None:  # --benchmark-disable: fn ran once, untimed
         return
     seconds = benchmark.stats.stats.min
@@ -73,7 +73,7 @@ def check(benchmark, impls: Implementations, key: str, impl: str, values: tuple,
 
 def block_inputs(impls: Implementations):
     """Random hidden states of the decoder's shapes, the time vector and the RoPE ids of the setting."""
-    model, s = impls.plain(), impls.setting
+    model, s = impls.get("plain").model, impls.setting
     p, d = model.patch_size, model.decoder.params.hidden_size
     g = torch.Generator().manual_seed(2)
     img = torch.randn(s.batch, (s.size // p) ** 2, d, generator=g)
@@ -85,22 +85,14 @@ def block_inputs(impls: Implementations):
 
 
 def block_fn(impls: Implementations, impl: str) -> Callable[[], tuple]:
-    img, txt, vec, ids = block_inputs(impls)
-    model = impls.get(impl)
-    if impl.startswith("upstream"):
-        pe = model.decoder.pe_embedder(ids[None].expand(img.shape[0], -1, -1))
-        block = model.decoder.double_blocks[0]
-        return torch.no_grad()(lambda: block(img=img, txt=txt, vec=vec, pe=(None, pe)))
-    rope = rope_tables(ids, model.decoder.params.axes_dim, model.decoder.params.theta)
-    block, ops = model.decoder.double_blocks[0], model.ops(img.device)
-    return torch.no_grad()(lambda: block(img, txt, vec, rope, ops, model.attention))
+    return impls.get(impl).block(*block_inputs(impls))
 
 
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "upstream_compiled"])
 def test_bench_block(benchmark, sampling, impl):
     fn = block_fn(sampling, impl)
     check(benchmark, sampling, "block", impl, fn(), lambda: block_fn(sampling, "plain")())
-    m, s = sampling.plain(), sampling.setting
+    m, s = sampling.get("plain").model, sampling.setting
     length = m.code_length + (s.size // m.patch_size) ** 2
     per_image = flops.block_flops(m.decoder.params.hidden_size, length, length, timestep=True)
     time_row(benchmark, sampling, "block", impl, fn, per_image)
@@ -110,10 +102,8 @@ def test_bench_block(benchmark, sampling, impl):
 
 
 def encode_fn(impls: Implementations, impl: str) -> Callable[[], tuple]:
-    images, model = impls.setting.images(), impls.get(impl)
-    if impl.startswith("upstream"):
-        return torch.no_grad()(lambda: (model.encode(images)[0],))
-    return torch.no_grad()(lambda: (model.encode(images),))
+    images, implementation = impls.setting.images(), impls.get(impl)
+    return lambda: (implementation.encode(images),)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -127,15 +117,12 @@ def test_bench_encode(benchmark, sampling, impl):
 # --- reconstruct ---------------------------------------------------------------------------------------
 
 
+SAMPLER = UPSTREAM.replace(steps=RECONSTRUCT_STEPS, cfg=CFG)
+
+
 def reconstruct_fn(impls: Implementations, impl: str) -> Callable[[], tuple]:
-    s, model = impls.setting, impls.get(impl)
-    images = s.images()
-    if impl.startswith("upstream"):
-        noise = s.noise()
-        module = impls.upstream_module
-        return lambda: (upstream.upstream_reconstruct(module, model, images, noise, RECONSTRUCT_STEPS, CFG),)
-    sampling = UPSTREAM.replace(steps=RECONSTRUCT_STEPS, cfg=CFG)
-    return lambda: (model.reconstruct(images, sampling, generator=s.noise_generator()),)
+    images, implementation = impls.setting.images(), impls.get(impl)
+    return lambda: (implementation.reconstruct(images, SAMPLER, seed=NOISE_SEED),)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -147,59 +134,29 @@ def test_bench_reconstruct(benchmark, request, setting, impl):
     fn = reconstruct_fn(impls, impl)
     check(benchmark, impls, "reconstruct", impl, fn(), lambda: reconstruct_fn(impls, "plain")())
     s = impls.setting
-    per_image = flops.reconstruct_flops(impls.config, s.size, s.size, UPSTREAM.replace(steps=RECONSTRUCT_STEPS, cfg=CFG))
-    time_row(benchmark, impls, "reconstruct", impl, fn, per_image)
+    time_row(benchmark, impls, "reconstruct", impl, fn, flops.reconstruct_flops(impls.config, s.size, s.size, SAMPLER))
 
 
 # --- train step ----------------------------------------------------------------------------------------
 
 
-def loss_fn(impls: Implementations, impl: str) -> Callable[..., torch.Tensor]:
-    """(t, noise, enable_cfg) -> training loss of `impl` on the setting's images; random t and noise if None."""
-    images, model = impls.setting.images(), impls.get(impl)
-    if not impl.startswith("upstream"):
-        return lambda t=None, noise=None, enable_cfg=True: flow.rectified_flow_loss(
-            model, images, t=t, noise=noise, enable_cfg=enable_cfg
-        ).loss
-    models = impls.upstream_module
-
-    def upstream_loss(t=None, noise=None, enable_cfg=True):
-        if t is None:  # upstream's own training loss, drawing its own t, noise and guidance dropout
-            return models.rf_loss(model.config, model, {"image": images}, {})[0]
-        tb = t.view(-1, 1, 1, 1)
-        v, aux = model(img=images, noised_img=(1 - tb) * images + tb * noise, timesteps=t, enable_cfg=enable_cfg)
-        return (noise - v - images).pow(2).mean() + aux["quantizer_loss"]
-
-    return upstream_loss
-
-
 def gradient_check(impls: Implementations, impl: str) -> tuple[float, float]:
     """(loss, gradient norm) at fixed times and noise without guidance dropout; leaves no gradients."""
-    model, s = impls.get(impl), impls.setting
+    implementation, s = impls.get(impl), impls.setting
     g = torch.Generator().manual_seed(3)
     t, noise = torch.rand(s.batch, generator=g), torch.randn(s.batch, 3, s.size, s.size, generator=g)
-    loss = loss_fn(impls, impl)(t, noise, False)
+    loss = implementation.loss(s.images(), t, noise, enable_cfg=False)
     loss.backward()
+    model = implementation.model
     norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     model.zero_grad(set_to_none=True)
     return float(loss.detach()), float(norm)
 
 
-def train_step_fn(impls: Implementations, impl: str) -> Callable[[], None]:
-    model = impls.get(impl)
-    optimizer = upstream.upstream_optimizer(model, impls.config)  # every row: the model's cost, not the optimizer's
-    loss = loss_fn(impls, impl)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss().backward()
-        optimizer.step()
-
-    return step
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bench_train_step(benchmark, training, impl):
+    """Each implementation's own step and optimizer (ours: train/step.py's, fused Adam; upstream: its loss and
+    torch.optim.Adam), one micro-batch, no norm logging (bench/impls.py)."""
     skip_unless_full(impl, "compiling upstream's training graph takes ~5 min on a 2-core CPU")
     values = gradient_check(training, impl)  # before any step, so every implementation has the same weights
     plain_values = (lambda: values) if impl == "plain" else (lambda: gradient_check(training, "plain"))
@@ -208,8 +165,9 @@ def test_bench_train_step(benchmark, training, impl):
     benchmark.extra_info["max_rel_diff_vs_plain"] = rel
     assert rel <= TOLERANCE, f"{impl} training loss or gradient norm differs from the plain model's by {rel:.2e}"
     s = training.setting
-    time_row(benchmark, training, "train step", impl, train_step_fn(training, impl),
-              flops.train_step_flops(training.config, s.size, s.size), warmup_rounds=1)
+    step = training.get(impl).train_step(s.images(), training.config)
+    time_row(benchmark, training, f"train step ({TRAIN_STEP_WORK})", impl, step,
+             flops.train_step_flops(training.config, s.size, s.size), warmup_rounds=1)
 
 
 # --- optimizer step ------------------------------------------------------------------------------------

@@ -83,3 +83,17 @@ def upstream_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Op
     tensors), over the trainable parameters. Ours is train.step.build_optimizer."""
     opt = config.opt
     return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=opt.lr, betas=(opt.beta1, opt.beta2))
+
+
+def upstream_lfq_losses(bits: int, device: torch.device):
+    """Upstream's own LFQ module (lookup_free_quantize.LFQ, training mode) on codes x [N, d] ->
+    (entropy loss, commitment loss), the two terms its training adds with their config weights."""
+    quantizer = import_upstream().lookup_free_quantize.LFQ(
+        codebook_size=2**bits, dim=bits, num_codebooks=1, token_factorization=False
+    ).to(device).train()
+
+    def losses(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (_, entropy_aux, _), breakdown = quantizer(x.T[None], return_loss_breakdown=True)  # [1, d, N]
+        return entropy_aux, breakdown.commitment
+
+    return losses

@@ -8,12 +8,10 @@ import time
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch import Tensor
 
+from flowmo_fast.flops import train_step_flops
 from flowmo_fast.hardware import peak_bf16_tflops
-from flowmo_fast.model import FlowMo
-from train.objective import FlowMoObjective
 from flowmo_fast.distributed import Processes
 from train.parallel import sum_across_ranks
 
@@ -27,15 +25,10 @@ def peak_flops(device: torch.device) -> Optional[float]:
 
 
 def flowmo_flops_per_step(config, micro_batch: int) -> float:
-    """FLOPs of FlowMo's forward and backward in one optimizer step (all micro-batches; the perceptual
-    nets not counted), counted on the meta device: no compute, and the training step itself is left alone."""
+    """FLOPs of FlowMo's forward and backward in one optimizer step per rank (all micro-batches; the perceptual
+    net and the LLM not counted): flowmo_fast.flops, the count the benchmarks report too."""
     size = config.data.image_size
-    with torch.device("meta"):
-        objective = FlowMoObjective(FlowMo(config), nn.MSELoss() if config.opt.lpips_weight else None).train()
-        with FlopCounterMode(display=False) as counter:
-            loss, _ = objective(torch.zeros(micro_batch, 3, size, size))
-            loss.backward()
-    return float(counter.get_total_flops()) * config.opt.n_grad_acc
+    return float(train_step_flops(config, size, size) * micro_batch * config.opt.n_grad_acc)
 
 
 def peak_memory_gb(device: torch.device) -> float:

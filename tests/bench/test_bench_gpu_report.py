@@ -1,5 +1,5 @@
-"""The GPU report without a GPU: the table's ratios, budget, failures, phases, output as rows finish, and a
-dry run end to end."""
+"""The GPU report without a GPU: the table's ratios, budget, failures, phases, output as rows finish, the
+compile caches, and a dry run end to end that compiles only what its phases need."""
 
 import json
 import os
@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu_report
-from bench.gpu_report import Row
+from bench import gpu_report, report_rows
+from bench.harness import Budget, Harness, Timing
+from bench.report_rows import LiveOutput, Row
+from flowmo_fast.sampling import UPSTREAM
 
 SCRIPT = Path(gpu_report.__file__)
 
@@ -27,7 +29,7 @@ def test_table_ratios_compare_rows_of_one_workload_and_model():
         Row("reconstruct", "Hi", "fast", 4, flops_per_image, ms=100.0),  # no plain or upstream row for Hi
         Row("reconstruct", "Lo", "upstream_compiled", 4, None, note="skipped: budget"),
     ]
-    table = gpu_report.markdown_table(rows, peak=80.0).splitlines()
+    table = report_rows.markdown_table(rows, peak=80.0).splitlines()
     fast = table[3].split(" | ")
     # 4 images x 1 TFLOP in 0.1 s = 40 TFLOP/s = 50% of 80; 4x the plain row, 3x the faster upstream row
     assert fast[3:12] == ["100.0", "40.0", "40", "50.0%", "1.50", "4.00x", "3.00x", "—", ""]
@@ -36,20 +38,19 @@ def test_table_ratios_compare_rows_of_one_workload_and_model():
     assert table[7].split(" | ")[3] == "—" and "skipped: budget" in table[7]
 
 
-def report(budget_s: float) -> gpu_report.Report:
-    args = gpu_report.parse_args(["--dry-run", "--budget-s", str(budget_s)])
-    return gpu_report.Report(args, gpu_report.DRY, torch.device("cpu"))
+def harness(budget_s: float) -> Harness:
+    return Harness(Budget(budget_s), torch.device("cpu"), Timing(0.0, 1, 1e-4), LiveOutput(None, None))
 
 
 def test_rows_the_budget_cannot_fit_are_skipped_not_run():
-    r, ran = report(budget_s=0.0), []
+    r, ran = harness(budget_s=0.0), []
     row = Row("encode", "Lo", "plain", 2, None)
     r.attempt("encode", reserve_s=5.0, fn=lambda: ran.append(1), row=row)
     assert ran == [] and row.note.startswith("skipped:") and row.ms is None
 
 
 def test_a_failing_row_is_recorded_and_the_report_goes_on():
-    r = report(budget_s=60.0)
+    r = harness(budget_s=60.0)
     row = Row("encode", "Lo", "fast", 2, None)
 
     def fail():
@@ -62,11 +63,29 @@ def test_a_failing_row_is_recorded_and_the_report_goes_on():
     assert measured.ms is not None and measured.note == ""
 
 
+def graphs_needed(scale: gpu_report.Scale) -> int:
+    """Distinct graphs a full dry run needs: per compiled block variant one graph for the inner blocks and one
+    for the last block of its tower (it keeps one stream), variants being the decoder without gradients at the
+    phases' batch and its guided double, at 1 and 2 (latency), with gradients at the train batch; the encoder
+    without gradients at the batch and at 1, with gradients at the train batch; and one graph per fused op
+    compiled alone in the kernels phase. Both models share every block graph (same widths)."""
+    config = gpu_report.flowmo_fast.load_config(list(scale.models["FlowMo-Lo (tiny)"][1]), preset="tiny")
+    m = config.model
+    assert m.enc_depth >= 2 and m.dec_depth >= 2 and len({1, 2, scale.batch, 2 * scale.batch}) == 4
+    return 2 * (4 + 1) + 2 * (2 + 1) + 3
+
+
 def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     """`--dry-run`: every phase runs on tiny CPU models through the same code as on a GPU; the checks pass,
     every row that can run here has a time and no row failed; the JSON holds what the table shows, and the
-    live files every row and check, in the order they finished."""
+    live files every row and check, in the order they finished. It compiles no more graphs than its phases
+    need (a check at another batch than its phase's, a train row chunked below its check's batch, a warm-up at
+    another shape: each compiles graphs used once) and its header says how many; its compile caches sit in the
+    output folder."""
     monkeypatch.delenv("FLOWMO_REFERENCE", raising=False)
+    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(variable, "elsewhere")  # restored after the test
+    torch._dynamo.reset()  # graphs an earlier test compiled would be reused, not counted
     out = tmp_path / "report.json"
     rc = gpu_report.main(["--dry-run", "--target-s", "0", "--max-iters", "1", "--json", str(out),
                           "--out", str(tmp_path / "out")])
@@ -77,7 +96,8 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     rows = [Row(**r) for r in saved["rows"]]
     assert not [r for r in rows if r.note.startswith("error")]
     timed = {(r.workload.split(":")[0], r.model, r.impl) for r in rows if r.ms is not None}
-    workloads = ("reconstruct", "reconstruct latency (batch 1)", "decoder forward", "train step", "encode (token ids)")
+    workloads = ("reconstruct", "reconstruct latency (batch 1)", "decoder forward",
+                 "train step (1 micro-batch, no norm logging)", "encode (token ids)")
     for workload in workloads:
         assert {(workload, "FlowMo-Lo (tiny)", impl) for impl in ("plain", "fast")} <= timed, workload
     live = [json.loads(line) for line in (tmp_path / "out" / "live.jsonl").read_text().splitlines()]
@@ -87,16 +107,21 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert ("kernel fwd+bwd", "FlowMo-Lo (tiny)", "torch compiled") in timed
     skipped = {r.impl: r.note for r in rows if r.ms is None}
     assert skipped["triton"].startswith("skipped") and skipped["upstream_eager"].startswith("skipped")
+    assert 0 < saved["unique_graphs"] <= graphs_needed(gpu_report.DRY)
+    assert f"compiled graphs (dynamo unique_graphs): {saved['unique_graphs']}" in saved["header"]
+    cache = (tmp_path / "out" / "compile_cache").resolve()
+    assert (os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"]) == (
+        str(cache / "inductor"), str(cache / "triton"))
 
 
 def test_phases_select_rows(monkeypatch, capsys):
     monkeypatch.delenv("FLOWMO_REFERENCE", raising=False)
-    rc = gpu_report.main(["--dry-run", "--target-s", "0", "--max-iters", "1", "--phases", "lfq,decoder"])
+    rc = gpu_report.main(["--dry-run", "--target-s", "0", "--max-iters", "1", "--phases", "lfq,latency"])
     printed = capsys.readouterr().out
     workloads = {line.split(" | ")[0].lstrip("| ") for line in printed.splitlines() if line.startswith("| ")}
     assert rc == 0 and "not asked for: --phases" in printed
-    assert {"decoder forward", "LFQ loss (N=64, d=9)"} <= workloads
-    assert not {"reconstruct", "train step", "encode (token ids)"} & workloads
+    assert {"reconstruct latency (batch 1)", "LFQ loss (N=128, d=9)"} <= workloads
+    assert not {"reconstruct", "decoder forward", "encode (token ids)"} & workloads
     with pytest.raises(SystemExit):
         gpu_report.parse_args(["--phases", "reconstruct,warp"])
 
@@ -131,14 +156,42 @@ def test_a_killed_run_keeps_every_row_it_finished(tmp_path):
     markdown = (out / "live.md").read_text()
     printed = (tmp_path / "stdout").read_text()
     for r in rows:
-        line = gpu_report.markdown_row(r, gpu_report.Baselines.of(rows), None)
+        line = report_rows.markdown_row(r, report_rows.Baselines.of(rows), None)
         assert line in markdown and line in printed
 
 
 def test_the_budget_counts_from_the_process_start(tmp_path):
-    """A budget shorter than the script's own start-up (imports): no row starts, not even the first check
-    (which needs no reserve); counted from after start-up, the check would start."""
-    proc = start_script(["--dry-run", "--phases", "check", "--budget-s", "0.01"], tmp_path)
+    """A budget of the first phase's need plus less than the script's own start-up (torch's imports alone take
+    more than 0.5 s): the phase does not start, so no check runs; counted from after start-up, it would."""
+    need = gpu_report.DRY.phase_s["decoder"]
+    proc = start_script(["--dry-run", "--phases", "decoder", "--budget-s", str(need + 0.5)], tmp_path)
     assert proc.wait(timeout=600) == 1  # no check ran
     log = (tmp_path / "stderr").read_text()
-    assert "check FlowMo-Lo (tiny): skipped (time budget)" in log, log[-3000:]
+    assert "phase decoder: skipped (time budget)" in log, log[-3000:]
+
+
+def test_a_phase_starts_only_with_the_time_it_needs_left():
+    """Not one row of a phase starts with less than its need left (a row's own reserve may be smaller): the
+    phase is one row saying so."""
+    r = harness(budget_s=30.0)
+    assert not r.phase("train", need_s=60.0)
+    assert [(row.workload, row.ms) for row in r.rows] == [("phase train", None)]
+    assert r.rows[0].note.startswith("skipped:") and "needs 60 s" in r.rows[0].note
+    assert r.phase("lfq", need_s=10.0) and len(r.rows) == 1
+
+
+def test_measure_warms_before_the_first_call():
+    """`warm` runs once, before the warm-up call, and counts in the first-call time, not in the median."""
+    r, calls = harness(budget_s=60.0), []
+    row = Row("reconstruct", "Lo", "fast", 2, None)
+    r.measure(row, lambda: calls.append("call"), warm=lambda: calls.append("warm"))
+    assert calls == ["warm", "call", "call"] and row.ms is not None
+
+
+def test_the_sampler_is_warmed_on_a_short_plan_with_every_kind_of_step():
+    """Upstream's 25-step plan guides some steps and not others: the short plan has both (both decoder batch
+    sizes compile), in 3 steps."""
+    full = UPSTREAM.replace(steps=25)
+    short = gpu_report.short_plan(full)
+    assert short.steps == 3 and set(short.plan().guided) == set(full.plan().guided) == {True, False}
+    assert gpu_report.short_plan(full.replace(cfg=1.0)).plan().guided == (False,)  # nothing guided: 1 step

@@ -1,10 +1,12 @@
-"""Analytic FLOP counts of FlowMo's forward passes, for TFLOP/s and MFU in the benchmarks.
+"""Analytic FLOP counts of FlowMo's passes: the one count behind the MFU of training logs (train.metrics) and
+the TFLOP/s and MFU of the benchmarks (bench/).
 
 Counted: every matmul (2 FLOPs per multiply-add) of the linear layers and of attention (QK^T and AV),
 exactly the work our model does: the encoder has no timestep (no time or modulation layers), and the
 stream not needed after the last attention (the encoder's image stream, the decoder's code stream) is
 skipped. Not counted: biases, norms, RoPE, activations, softmax (a few percent at most). Backward is
-counted as twice the forward, so a training step is 3x. `FORMULA` prints the same in words.
+counted as twice the forward, so a training step is 3x. `FORMULA` prints the same in words. The frozen
+LLM of the qwen2.5-coder-0.5b type and the perceptual network are not counted.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ FLOPs per image (2 per multiply-add; matmuls only; D hidden, L = L_code + L_img 
   embed       = 2 L_img (3p^2) D + 2 L_code C_in D  (+ 2 (256 D + D^2) time MLP, decoder only)
   readout     = 2 L_s D C_out  (+ 4 D^2 adaLN, decoder only)
   reconstruct = encoder + sum over sampler steps of decoder(1 pass, or 2 inside the guidance interval)
-  train step  = 3 x (encoder + decoder)   [backward = 2 x forward; Adam, LFQ and losses not counted]"""
+  train step  = 3 x (encoder + decoder)   [backward = 2 x forward; Adam, LFQ and losses not counted]
+                + 4 k x decoder with post-training's k-step chain (forward, checkpoint recompute, backward)"""
 
 
 def block_flops(hidden: int, length: int, kept: int, timestep: bool) -> int:
@@ -82,9 +85,19 @@ def reconstruct_flops(config: Config, height: int, width: int, sampling: Samplin
     return encoder_flops(config, height, width) + passes * decoder_flops(config, height, width)
 
 
+def posttrain_chain_passes(config: Config) -> int:
+    """Decoder forward-pass equivalents of post-training's chain per image (`flow.posttrain_chain`, run when
+    `model.posttrain_sample` and a perceptual loss is on): k passes forward, k recomputed by the checkpoints,
+    2k for their backward."""
+    m = config.model
+    return 4 * m.posttrain_sample_k if m.posttrain_sample and config.opt.lpips_weight else 0
+
+
 def train_step_flops(config: Config, height: int, width: int) -> int:
-    """One image through a training step: encoder and decoder forward and backward."""
-    return 3 * (encoder_flops(config, height, width) + decoder_flops(config, height, width))
+    """One image through a training step: encoder and decoder forward and backward (and post-training's
+    chain when configured)."""
+    decoder = decoder_flops(config, height, width)
+    return 3 * (encoder_flops(config, height, width) + decoder) + posttrain_chain_passes(config) * decoder
 
 
 def tflops(flops_per_image: float, images: int, seconds: float) -> float:
