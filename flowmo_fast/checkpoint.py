@@ -162,6 +162,12 @@ def llm_record(config: Config) -> Optional[dict]:
     return {"llm_path": config.model.llm_path, "config_hash": llm_config_hash(find_llm(config.model).llm_config)}
 
 
+def model_records(config: Config) -> dict:
+    """What a FlowMo checkpoint records beside its weights and config: the LLM of the LLM type ("llm")."""
+    record = llm_record(config)
+    return {"llm": record} if record is not None else {}
+
+
 def check_llm_record(ckpt: Mapping, config_hash: str, llm_path: str, path: str) -> None:
     """The LLM found at `llm_path` (architecture `config_hash`) must be the one the checkpoint recorded; files
     without a record (not written by us) are not checked."""
@@ -265,8 +271,6 @@ def save_checkpoint(
         "model_state_dict": cpu_state_dict(model),
         "config": config.to_dict(),
     }
-    record = llm_record(config)
-    if record is not None:
-        ckpt["llm"] = record
+    ckpt.update(model_records(config))
     ckpt.update(extra or {})
     atomic_save(ckpt, path)

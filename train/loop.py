@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -17,17 +18,14 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-from flowmo_fast.checkpoint import (
-    CheckpointError, check_llm_record, check_state_dict, read_checkpoint, select_state_dict,
-)
-from flowmo_fast.distributed import Processes, gather_objects, min_across_ranks, processes, spare_cpus
+from flowmo_fast.checkpoint import CheckpointError, check_llm_record, model_records, read_checkpoint
 from flowmo_fast.config import Config
+from flowmo_fast.data import DataError, ImageDataset, build_dataset, first_valid_images, make_loader
+from flowmo_fast.distributed import Processes, min_across_ranks, processes, spare_cpus
 from flowmo_fast.images import GRID_IMAGES
 from flowmo_fast.llm_infill import find_llm
 from flowmo_fast.llm_settings import is_llm_quantization
-from flowmo_fast.data import DataError, ImageDataset, build_dataset, first_valid_images, make_loader
 from flowmo_fast.model import FlowMo
 from flowmo_fast.pretrained import resolve_checkpoint
 from train import checkpointing, parallel
@@ -37,10 +35,8 @@ from train.metrics import MetricLogger, flowmo_flops_per_step, peak_flops
 from train.norms import WeightNormFixer
 from train.objective import FlowMoObjective
 from train.perceptual import build_perceptual_loss
-from train.step import build_optimizer, compile_for_training, set_learning_rate, train_step
 from train.samples import save_grid
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+from train.step import build_optimizer, compile_for_training, set_learning_rate, train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -139,7 +135,7 @@ def find_start(args: argparse.Namespace, log_dir: str, procs: Processes) -> Star
     if args.resume_from_ckpt:
         path = resolve_checkpoint(args.resume_from_ckpt)  # a published name -> its file in the Hugging Face cache
         ckpt = read_checkpoint(path)
-        progress = Progress(total_steps=int(ckpt.get("total_steps", 0)))
+        progress = Progress(total_steps=checkpointing.steps_of(ckpt))
         say(procs, f"starting from the weights of {path} (step {progress.total_steps})")
         return StartPoint(path, ckpt, progress, resuming=False)
     return StartPoint("", None, Progress(), resuming=False)
@@ -192,9 +188,7 @@ def build_trainee(config: Config, procs: Processes, start: StartPoint) -> Traine
     model = FlowMo(config).to(procs.device)
     model.cuda_graphs = False  # progress grids sample eagerly: no graph capture of the trained model
     if start.ckpt is not None:
-        state = select_state_dict(start.ckpt, "model", start.path)
-        check_state_dict(model, state, start.path)
-        model.load_state_dict(state)
+        checkpointing.load_model(model, start.ckpt, start.path)
         infiller = getattr(model.quantizer, "infiller", None)  # the LLM type: the LLM the checkpoint recorded?
         if infiller is not None:
             check_llm_record(start.ckpt, infiller.config_hash, config.model.llm_path, start.path)
@@ -206,23 +200,11 @@ def build_trainee(config: Config, procs: Processes, start: StartPoint) -> Traine
     trainee = Trainee(model, objective, parallel.wrap(objective, model, config, procs),
                       EMA(model, config.model.ema_decay), norms, build_optimizer(model, config))
     if start.resuming:
-        load_training_state(trainee, start)
+        checkpointing.restore(trainee, start.ckpt, start.path)
     n_params = sum(p.numel() for p in model.parameters())
     layout = "FSDP2" if config.trainer.fsdp else "DDP" if procs.world_size > 1 else "one process"
     say(procs, f"FlowMo: {n_params / 1e6:.2f}M parameters; {layout}")
     return trainee
-
-
-def load_training_state(trainee: Trainee, start: StartPoint) -> None:
-    ckpt = start.ckpt
-    trainee.ema.load(select_state_dict(ckpt, "ema", start.path))
-    if trainee.norms is not None and ckpt.get("initial_norms"):
-        trainee.norms.load_state_dict(ckpt["initial_norms"])
-    if "optimizer_state_dict" in ckpt:  # absent from upstream's files
-        set_optimizer_state_dict(
-            trainee.model, trainee.optimizer, ckpt["optimizer_state_dict"],
-            options=StateDictOptions(full_state_dict=True),
-        )
 
 
 def seed_rngs(config: Config, procs: Processes, start: StartPoint) -> None:
@@ -230,9 +212,8 @@ def seed_rngs(config: Config, procs: Processes, start: StartPoint) -> None:
     seed = config.global_seed * procs.world_size + procs.rank
     torch.manual_seed(seed)
     np.random.seed(seed)
-    states = start.ckpt.get("rng_state_per_rank", []) if start.resuming else []
-    if len(states) == procs.world_size:
-        checkpointing.restore_rng(states[procs.rank])
+    if start.resuming:
+        checkpointing.load_rng(start.ckpt, procs)
 
 
 def build_metrics(config: Config, procs: Processes, log_dir: str, progress: Progress) -> MetricLogger:
@@ -264,13 +245,8 @@ def save(trainee: Trainee, config: Config, procs: Processes, log_dir: str, progr
          metrics: MetricLogger) -> str:
     """Every rank gathers (FSDP needs all); rank 0 writes, then prunes. Returns the path."""
     path = checkpointing.checkpoint_path(log_dir, progress.total_steps)
-    model_state = parallel.full_state_dict(trainee.model.state_dict(), keep=procs.is_main)
-    ema_state = parallel.full_state_dict(trainee.ema.tensors, keep=procs.is_main)
-    optimizer_state = get_optimizer_state_dict(trainee.model, trainee.optimizer, options=FULL)
-    rng = gather_objects(checkpointing.capture_rng(), procs)
+    checkpointing.save(path, trainee, progress, procs, config, functools.partial(model_records, config))
     if procs.is_main:
-        norms = trainee.norms.state_dict() if trainee.norms is not None else None
-        checkpointing.save(path, config, model_state, ema_state, progress, optimizer_state, rng, norms, procs.world_size)
         checkpointing.prune(log_dir, config.trainer.keep_every)
         metrics.write(f"saved {path}")
     return path

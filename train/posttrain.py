@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from flowmo_fast.checkpoint import CheckpointError, infer_config, read_checkpoint, select_state_dict
-from flowmo_fast.config import Config, apply_overrides, config_from_dict, validate
+from flowmo_fast.checkpoint import CheckpointError, read_config
+from flowmo_fast.config import Config
 from flowmo_fast.pretrained import resolve_checkpoint
 from train import checkpointing, cli
 from train.loop import run
@@ -34,16 +34,9 @@ def config_from_checkpoint(path: str, overrides: Sequence[str]) -> Config:
     """The starting checkpoint's config (stored, or inferred from its weights) + POSTTRAIN + `overrides`;
     `path` may be a published name (flowmo_lo, flowmo_hi)."""
     try:
-        ckpt = read_checkpoint(resolve_checkpoint(path))
-        if isinstance(ckpt.get("config"), dict):
-            config = config_from_dict(ckpt["config"])
-        else:
-            config = infer_config(select_state_dict(ckpt, "model", path))
-        apply_overrides(config, POSTTRAIN + list(overrides))
-        validate(config)
+        return read_config(resolve_checkpoint(path), which="model", overrides=POSTTRAIN + list(overrides))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    return config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
