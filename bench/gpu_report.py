@@ -54,7 +54,9 @@ import torch  # noqa: E402
 
 import flowmo_fast  # noqa: E402
 from bench import kernel_rows, upstream  # noqa: E402
-from bench.harness import Budget, BudgetExceeded, Harness, Timing, device_name, log  # noqa: E402
+from bench.harness import (  # noqa: E402
+    Budget, BudgetExceeded, Harness, Timing, device_name, log, unique_graphs, use_compile_cache,
+)
 from bench.impls import TRAIN_STEP_OVERRIDES, TRAIN_STEP_WORK, Implementation, build  # noqa: E402
 from bench.report_rows import CHECKS_HEAD, Check, LiveOutput, Row, markdown_check, markdown_table  # noqa: E402
 from flowmo_fast import flops  # noqa: E402
@@ -112,13 +114,6 @@ def short_plan(sampling: SamplingOptions) -> SamplingOptions:
         if set(sampling.replace(steps=steps).plan().guided) == kinds:
             return sampling.replace(steps=steps)
     return sampling
-
-
-def unique_graphs() -> int:
-    """Distinct graphs dynamo compiled in this process so far."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
 
 
 class Models:
@@ -389,14 +384,6 @@ class Report(Harness):
         if self.args.out:
             Path(self.args.out, "report.md").write_text(text + "\n")
             self.save(Path(self.args.out, "report.json"))
-
-
-def use_compile_cache(folder: Path) -> None:
-    """Inductor's and Triton's on-disk caches in `folder` (read when they first compile, after this)."""
-    for variable, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
-        path = folder / sub
-        path.mkdir(parents=True, exist_ok=True)
-        os.environ[variable] = str(path.resolve())
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -1,17 +1,20 @@
 """The GPU report's harness: the time budget (counted from the process's start, enforced by an alarm), phases
 that start only with the time they need left, rows that are attempted (a skip or a failure is recorded, never
 raised), timed (warm-up, then the median of timed calls, peak memory) and compared with the plain row, and
-the live output of every row and check. The workloads themselves are in bench/gpu_report.py."""
+the live output of every row and check; the compile caches and dynamo's count of compiled graphs. The
+workloads themselves are in bench/gpu_report.py and bench/kernel_rows.py."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import statistics
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -103,6 +106,21 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def unique_graphs() -> int:
+    """Distinct graphs dynamo compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def use_compile_cache(folder: Path) -> None:
+    """Inductor's and Triton's on-disk caches in `folder` (read when they first compile, after this)."""
+    for variable, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+        path = folder / sub
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ[variable] = str(path.resolve())
 
 
 class Harness:

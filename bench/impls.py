@@ -27,7 +27,7 @@ from bench import upstream
 from flowmo_fast import flow
 from flowmo_fast.config import Config
 from flowmo_fast.fast import compile_blocks
-from flowmo_fast.model import autocast_for
+from flowmo_fast.autocast import autocast_for
 from flowmo_fast.sampling import SamplingOptions
 from flowmo_fast.token_shards import TokenSpec
 from flowmo_fast.tokenize import make_encoder
