@@ -1,11 +1,16 @@
 """train.generator end to end on the CPU, the `tiny` preset on token rows whose answer is known (each class one
 fixed pattern): the masked-token loss falls, checkpoints load with `load_generator` and record the tokens'
-tokenizer, a run resumed from a checkpoint equals the straight run bit for bit, and mistakes end in one line."""
+tokenizer, a run stopped by SIGTERM and resumed equals the straight run bit for bit, and mistakes end in one line."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
-import shutil
+import signal
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +22,7 @@ from flowmo_fast.token_shards import TokenSpec
 from train import checkpointing, generator
 
 from generator_helpers import TOKENIZER_SHA, pattern_rows, write_token_folder
-from train_helpers import check, run_command
+from train_helpers import REPO, command_env
 
 TINY = ["--preset", "tiny", "data.batch_size=8", "trainer.log_every=5"]
 
@@ -43,13 +48,24 @@ def train(argv: list, capsys) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def straight(tokens, tmp_path_factory):
-    """One process, 40 steps, checkpoints every 10 (all kept)."""
+    """One process, 40 steps, checkpoints every 10 (all kept); run inside the test process (a group of one)."""
     results = tmp_path_factory.mktemp("results")
-    stdout = check(run_command([
-        "train.generator", "--tokens", tokens, *TINY, "--results-dir", results, "--experiment-name", "a",
-        "trainer.max_steps=40", "trainer.checkpoint_every=10", "trainer.keep_every=10",
-    ]))
-    return results / "a", stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MASTER_PORT", str(port))
+        for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+            env.setenv(key, value)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            code = generator.main([str(a) for a in [
+                "--tokens", tokens, *TINY, "--results-dir", results, "--experiment-name", "a", "trainer.max_steps=40",
+                "trainer.checkpoint_every=10", "trainer.keep_every=10"]])
+        torch.set_num_threads(threads)
+    assert code == 0, out.getvalue()[-3000:]
+    return results / "a", out.getvalue()
 
 
 def test_masked_token_loss_falls_and_checkpoints_load(straight, tokens):
@@ -72,14 +88,30 @@ def test_masked_token_loss_falls_and_checkpoints_load(straight, tokens):
     assert (log_dir / "config.json").exists() and list(log_dir.glob("events.out.tfevents.*"))
 
 
-def test_a_run_resumed_from_a_checkpoint_equals_the_straight_run(straight, tokens, tmp_path, lone_process, capsys):
+def test_a_stopped_and_resumed_run_equals_the_straight_run(straight, tokens, tmp_path, lone_process, capsys):
+    """SIGTERM part way (the run saves where it stopped), then the same command again: the straight run's
+    step-40 weights, EMA, optimizer state and data position, bit for bit."""
     reference_dir, _ = straight
-    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
-    shutil.copy(reference_dir / "checkpoints" / "00000020.pth", tmp_path / "b" / "checkpoints")
-    code, stdout = train(["--tokens", tokens, *TINY, "--results-dir", tmp_path, "--experiment-name", "b",
-                          "trainer.max_steps=40", "trainer.checkpoint_every=10"], capsys)
+    args = ["train.generator", "--tokens", tokens, *TINY, "--results-dir", tmp_path, "--experiment-name", "b",
+            "trainer.max_steps=40", "trainer.log_every=1", "trainer.checkpoint_every=1000"]
+    proc = subprocess.Popen([sys.executable, "-m", *map(str, args)], cwd=REPO, env=command_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.match(r"step [3-9] \|", line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    seen.append(proc.stdout.read())
+    proc.wait(timeout=120)
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)", "".join(seen))
+    assert stopped, "".join(seen)[-3000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < 40 and [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(tmp_path / "b"))] == [step]
+
+    code, stdout = train(args[1:], capsys)
     assert code == 0, stdout[-3000:]
-    assert f"resuming from {tmp_path / 'b' / 'checkpoints' / '00000020.pth'} (step 20)" in stdout
+    assert f"resuming from {tmp_path / 'b' / 'checkpoints' / ('%08d.pth' % step)} (step {step})" in stdout
     resumed = read_checkpoint(tmp_path / "b" / "checkpoints" / "00000040.pth")
     reference = read_checkpoint(reference_dir / "checkpoints" / "00000040.pth")
     for key in ("model_state_dict", "model_ema_state_dict"):
