@@ -16,6 +16,7 @@ step here is its loss on the whole batch, then backward and Adam, so ours is tim
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -49,7 +50,7 @@ class Unavailable(Exception):
 
 
 @dataclass
-class Implementation:
+class Implementation(ABC):
     """One implementation of FlowMo on one device. Every call runs as the implementation would in evaluation
     or training: bf16 autocast on CUDA (float32 elsewhere), no gradients outside the training calls."""
 
@@ -60,35 +61,35 @@ class Implementation:
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(seed)
 
+    @abstractmethod
     def reconstruct(self, images: Tensor, sampling: SamplingOptions, seed: int) -> Tensor:
         """Encode, quantize, sample back with `sampling` from noise drawn by a generator seeded `seed`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, zt: Tensor, code: Tensor, t: Tensor) -> Tensor:
         """One decoder pass: the velocity [B, 3, H, W] in float32."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, images: Tensor) -> Tensor:
         """The encoder's code before quantization."""
-        raise NotImplementedError
 
+    @abstractmethod
     def token_ids(self, images: Tensor) -> Tensor:
         """The LFQ token ids of the images, int64 [B, ...] on the CPU."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(self, images: Tensor, t: Optional[Tensor] = None, noise: Optional[Tensor] = None,
              enable_cfg: bool = True) -> Tensor:
         """The training loss (rectified flow + quantizer); times and noise drawn when None."""
-        raise NotImplementedError
 
+    @abstractmethod
     def block(self, img: Tensor, txt: Tensor, vec: Tensor, ids: Tensor) -> Callable[[], tuple]:
         """The decoder's first DoubleStreamBlock on these hidden states, RoPE ids `ids` [L, 3]; no gradients."""
-        raise NotImplementedError
 
+    @abstractmethod
     def train_step(self, images: Tensor, config: Config) -> Callable[[], None]:
         """One optimizer step on `images` with the implementation's own optimizer (built here): forward,
         backward, Adam. `config` must hold TRAIN_STEP_OVERRIDES, so both sides do the same work."""
-        raise NotImplementedError
 
 
 def check_train_step_work(config: Config) -> None:

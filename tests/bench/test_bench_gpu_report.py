@@ -107,6 +107,9 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert ("kernel fwd+bwd", "FlowMo-Lo (tiny)", "torch compiled") in timed
     skipped = {r.impl: r.note for r in rows if r.ms is None}
     assert skipped["triton"].startswith("skipped") and skipped["upstream_eager"].startswith("skipped")
+    first_rows = list(dict.fromkeys(r.workload.split(":")[0] for r in rows))[:5]  # the most valuable first
+    assert first_rows == ["decoder forward", "reconstruct", "train step (1 micro-batch, no norm logging)",
+                          "reconstruct latency (batch 1)", "encode (token ids)"]
     assert 0 < saved["unique_graphs"] <= graphs_needed(gpu_report.DRY)
     assert f"compiled graphs (dynamo unique_graphs): {saved['unique_graphs']}" in saved["header"]
     cache = (tmp_path / "out" / "compile_cache").resolve()
