@@ -1,7 +1,8 @@
 """The token generator's training data: the rows of a `flowmo_fast.tokenize` output folder (LFQ token ids) and
 their class labels, as one endless, resumable stream of batches per rank.
 
-The stream is the image loader's: `flowmo_fast.data.ShardedBatchSampler` deals each rank its share of a fresh
+Labels are the shards' own (`TokenShards.labels`, `.class_names`): a data set without classes trains an
+unconditional generator. The stream is the image loader's: `flowmo_fast.data.ShardedBatchSampler` deals each rank its share of a fresh
 permutation per epoch (`seed + epoch`), and `start` (the samples this rank already drew, a checkpoint's
 `data_position`) continues it exactly. Rows are read from the memory-mapped shards in the training process: a
 batch is a gather of a few KB, no loader workers needed.
@@ -89,27 +90,12 @@ class TokenData:
                 f"{self.shards.folder}, {classes}")
 
 
-def row_labels(shards: TokenShards) -> tuple[Optional[np.ndarray], Optional[list[str]]]:
-    """(the class label of each row ([len] int64), the class names), or (None, None) when the data set has no
-    classes: from the shards' index lines ("label" where tokenize knew the class)."""
-    found = [source.get("label") for source in shards.sources()]
-    if not found or all(label is None for label in found):
-        return None, None
-    if any(label is None for label in found):
-        missing = sum(label is None for label in found)
-        raise DataError(
-            f"{shards.folder}: {missing} of {len(found)} rows have no class label: tokenize a data set whose "
-            "images all have classes, or train unconditionally (model.num_classes=0)"
-        )
-    labels = np.asarray(found, dtype=np.int64)
-    return labels, [str(k) for k in range(int(labels.max()) + 1)]
-
-
 def open_tokens(folder: str) -> TokenData:
     """The token rows of `folder`, refused in one line (a DataError) unless they are LFQ token ids."""
     try:
         shards = TokenShards(folder)
-    except (FileNotFoundError, ValueError) as e:  # no manifest, an unfinished run, not tokenize's format
+        labels, class_names = shards.labels, shards.class_names
+    except (FileNotFoundError, ValueError) as e:  # no manifest, unfinished, not tokenize's format, no classes record
         raise DataError(f"--tokens {folder}: {e}") from None
     spec = shards.spec
     if spec.kind != "ids":
@@ -120,7 +106,7 @@ def open_tokens(folder: str) -> TokenData:
         )
     if len(shards) == 0:
         raise DataError(f"--tokens {folder} holds no rows (every image failed to decode): tokenize other images")
-    data = TokenData(shards, *row_labels(shards))
+    data = TokenData(shards, labels, class_names)
     layout = data.layout
     if (data.tokens_per_image, data.vocab_size) != (layout.code_length * layout.context_dim // layout.bits, 2**layout.bits):
         raise DataError(

@@ -98,10 +98,18 @@ def test_unusable_folders_are_refused_in_one_line(tmp_path):
         open_tokens(str(folder))
     assert "unfinished" in one_line(e.value)
 
-    folder = write_token_folder(tmp_path / "mixed", rows, labels)
-    index = [json.loads(line) for line in (folder / "index.jsonl").read_text().splitlines()]
-    del index[3]["label"]
-    (folder / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in index))
+    folder = write_token_folder(tmp_path / "old", rows, labels)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    del manifest["classes"]  # written before tokenize recorded classes
+    (folder / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DataError) as e:
         open_tokens(str(folder))
-    assert "1 of 8 rows have no class label" in one_line(e.value)
+    assert "did not record classes" in one_line(e.value)
+
+    folder = write_token_folder(tmp_path / "misfit", rows, labels)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["config"]["model"]["codebook_size_for_entropy"] = 6  # 18 bits in 3 ids of 6: 48 ids of 64, not 32
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as e:
+        open_tokens(str(folder))
+    assert "rows of 32 ids below 512 do not fit the tokenizer config" in one_line(e.value)
