@@ -117,9 +117,9 @@ class DatasetImages:
         loader = DataLoader(self.dataset, batch_size=batch_size, num_workers=self.num_workers,
                             collate_fn=collate_images)
         for batch in loader:
-            self.skipped += batch["skipped_names"]
-            if len(batch["image"]):
-                yield ((batch["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # exact: the data sets
+            self.skipped += batch.skipped_names
+            if len(batch.images):
+                yield ((batch.images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # exact: the data sets
                 # make x / 127.5 - 1 of the 8-bit pixels
 
     def describe(self) -> str:

@@ -218,12 +218,12 @@ def reconstruct_and_measure(
     psnr_sum = 0.0
     bar = tqdm(total=total, unit="img", desc=desc, disable=not procs.is_main, dynamic_ncols=True)
     for batch in loader:
-        got.skipped += batch["skipped_names"]
-        bar.update(batch["skipped"])
-        if len(batch["image"]) == 0:
+        got.skipped += batch.skipped_names
+        bar.update(batch.skipped)
+        if len(batch.images) == 0:
             continue
-        images = batch["image"].to(procs.device, non_blocking=True)
-        rows = batch["index"].tolist()
+        images = batch.images.to(procs.device, non_blocking=True)
+        rows = batch.rows.tolist()
         out = model.reconstruct_rows_with_code(images, rows, seed, sampling)
         reconstructions = out.images
         values, fx, fr = measure(images, reconstructions)
@@ -234,7 +234,7 @@ def reconstruct_and_measure(
         for name, v in values.items():
             got.values[name].append(v)
         if recon_dir is not None:
-            save_pngs(recon_dir, rows, batch["name"], reconstructions)
+            save_pngs(recon_dir, rows, batch.names, reconstructions)
         if procs.is_main and sum(len(g[0]) for g in got.grid) < GRID_IMAGES:
             got.grid.append((images.cpu(), reconstructions.cpu()))
         psnr_sum += float(values["psnr"].sum())

@@ -13,6 +13,7 @@ seed, so random crops do not depend on workers, prefetching or restarts.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -321,25 +322,41 @@ def build_dataset(data_config, split: str) -> ImageDataset:
     )
 
 
-def collate_images(items: Sequence[dict]) -> dict:
-    """Stack the valid items; drop invalid ones and count them.
+@dataclass
+class ImageBatch:
+    """A loader's batch (`collate_images`): the images that decode, and the names of those that do not."""
 
-    -> {"image": [B, 3, H, W], "index": [B], "label": [B], "name": [B], "skipped": int, "skipped_names": list}
-    """
+    images: torch.Tensor  # [B, 3, H, W] in [-1, 1]
+    rows: torch.Tensor  # [B] long: each image's row in the data set
+    labels: torch.Tensor  # [B] long: each image's class, -1 where it has none
+    names: list[str]  # [B]
+    skipped_names: list[str]  # the images of the batch that did not decode
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_names)
+
+    def pin_memory(self) -> "ImageBatch":
+        """The tensors in pinned memory (the DataLoader's pin_memory=True calls this)."""
+        return dataclasses.replace(
+            self, images=self.images.pin_memory(), rows=self.rows.pin_memory(), labels=self.labels.pin_memory()
+        )
+
+
+def collate_images(items: Sequence[dict]) -> ImageBatch:
+    """Stack the valid items; drop invalid ones and name them."""
     valid = [it for it in items if it["valid"]]
-    skipped = [it["name"] for it in items if not it["valid"]]
     if valid:
         images = torch.stack([it["image"] for it in valid])
     else:
         images = torch.zeros((0, *items[0]["image"].shape)) if items else torch.zeros((0, 3, 0, 0))
-    return {
-        "image": images,
-        "index": torch.tensor([it["index"] for it in valid], dtype=torch.long),
-        "label": torch.tensor([it["label"] for it in valid], dtype=torch.long),
-        "name": [it["name"] for it in valid],
-        "skipped": len(skipped),
-        "skipped_names": skipped,
-    }
+    return ImageBatch(
+        images=images,
+        rows=torch.tensor([it["index"] for it in valid], dtype=torch.long),
+        labels=torch.tensor([it["label"] for it in valid], dtype=torch.long),
+        names=[it["name"] for it in valid],
+        skipped_names=[it["name"] for it in items if not it["valid"]],
+    )
 
 
 class ShardedBatchSampler:

@@ -138,10 +138,10 @@ def encode_shards(
             rows, sources, failed = [], [], []
             for wanted in requested:
                 batch = next(loaded)
-                got = batch["index"].tolist()
+                got = batch.rows.tolist()
                 if got:
-                    rows.append(encode_rows(encode, batch["image"], flip))
-                for i, name, label in zip(got, batch["name"], batch["label"].tolist()):
+                    rows.append(encode_rows(encode, batch.images, flip))
+                for i, name, label in zip(got, batch.names, batch.labels.tolist()):
                     source = {"index": i, "name": name, **({"label": label} if label >= 0 else {})}
                     sources += [source, {**source, "flip": True}] if flip else [source]
                 failed.extend({"index": i, "name": dataset.names[i]} for i in sorted(set(wanted) - set(got)))

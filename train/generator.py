@@ -185,8 +185,8 @@ def train(args: argparse.Namespace, tokens: TokenData, config: GeneratorTraining
             trainee.ema.update(trainee.model, progress.total_steps)
             progress.total_steps += 1
             step = progress.total_steps  # steps done; the log, checkpoints and messages count this way
-            watch.observe(terms["total_loss"], step)
-            metrics.add(terms)
+            watch.observe(terms.total_loss, step)
+            metrics.add(terms.logged)
             stopping = stop.agreed()
             final = step == trainer.max_steps or stopping
             if step % trainer.log_every == 0 or final:

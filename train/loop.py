@@ -21,7 +21,7 @@ import torch
 
 from flowmo_fast.checkpoint import CheckpointError, check_llm_record, model_records, read_checkpoint
 from flowmo_fast.config import Config
-from flowmo_fast.data import DataError, ImageDataset, build_dataset, first_valid_images, make_loader
+from flowmo_fast.data import DataError, ImageBatch, ImageDataset, build_dataset, first_valid_images, make_loader
 from flowmo_fast.distributed import Processes, min_across_ranks, processes, spare_cpus
 from flowmo_fast.images import GRID_IMAGES
 from flowmo_fast.llm_infill import find_llm
@@ -43,17 +43,17 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def next_images(batches: Iterator[dict], minimum: int, config: Config, dataset: ImageDataset, note: Callable[[str], None]) -> tuple[torch.Tensor, int, int]:
+def next_images(batches: Iterator[ImageBatch], minimum: int, config: Config, dataset: ImageDataset, note: Callable[[str], None]) -> tuple[torch.Tensor, int, int]:
     """(images, images skipped, samples drawn): the next batch with at least `minimum` decodable images."""
     skipped = drawn = 0
     while True:
         batch = next(batches)
         drawn += config.data.batch_size
-        skipped += batch["skipped"]
-        for name in batch["skipped_names"]:
+        skipped += batch.skipped
+        for name in batch.skipped_names:
             note(f"skipped an image that does not decode: {name}")
-        if batch["image"].shape[0] >= minimum:
-            return batch["image"], skipped, drawn
+        if batch.images.shape[0] >= minimum:
+            return batch.images, skipped, drawn
         if drawn > 2 * max(len(dataset), config.data.batch_size):
             raise DataError(
                 f"{drawn} images drawn from {dataset.describe()} without a batch of {minimum} that decode "
@@ -144,7 +144,7 @@ def find_start(args: argparse.Namespace, log_dir: str, procs: Processes) -> Star
 @dataclass
 class Data:
     dataset: ImageDataset  # the training set
-    batches: Iterator[dict]  # this rank's endless stream, continued from the start point's position
+    batches: Iterator[ImageBatch]  # this rank's endless stream, continued from the start point's position
     grid_images: torch.Tensor  # [N, 3, H, W] fixed validation images for the progress grid, on the device
 
 
@@ -295,8 +295,8 @@ def train(args: argparse.Namespace, config: Config, procs: Processes) -> int:
             trainee.ema.update(trainee.model, progress.total_steps)
             progress.total_steps += 1
             step = progress.total_steps  # steps done; the log, checkpoints and messages count this way
-            watch.observe(terms["total_loss"], step)
-            metrics.add(terms)
+            watch.observe(terms.total_loss, step)
+            metrics.add(terms.logged)
             stopping = stop.agreed()
             final = step == trainer.max_steps or stopping
             if step % trainer.log_every == 0 or final:

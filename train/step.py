@@ -4,6 +4,7 @@ the optimizer, the compile switch `trainer.compile`, and the step itself."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -67,16 +68,27 @@ def total_norm(tensors) -> torch.Tensor:
     return parallel.full_tensor(torch.nn.utils.get_total_norm(list(tensors)))
 
 
-def train_step(wrapped, model, images, optimizer, config: Config, device) -> dict[str, torch.Tensor]:
-    """One optimizer step on one batch; returns the loss terms (mean over micro-batches) and norms."""
+@dataclass(frozen=True)
+class StepTerms:
+    """One optimizer step's numbers, means over its micro-batches (detached, on the device: no host sync)."""
+
+    total_loss: torch.Tensor  # scalar: the loss the step minimized (what the non-finite watch reads)
+    logged: dict[str, torch.Tensor]  # the objective's named terms, with opt.log_norms the norms: what the log shows
+
+
+def train_step(wrapped, model, images, optimizer, config: Config, device) -> StepTerms:
+    """One optimizer step on one batch (anything `tensor_split` cuts into `opt.n_grad_acc` micro-batches);
+    `wrapped(chunk)` -> (loss, named terms)."""
     optimizer.zero_grad(set_to_none=True)
     n = config.opt.n_grad_acc
-    terms: dict[str, torch.Tensor] = {}
+    total, terms = None, {}
     for i, chunk in enumerate(images.tensor_split(n)):
         with parallel.gradient_sync(wrapped, model, enabled=i == n - 1):
             with autocast_for(device, config.trainer.enable_bfloat16):
                 loss, chunk_terms = wrapped(chunk)
             (loss / n).backward()
+        part = loss.detach().float() / n
+        total = part if total is None else total + part
         for k, v in chunk_terms.items():
             terms[k] = terms[k] + v / n if k in terms else v / n
     if config.opt.log_norms:
@@ -84,4 +96,4 @@ def train_step(wrapped, model, images, optimizer, config: Config, device) -> dic
         terms["debug/original_grad_norm"] = total_norm(p.grad for p in trained)
         terms["debug/param_norm"] = total_norm(trained)
     optimizer.step()
-    return terms
+    return StepTerms(total, terms)

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data._utils.pin_memory import pin_memory
 
 from flowmo_fast.config import load_config
 from flowmo_fast.data import (
+    ImageBatch,
     ImageFolderDataset,
     IndexedTarDataset,
     SamplePhotosDataset,
@@ -61,16 +63,29 @@ def test_folder_is_recursive_sorted_and_labelled(folder):
     assert -1.0 <= item["image"].min() and item["image"].max() <= 1.0
 
 
+def test_loader_pinning_pins_every_tensor_of_a_batch(folder, monkeypatch):
+    """DataLoader(pin_memory=True) pins an ImageBatch through its pin_memory(); pinning itself needs CUDA, so
+    here it is a copy that records what it was called on."""
+    batch = collate_images([ImageFolderDataset(str(folder), size=16)[i] for i in range(3)])
+    pinned_tensors = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned_tensors.append(t) or t.clone())
+    pinned = pin_memory(batch)
+    assert type(pinned) is ImageBatch and pinned.names == batch.names and pinned.skipped_names == batch.skipped_names
+    assert [t.data_ptr() for t in pinned_tensors] == [t.data_ptr() for t in (batch.images, batch.rows, batch.labels)]
+    assert torch.equal(pinned.images, batch.images) and torch.equal(pinned.rows, batch.rows)
+
+
 def test_corrupt_file_in_folder_is_marked_and_dropped(folder):
     ds = ImageFolderDataset(str(folder), size=16)
     bad = ds[3]
     assert bad["valid"] is False and bad["name"] == "broken.png" and bad["image"].abs().sum() == 0
     batch = collate_images([ds[i] for i in range(len(ds))])
-    assert batch["image"].shape == (4, 3, 16, 16)
-    assert batch["skipped"] == 1 and batch["skipped_names"] == ["broken.png"]
-    assert batch["index"].tolist() == [0, 1, 2, 4]
+    assert batch.images.shape == (4, 3, 16, 16)
+    assert batch.skipped == 1 and batch.skipped_names == ["broken.png"]
+    assert batch.rows.tolist() == [0, 1, 2, 4] and batch.names == ["a/deep/three.png", "a/one.jpg", "b/two.png", "top.png"]
+    assert batch.labels.tolist() == [0, 0, 1, -1]
     empty = collate_images([bad])
-    assert empty["image"].shape == (0, 3, 16, 16) and empty["skipped"] == 1
+    assert empty.images.shape == (0, 3, 16, 16) and empty.skipped == 1
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK", "P", "I;16"])
@@ -136,7 +151,7 @@ def test_indexed_tar_reads_labels_and_skips_corrupt(tmp_path, make_image_tar):
     # Workers (each its own file handle) drop the corrupt image and keep going.
     loader = make_loader(ds, batch_size=4, num_workers=2, seed=1)
     batch = next(iter(loader))
-    assert batch["skipped"] == 1 and batch["image"].shape == (3, 3, 16, 16)
+    assert batch.skipped == 1 and batch.images.shape == (3, 3, 16, 16)
 
 
 def test_tar_index_errors_name_the_problem(tmp_path, make_image_tar):

@@ -53,7 +53,9 @@ def test_compiled_training_step_equals_eager():
         results.append((terms, {n: p.detach().clone() for n, p in model.named_parameters()}))
     (terms_e, weights_e), (terms_c, weights_c) = results
     assert any(not torch.equal(initial[n], w) for n, w in weights_e.items())  # the step moved the weights
-    for name in terms_e:
-        torch.testing.assert_close(terms_c[name], terms_e[name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(terms_c.total_loss, terms_e.total_loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(terms_e.total_loss, terms_e.logged["total_loss"])  # the objective's own, as logged
+    for name in terms_e.logged:
+        torch.testing.assert_close(terms_c.logged[name], terms_e.logged[name], rtol=1e-5, atol=1e-6, msg=name)
     for name, w in weights_e.items():
         torch.testing.assert_close(weights_c[name], w, rtol=1e-5, atol=1e-6, msg=name)
