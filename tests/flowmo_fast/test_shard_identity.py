@@ -38,6 +38,8 @@ CHANGES = [
     ("data.image_size", 64),
     ("data.num_images", 8),
     ("data.names_sha256", "2" * 64),  # other images, or another order
+    ("classes", ["cats", "dogs"]),  # labelled rows instead of unconditional ones
+    ("flip", True),  # a mirrored row after each image's
     ("shard_size", 4),
 ]
 
@@ -107,6 +109,7 @@ def test_the_tokenize_command_refuses_a_folder_of_other_settings_naming_them(tin
         ("checkpoint.sha256", [other_weights, out, data]),
         ("data.image_size", [tiny_checkpoint, out, data, "--image-size", 16]),
         ("shard_size", [tiny_checkpoint, out, data, "--shard-size", 3]),
+        ("flip", [tiny_checkpoint, out, data, "--flip"]),
         ("data.names_sha256", [tiny_checkpoint, out, photos(tmp_path / "renamed", ["a.png", "b.png", "d.png"])]),
         ("data.num_images", [tiny_checkpoint, out, photos(tmp_path / "more", ["a.png", "b.png", "c.png", "e.png"])]),
     ]
