@@ -21,11 +21,10 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-from flowmo_fast.checkpoint import CheckpointError, atomic_save, check_state_dict, select_state_dict
+from flowmo_fast.checkpoint import CheckpointError
 from flowmo_fast.data import DataError
-from flowmo_fast.distributed import Processes, gather_objects, processes
+from flowmo_fast.distributed import Processes, processes
 from flowmo_fast.generator import TokenGenerator
 from train import checkpointing, cli, parallel
 from train.checkpointing import Progress
@@ -37,7 +36,7 @@ from train.metrics import MetricLogger
 from train.step import build_optimizer, compiles, set_learning_rate, train_step
 
 DEFAULT_PRESET = "B"
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+TOKENS = "tokens"  # the checkpoint's record of its training tokens (flowmo_fast.generator.TokenSource)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -103,9 +102,7 @@ def build_trainee(config: GeneratorTrainingConfig, procs: Processes, start: Star
     torch.manual_seed(config.global_seed)
     model = TokenGenerator(config.model).to(procs.device)
     if start.ckpt is not None:
-        state = select_state_dict(start.ckpt, "model", start.path)
-        check_state_dict(model, state, start.path)
-        model.load_state_dict(state)
+        checkpointing.load_model(model, start.ckpt, start.path)
     if compiles(config, procs.device):
         for block in model.blocks:
             block.compile()
@@ -114,9 +111,7 @@ def build_trainee(config: GeneratorTrainingConfig, procs: Processes, start: Star
     optimizer = build_optimizer(model, config, weight_decay_groups(model, config.opt.weight_decay))
     trainee = Trainee(model, objective, wrapped, EMA(model, config.trainer.ema_decay), optimizer)
     if start.resuming:
-        trainee.ema.load(select_state_dict(start.ckpt, "ema", start.path))
-        set_optimizer_state_dict(model, optimizer, start.ckpt["optimizer_state_dict"],
-                                 options=StateDictOptions(full_state_dict=True))
+        checkpointing.restore(trainee, start.ckpt, start.path)
     n_params = sum(p.numel() for p in model.parameters())
     layout = "FSDP2" if config.trainer.fsdp else "DDP" if procs.world_size > 1 else "one process"
     say(procs, f"TokenGenerator: {n_params / 1e6:.2f}M parameters; {layout}")
@@ -125,7 +120,7 @@ def build_trainee(config: GeneratorTrainingConfig, procs: Processes, start: Star
 
 def check_tokens(start: StartPoint, tokens: TokenData) -> None:
     """A run continues on tokens of the tokenizer it started with (the checkpoint's record)."""
-    record = (start.ckpt or {}).get("tokens") if start.resuming else None
+    record = (start.ckpt or {}).get(TOKENS) if start.resuming else None
     if record is None:
         return
     was, now = record["checkpoint"]["sha256"], tokens.record["checkpoint"]["sha256"]
@@ -141,16 +136,8 @@ def save(trainee: Trainee, config: GeneratorTrainingConfig, tokens: TokenData, p
          progress: Progress, metrics: MetricLogger) -> str:
     """Every rank gathers (FSDP needs all); rank 0 writes, then prunes. Returns the path."""
     path = checkpointing.checkpoint_path(log_dir, progress.total_steps)
-    model_state = parallel.full_state_dict(trainee.model.state_dict(), keep=procs.is_main)
-    ema_state = parallel.full_state_dict(trainee.ema.tensors, keep=procs.is_main)
-    optimizer_state = get_optimizer_state_dict(trainee.model, trainee.optimizer, options=FULL)
-    rng = gather_objects(checkpointing.capture_rng(), procs)
+    checkpointing.save(path, trainee, progress, procs, config, lambda: {TOKENS: tokens.record})
     if procs.is_main:
-        atomic_save({
-            "total_steps": progress.total_steps, "model_ema_state_dict": ema_state, "model_state_dict": model_state,
-            "config": config.to_dict(), "tokens": tokens.record, "optimizer_state_dict": optimizer_state,
-            "rng_state_per_rank": rng, "data_position": progress.data_position, "world_size": procs.world_size,
-        }, path)
         checkpointing.prune(log_dir, config.trainer.keep_every)
         metrics.write(f"saved {path}")
     return path
