@@ -202,13 +202,15 @@ class Harness:
         out = fn()
         sync(device)
         row.first_s = time.perf_counter() - start
-        times: list[float] = []
+        graphs, times = unique_graphs(), []
         while not times or (sum(times) < self.timing.target_s and len(times) < self.timing.max_iters):
             start = time.perf_counter()
             fn()
             sync(device)
             times.append(time.perf_counter() - start)
         row.ms = 1000 * statistics.median(times)
+        if unique_graphs() > graphs:  # the warm-up did not compile all the timed calls run
+            row.note = f"{unique_graphs() - graphs} graphs compiled while timed"
         if device.type == "cuda":
             row.peak_gib = (torch.cuda.max_memory_allocated(device) - baseline) / 2**30
         return out

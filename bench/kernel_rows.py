@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from bench import upstream
@@ -10,6 +12,9 @@ from bench.impls import Unavailable
 from bench.report_rows import Check, Row
 from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS, ModelConfig
 from flowmo_kernels import get_ops, triton_available
+
+if TYPE_CHECKING:
+    from bench.gpu_report import Report
 
 ENTROPY_WEIGHT, COMMIT_WEIGHT = ModelConfig().entropy_loss_weight, ModelConfig().commit_loss_weight  # the config's
 
@@ -19,7 +24,7 @@ def require_triton(device: torch.device) -> None:
         raise Unavailable("Triton kernels run on CUDA")
 
 
-def lfq_loss(report, name: str, impl: str) -> None:
+def lfq_loss(report: "Report", name: str, impl: str) -> None:
     """The quantizer loss, forward + backward, at the codes of one training batch."""
     config = report.models.config(name).model
     bits = config.codebook_size_for_entropy
@@ -61,7 +66,7 @@ def lfq_loss(report, name: str, impl: str) -> None:
 
     report.attempt(f"LFQ loss {name} {impl}", report.scale.reserve_s, run, row)
 
-def kernel_op(report, name: str, op: str, impl: str) -> None:
+def kernel_op(report: "Report", name: str, op: str, impl: str) -> None:
     """One fused op, forward + backward, at the model's training shapes (bf16 on CUDA): `torch` eager,
     `torch compiled` (what Inductor makes of the plain op alone) or `triton`."""
     m = report.models.config(name).model

@@ -94,7 +94,7 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     saved = json.loads(out.read_text())
     assert saved["checks"] and all(c["value"] <= c["tolerance"] for c in saved["checks"])
     rows = [Row(**r) for r in saved["rows"]]
-    assert not [r for r in rows if r.note.startswith("error")]
+    assert not [r for r in rows if r.note.startswith("error") or "compiled while timed" in r.note]
     timed = {(r.workload.split(":")[0], r.model, r.impl) for r in rows if r.ms is not None}
     workloads = ("reconstruct", "reconstruct latency (batch 1)", "decoder forward",
                  "train step (1 micro-batch, no norm logging)", "encode (token ids)")
@@ -198,3 +198,17 @@ def test_the_sampler_is_warmed_on_a_short_plan_with_every_kind_of_step():
     short = gpu_report.short_plan(full)
     assert short.steps == 3 and set(short.plan().guided) == set(full.plan().guided) == {True, False}
     assert gpu_report.short_plan(full.replace(cfg=1.0)).plan().guided == (False,)  # nothing guided: 1 step
+
+
+def test_a_row_that_compiles_while_timed_says_so():
+    """Each timed call at a new shape compiles a new graph (dynamic=False): the row's median includes
+    compiling, and its note says so; a row whose warm-up compiled everything has no note."""
+    r = harness(budget_s=60.0)
+    compiled = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+    sizes = iter(range(3, 100))
+    recompiling = Row("decoder forward", "Lo", "fast", 2, None)
+    r.measure(recompiling, lambda: compiled(torch.ones(next(sizes))))
+    assert recompiling.note == "1 graphs compiled while timed"
+    steady = Row("decoder forward", "Lo", "fast", 2, None)
+    r.measure(steady, lambda: compiled(torch.ones(2)))
+    assert steady.ms is not None and steady.note == ""
