@@ -5,8 +5,9 @@
 off CUDA or without Triton; on CUDA the Triton kernel when running eagerly, and inside a torch.compile
 region the implementation `AUTO_WHEN_COMPILED` names per op (and the PyTorch LFQ for code groups wider than
 the Triton LFQ takes). The Triton kernels are `torch.library` custom ops with fake implementations, so
-`torch.compile(fullgraph=True)` traces through them. The Triton modules are imported on first use: Triton may be missing (non-Linux), and the interpreter switch is read when
-they are imported. This package imports nothing of ours.
+`torch.compile(fullgraph=True)` traces through them. The Triton modules are imported on first use: Triton may
+be missing (non-Linux), and the interpreter switch is read when they are imported. This package imports nothing
+of ours.
 """
 
 from __future__ import annotations

@@ -36,13 +36,21 @@ EPS = tl.constexpr(CODEBOOK_EPS)
 class Tiling:
     rows: int  # rows per program in the row pass and the backward
     code_rows: int  # rows per step of the codebook pass
-    max_codes: int  # codes per tile side, at most
+    max_codes: int  # codes per tile side in the codebook pass, at most
     programs: int  # the codebook pass splits the rows until about this many programs run
+    own_codes: int  # the backward's tile of its own half's codes, at most
+    other_codes: int  # the backward's tile of the other half's codes (the inner dot's K), at most
+    backward_warps: int
 
 
-GPU_TILING = Tiling(rows=64, code_rows=32, max_codes=64, programs=512)
+# The backward's fp32 dots run on FMA units with each thread holding whole K rows of an operand: at 64 x 64
+# code tiles and 4 warps ptxas -v for sm_90a spilled ~15 KB (d=14, a 5.4 KB stack frame); at own 32 x other 16
+# and 8 warps it uses 208 registers and no stack.
+GPU_TILING = Tiling(rows=64, code_rows=32, max_codes=64, programs=512, own_codes=32, other_codes=16, backward_warps=8)
 # The CPU interpreter runs every tile op through numpy with a large fixed cost per op: fewer, bigger tiles.
-INTERPRETER_TILING = Tiling(rows=64, code_rows=32, max_codes=128, programs=8)
+INTERPRETER_TILING = Tiling(
+    rows=64, code_rows=32, max_codes=128, programs=8, own_codes=128, other_codes=128, backward_warps=4
+)
 # Decided at import, as `triton.jit` decides there whether the kernels below compile or are interpreted.
 TILING = INTERPRETER_TILING if triton_interpreting() else GPU_TILING
 
@@ -175,8 +183,8 @@ def _half_bits(d: int) -> tuple[int, int]:
     return d // 2, d - d // 2
 
 
-def _code_block(bits: int) -> int:
-    return min(TILING.max_codes, max(DOT_MIN, 1 << bits))
+def _code_block(bits: int, limit: int) -> int:
+    return min(limit, max(DOT_MIN, 1 << bits))
 
 
 def _rows_pass(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -197,7 +205,7 @@ def _mean_probs(bit_probs: Tensor) -> Tensor:
     """Batch-mean code distribution [2^|A|, 2^|B|] from the bit probabilities [2, N, d]."""
     _, n, d = bit_probs.shape
     a_bits, b_bits = _half_bits(d)
-    block_a, block_b = _code_block(a_bits), _code_block(b_bits)
+    block_a, block_b = _code_block(a_bits, TILING.max_codes), _code_block(b_bits, TILING.max_codes)
     tiles = triton.cdiv(1 << a_bits, block_a) * triton.cdiv(1 << b_bits, block_b)
     splits = max(1, min(triton.cdiv(n, TILING.code_rows), TILING.programs // tiles))
     rows_per_split = triton.cdiv(triton.cdiv(n, splits), TILING.code_rows) * TILING.code_rows
@@ -252,8 +260,9 @@ def lfq_backward_op(x: Tensor, bit_probs: Tensor, mean_probs: Tensor, grad_sign:
             _lfq_half_bwd_kernel[(triton.cdiv(n, TILING.rows),)](
                 x, bit_probs, mean_probs, grad_sign, loss_grads, grad_x, n, stride_own, stride_other,
                 D=d, OWN_FIRST=own_first, OWN_BITS=own_bits, OTHER_FIRST=other_first, OTHER_BITS=other_bits,
-                BLOCK_N=TILING.rows, BLOCK_OWN=_code_block(own_bits), BLOCK_OTHER=_code_block(other_bits),
-                BLOCK_K=DOT_MIN,
+                BLOCK_N=TILING.rows, BLOCK_OWN=_code_block(own_bits, TILING.own_codes),
+                BLOCK_OTHER=_code_block(other_bits, TILING.other_codes), BLOCK_K=DOT_MIN,
+                num_warps=TILING.backward_warps,
             )
     return grad_x
 

@@ -1,4 +1,5 @@
-"""The Triton implementation set and `auto`'s mix; `flowmo_kernels.get_ops` imports them on first use (see there why)."""
+"""The Triton implementation set and `auto`'s mixes; `flowmo_kernels.get_ops` imports them on first use (see there
+why)."""
 
 from __future__ import annotations
 

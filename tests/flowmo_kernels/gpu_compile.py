@@ -1,25 +1,32 @@
 """Compiles every Triton kernel launch of the ops for real GPUs (Hopper sm_90, Ampere sm_80) on a machine
 without one: PTX and cubin through Triton's bundled ptxas, so errors that the CPU interpreter cannot see
-(tl.dot shape and dtype rules, register and shared-memory limits, layout conversions) fail here.
+(tl.dot shape and dtype rules, register and shared-memory limits, layout conversions) fail here. For Hopper,
+`ptxas -v` (Triton's flags) must also report no register spills, at the shapes of FlowMo-Lo and FlowMo-Hi
+(head dims 64 and 96, LFQ codes of 9 and 14 bits).
 
 Run as a script in a process where TRITON_INTERPRET is unset: the ops run forward and backward on CPU
 tensors with `JITFunction.run` replaced by a recorder (nothing is launched; outputs are garbage), then each
 distinct recorded launch is compiled for each target. Prints one line per compile; exit status 1 on any
-failure. The test (test_kernels_gpu_compile.py) runs a quick set, Hopper only; `--full` takes about 4 minutes
-on 2 CPU cores.
+failure or spill. The test (test_kernels_gpu_compile.py) runs a quick set, Hopper only (about a minute);
+`--full` takes about 4 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
+from typing import NamedTuple
 
 import torch
 
 ARCHS = {"quick": (90,), "full": (90, 80)}  # Hopper, Ampere
-LFQ_BITS = {"quick": (1, 14), "full": (1, 9, 14, 18)}
+LFQ_BITS = {"quick": (1, 9, 14), "full": (1, 9, 14, 18)}
+SPILL_FREE_ARCH = 90
 DTYPE_NAMES = {
     torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32",
 }
@@ -87,6 +94,32 @@ def signature_of(kernel, args, kwargs) -> tuple[dict, dict]:
     return signature, constexprs
 
 
+class PtxasUsage(NamedTuple):
+    registers: int
+    stack_bytes: int
+    spill_bytes: int  # stores + loads
+
+    def __str__(self) -> str:
+        return f"{self.registers} registers, {self.stack_bytes} B stack, {self.spill_bytes} B spilled"
+
+
+def ptxas_usage(ptx: str, arch: int) -> PtxasUsage:
+    """What `ptxas -v` (Triton's bundled ptxas and its flags) reports for the kernel in `ptx` on sm_<arch>."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        command = [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                   f"--gpu-name={sm_arch_from_capability(arch)}", source, "-o", source + ".cubin"]
+        log = subprocess.run(command, check=True, capture_output=True, text=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    stack, stores, loads = map(int, re.search(
+        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
+    return PtxasUsage(registers, stack, stores + loads)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="Ampere too, and LFQ at d = 1, 9, 14, 18")
@@ -112,7 +145,11 @@ def main() -> int:
                     ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                     target=GPUTarget("cuda", arch, 32), options=options,
                 )
-                print(f"ok   {label}: {compiled.metadata.shared} B shared, {compiled.metadata.num_warps} warps")
+                usage = ptxas_usage(compiled.asm["ptx"], arch) if arch == SPILL_FREE_ARCH else None
+                spilled = usage is not None and usage.spill_bytes > 0
+                failures += spilled
+                print(f"{'SPILL' if spilled else 'ok'}   {label}: {compiled.metadata.shared} B shared, "
+                      f"{compiled.metadata.num_warps} warps{f', {usage}' if usage else ''}")
             except Exception:
                 failures += 1
                 print(f"FAIL {label}\n{traceback.format_exc(limit=-3)}")

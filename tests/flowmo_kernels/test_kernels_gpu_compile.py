@@ -1,4 +1,5 @@
-"""Every Triton kernel launch of the ops compiles to a Hopper cubin (no GPU needed; see gpu_compile.py)."""
+"""Every Triton kernel launch of the ops compiles to a Hopper cubin without register spills (no GPU needed; see
+gpu_compile.py)."""
 
 from __future__ import annotations
 
@@ -19,5 +20,5 @@ def test_kernels_compile_for_hopper(request):
         [sys.executable, str(SCRIPT)], env=env, cwd=request.config.rootpath, capture_output=True, text=True
     )
     output = result.stdout[-6000:] + result.stderr[-3000:]
-    assert result.returncode == 0, f"a kernel failed to compile for sm_90:\n{output}"
+    assert result.returncode == 0, f"a kernel failed to compile for sm_90 or spilled registers:\n{output}"
     assert " 0 failed" in result.stdout

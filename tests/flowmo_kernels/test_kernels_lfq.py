@@ -141,3 +141,19 @@ def test_rejects_bad_shapes():
         lfq_triton(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="at most 20 bits per group"):
         lfq_triton(torch.randn(2, 21))
+
+
+@pytest.mark.parametrize("d", [9, 14])
+def test_triton_with_the_gpu_tiling_matches_the_twin(monkeypatch, d):
+    """The GPU's smaller backward tiles (several own and other code blocks per program, 8 warps: no register
+    spills on sm_90a) give the same results; the interpreter otherwise runs one big tile per half."""
+    from flowmo_kernels import lfq_triton as module
+
+    monkeypatch.setattr(module, "TILING", module.GPU_TILING)
+    assert (1 << (d - d // 2)) > module.GPU_TILING.other_codes  # the inner loop runs over several blocks
+    g = torch.Generator().manual_seed(d)
+    x = 0.1 * torch.randn(70, d, generator=g)
+    weights, loss_weights = torch.randn(70, d, generator=g, dtype=torch.float64), torch.randn(3, generator=g).double()
+    out, grad = outputs_and_grad(lfq_triton, x, weights, loss_weights)
+    ref, ref_grad = outputs_and_grad(lfq_torch, x, weights, loss_weights)
+    assert_matches(out, grad, ref, ref_grad, rtol=1e-5)
