@@ -194,7 +194,8 @@ def load_llm_for(ckpt: Mapping, config: Config, path: str) -> Optional[LLMInfill
 def load_checkpoint(
     path: str, which: str = "ema", device: Any = "cpu", overrides: Optional[Iterable[str]] = None
 ):
-    """Load an upstream or flowmo-fast checkpoint as a FlowMo model in eval mode on `device`."""
+    """Load an upstream or flowmo-fast checkpoint as a FlowMo model in eval mode on `device`, for inference: on
+    CUDA its matrix weights are kept in bf16 (`FlowMo.cast_for_inference`; `.float()` before training it)."""
     path = os.fspath(path)
     ckpt = read_checkpoint(path)
     state_dict = select_state_dict(ckpt, which, path)
@@ -204,7 +205,7 @@ def load_checkpoint(
         model = FlowMo(config, infiller)
     check_state_dict(model, state_dict, path)
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=torch.float32).eval()
+    return model.to(device=device, dtype=torch.float32).eval().cast_for_inference()
 
 
 def cpu_state_dict(model: Union[nn.Module, Mapping[str, Tensor]]) -> dict[str, Tensor]:
