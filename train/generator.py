@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -23,15 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from flowmo_fast.checkpoint import CheckpointError
-from flowmo_fast.data import DataError
-from flowmo_fast.distributed import Processes, processes
+from flowmo_fast.distributed import Processes
 from flowmo_fast.generator import TokenGenerator
 from train import checkpointing, cli, parallel
 from train.checkpointing import Progress
 from train.ema import EMA
 from train.generator_config import PRESETS, GeneratorTrainingConfig, make_config
 from train.generator_data import TokenBatch, TokenData, open_tokens, token_batches
-from train.loop import NonFiniteLoss, NonFiniteWatch, StartPoint, find_start, prepare, say, seed_rngs
+from train.loop import NonFiniteWatch, StartPoint, find_start, in_processes, prepare, say, seed_rngs
 from train.metrics import MetricLogger
 from train.step import build_optimizer, compiles, set_learning_rate, train_step
 
@@ -54,15 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(args: argparse.Namespace, tokens: TokenData, config: GeneratorTrainingConfig) -> int:
     """Train until trainer.max_steps (or SIGTERM); returns the process exit code."""
-    with processes(always_group=True) as procs:
-        try:
-            return train(args, tokens, config, procs)
-        except NonFiniteLoss as e:
-            say(procs, f"error: {e}")
-            return 1
-        except (FileNotFoundError, CheckpointError, DataError) as e:
-            say(procs, f"error: {e}")
-            return 2
+    return in_processes(functools.partial(train, args, tokens, config))
 
 
 class GeneratorObjective(nn.Module):

@@ -85,9 +85,15 @@ class NonFiniteWatch:
 def run(args: argparse.Namespace, config: Config) -> int:
     """Train until trainer.max_steps (or SIGTERM); returns the process exit code."""
     require_llm(config)
+    return in_processes(functools.partial(train, args, config))
+
+
+def in_processes(train: Callable[[Processes], int]) -> int:
+    """`train(procs)` in the command's processes (a group, even of one: the collectives run unchanged); a
+    non-finite loss (exit 1) or a missing or unusable input (exit 2) ends it with one line. Any trainer's."""
     with processes(always_group=True) as procs:
         try:
-            return train(args, config, procs)
+            return train(procs)
         except NonFiniteLoss as e:
             say(procs, f"error: {e}")
             return 1
