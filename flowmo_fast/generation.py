@@ -184,12 +184,14 @@ class _Captured:
 class GraphedGenerator:
     """`generate` replayed from one CUDA graph per (device, batch, conditional or not, options, autocast).
 
-    The first call for a key runs once on a side stream (warm-up), then captures; later calls copy labels and
-    keys into the static buffers and replay. Moving the weights drops every capture. Outputs equal `generate`'s
-    (same kernels, same order)."""
+    The first call for a key compiles the blocks (unless compile=False or done already), runs once on a side
+    stream (warm-up), then captures; later calls copy labels and keys into the static buffers and replay.
+    Moving the weights drops every capture. Outputs equal eager `generate`'s up to the compiled kernels'
+    rounding (without compile: the same kernels in the same order)."""
 
-    def __init__(self, model: TokenGenerator):
+    def __init__(self, model: TokenGenerator, compile: bool = True):
         self.model = model
+        self.compile = compile
         self.captured: dict[tuple, _Captured] = {}
         self.weights: tuple = ()
 
@@ -210,6 +212,8 @@ class GraphedGenerator:
         return entry.out.clone()
 
     def _capture(self, labels, keys, options: GenerationOptions, autocast: bool) -> _Captured:
+        if self.compile and not self.model.blocks_compiled():
+            self.model.compile_blocks(dynamic=False)
         static_keys = keys.clone()
         static_labels = labels.clone().long() if labels is not None else None
         amp = (

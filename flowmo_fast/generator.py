@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from flowmo_fast.checkpoint import CheckpointError, WHICH, check_state_dict, read_checkpoint
 from flowmo_fast.config import _parse_value
+from flowmo_fast.fast import raise_recompile_limit
 from flowmo_kernels.lfq import indices_to_codes, lfq_indices
 
 MaskSchedule = Literal["cosine", "arccos"]
@@ -240,6 +241,23 @@ class TokenGenerator(nn.Module):
             x = block(x)
         logits = self.head(self.norm(x[:, 1:]))  # [B, T, G * V]
         return logits.unflatten(-1, (c.groups, c.vocab_size))
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile each transformer block in place (regional compile: one graph shared by the blocks)."""
+        raise_recompile_limit()
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+
+    def blocks_compiled(self) -> bool:
+        return any(getattr(b, "_compiled_call_impl", None) is not None for b in self.blocks)
+
+    def matmul_flops(self, batch: int = 1) -> int:
+        """Matmul FLOPs of one forward pass over `batch` rows (a training step: about 3x)."""
+        c = self.config
+        t, length, d, hidden = c.code_length, c.code_length + 1, c.width, int(c.width * c.mlp_ratio)
+        block = 2 * length * d * (3 * d + d + 2 * hidden) + 4 * length * length * d
+        per_row = 2 * t * c.context_dim * d + c.depth * block + 2 * t * d * c.groups * c.vocab_size
+        return batch * per_row
 
     def classes_for(self, labels: Optional[Tensor], batch: int, device: torch.device) -> Tensor:
         """Labels [B] (or None: unconditional) -> class ids [B], checked against num_classes."""

@@ -202,3 +202,28 @@ def test_revealed_groups_stay_and_follow_the_plan():
         assert torch.equal(now.flatten(1, 2)[revealed[k - 1]], previous.flatten(1, 2)[revealed[k - 1]])
     assert torch.equal(tokens_to_bits(final.view(3, 8, 2), 9).flatten(1, 2)[revealed[-1]],
                        seen[-1][0].flatten(1, 2)[revealed[-1]])
+
+
+def test_matmul_flops_match_torchs_count():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = TokenGenerator(preset_config("tiny", 8, 18, 9, num_classes=2, width=32, depth=3, heads=2)).eval()
+    bits, classes = tokens_to_bits(torch.randint(0, 512, (5, 8, 2)), 9), torch.tensor([0, 1, 2, 0, 1])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(bits, classes)
+    attention = 3 * 5 * 4 * 9**2 * 32  # QK^T and AV: torch's counter skips the CPU attention kernel
+    assert model.matmul_flops(5) == counter.get_total_flops() + attention
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_the_cuda_graph_replays_generate():
+    from flowmo_fast.generation import GenerationOptions, GraphedGenerator, generate, sample_keys
+
+    model = tiny().cuda().eval()
+    graphed = GraphedGenerator(model, compile=False)
+    options = GenerationOptions(steps=6, cfg=2.0)
+    labels = torch.tensor([0, 1, 1, 0], device="cuda")
+    for seed in (0, 1):  # the capture, then a replay with other keys
+        keys = sample_keys(seed, labels.tolist(), [0, 1, 2, 3], "cuda")
+        assert torch.equal(graphed(labels, keys, options), generate(model, labels, keys, options))
+    assert len(graphed.captured) == 1
