@@ -15,12 +15,14 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Literal, Optional
 
 from eval.rfid import METRICS
 from flowmo_fast.checkpoint import atomic_write
 
-OK, FAILED = "ok", "failed"
+Status = Literal["ok", "failed"]  # as history.jsonl writes it
+OK: Status = "ok"
+FAILED: Status = "failed"
 
 
 @dataclass
@@ -29,7 +31,7 @@ class Evaluation:
 
     step: int
     checkpoint: str  # the file evaluated
-    status: str = OK
+    status: Status = OK
     sha256: Optional[str] = None
     metrics: dict[str, Optional[float]] = field(default_factory=dict)  # name -> value (None: not defined)
     num_images: int = 0

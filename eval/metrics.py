@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import lpips
 import numpy as np
@@ -204,14 +204,20 @@ class ReconstructionMetrics(nn.Module):
         return ("psnr", "ssim", *(f"lpips_{n}" for n in self.lpips_nets))
 
     @torch.no_grad()
-    def forward(self, originals: Tensor, reconstructions: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """[B, 3, H, W] in [-1, 1] each -> ({name: float64 [B]}, features of originals, of reconstructions).
-
-        Everything is returned on the CPU."""
+    def forward(self, originals: Tensor, reconstructions: Tensor) -> "Measurement":
+        """[B, 3, H, W] in [-1, 1] each -> per-image metrics and both Inception features, on the CPU."""
         reconstructions = reconstructions.clamp(-1, 1)
         ref, rec = to_levels(originals), to_levels(reconstructions)
         per_image = {"psnr": psnr(ref, rec), "ssim": ssim(ref, rec)}
         for name, net in self.lpips_nets.items():
             per_image[f"lpips_{name}"] = net(originals.float(), reconstructions.float()).flatten().double()
         per_image = {k: v.cpu() for k, v in per_image.items()}
-        return per_image, self.inception(originals).cpu(), self.inception(reconstructions).cpu()
+        return Measurement(per_image, self.inception(originals).cpu(), self.inception(reconstructions).cpu())
+
+
+class Measurement(NamedTuple):
+    """One batch measured by `ReconstructionMetrics`."""
+
+    per_image: dict[str, Tensor]  # metric name -> float64 [B]
+    features_originals: Tensor  # [B, FEATURE_DIM] Inception pool features
+    features_reconstructions: Tensor  # [B, FEATURE_DIM]

@@ -22,7 +22,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -151,10 +151,11 @@ def write_json(obj, path: str) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def summarize(per_image: dict[str, Tensor], features_x: Tensor, features_r: Tensor) -> dict[str, Optional[float]]:
+def summarize(gathered: Gathered) -> dict[str, Optional[float]]:
     """Means of the per-image metrics and the rFID (None with fewer than two images)."""
-    out = {"rfid": metrics.fid(features_x.numpy(), features_r.numpy()) if len(features_x) >= 2 else None}
-    out.update({name: float(values.mean()) for name, values in per_image.items()})
+    x, r = gathered.features_originals, gathered.features_reconstructions
+    out = {"rfid": metrics.fid(x.numpy(), r.numpy()) if len(x) >= 2 else None}
+    out.update({name: float(values.mean()) for name, values in gathered.per_image.items()})
     return out
 
 
@@ -226,11 +227,11 @@ def reconstruct_and_measure(
         rows = batch.rows.tolist()
         out = model.reconstruct_rows_with_code(images, rows, seed, sampling)
         reconstructions = out.images
-        values, fx, fr = measure(images, reconstructions)
-        values.update({name: v.double().cpu() for name, v in out.quantizer.per_sample.items()})  # infill_mse
-        got.rows += rows
-        got.features_x.append(fx)
-        got.features_r.append(fr)
+        measured = measure(images, reconstructions)
+        values = {**measured.per_image, **{name: v.double().cpu() for name, v in out.quantizer.per_sample.items()}}
+        got.rows += rows  # ^ infill_mse of the LLM type
+        got.features_x.append(measured.features_originals)
+        got.features_r.append(measured.features_reconstructions)
         for name, v in values.items():
             got.values[name].append(v)
         if recon_dir is not None:
@@ -244,8 +245,17 @@ def reconstruct_and_measure(
     return got
 
 
-def gather_in_row_order(got: Collected, procs: Processes) -> tuple[dict[str, Tensor], Tensor, Tensor, list]:
-    """All processes' results, sorted by data-set row: (per-image values, features x, features r, skipped)."""
+class Gathered(NamedTuple):
+    """Every process's results, sorted by data-set row."""
+
+    per_image: dict[str, Tensor]  # metric name -> float64 [N]
+    features_originals: Tensor  # [N, FEATURE_DIM]
+    features_reconstructions: Tensor  # [N, FEATURE_DIM]
+    skipped: list[str]  # names of undecodable images
+
+
+def gather_in_row_order(got: Collected, procs: Processes) -> Gathered:
+    """All processes' results, sorted by data-set row."""
 
     def gathered(parts: list, empty: Tensor) -> Tensor:
         return gather_rows(torch.cat(parts) if parts else empty, procs)
@@ -256,7 +266,7 @@ def gather_in_row_order(got: Collected, procs: Processes) -> tuple[dict[str, Ten
     features_r = gathered(got.features_r, no_features)[order]
     values = {n: gathered(v, torch.zeros(0, dtype=torch.float64))[order] for n, v in got.values.items()}
     skipped = sum(gather_objects(got.skipped, procs), [])
-    return values, features_x, features_r, skipped
+    return Gathered(values, features_x, features_r, skipped)
 
 
 def measure_model(
@@ -274,14 +284,14 @@ def measure_model(
     loop_start = time.perf_counter()
     total = sum(map(len, batches))
     got = reconstruct_and_measure(model, measure, loader, sampling, args.seed, procs, total, recon_dir, desc)
-    values, features_x, features_r, skipped = gather_in_row_order(got, procs)
+    gathered = gather_in_row_order(got, procs)
     loop_seconds = time.perf_counter() - loop_start
     if not procs.is_main:
         return None
-    if len(features_x) == 0:
-        raise nothing_decodes(dataset.describe(), len(skipped))
-    summary = summarize(values, features_x, features_r)
-    return Measured(summary, len(features_x), skipped, got.grid, loop_seconds)
+    count = len(gathered.features_originals)
+    if count == 0:
+        raise nothing_decodes(dataset.describe(), len(gathered.skipped))
+    return Measured(summarize(gathered), count, gathered.skipped, got.grid, loop_seconds)
 
 
 def evaluate(args, procs: Processes) -> Optional[dict]:

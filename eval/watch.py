@@ -15,13 +15,14 @@ evaluation; the main process decides what comes next and writes the results.
 from __future__ import annotations
 
 import argparse
+import enum
 import functools
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 from eval import rfid, weights
 from eval.history import (
@@ -31,10 +32,9 @@ from flowmo_fast import load_checkpoint
 from flowmo_fast.checkpoint import CheckpointError, file_sha256, list_checkpoints, step_of
 from flowmo_fast.cli import flags
 from flowmo_fast.distributed import Processes, gather_objects, on_rank0, processes
+from flowmo_fast.model import FlowMo
 
 EVAL_DIR = "eval"  # RUN_DIR/eval
-EVALUATE, WAIT, STOP = "evaluate", "wait", "stop"
-DELETED = "deleted"  # a checkpoint gone before its turn (training's retention)
 INTERRUPTED = 130  # exit status after Ctrl-C, as a shell reports SIGINT
 
 
@@ -73,11 +73,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+class Next(enum.Enum):
+    EVALUATE = "evaluate"
+    WAIT = "wait"
+    STOP = "stop"
+
+
 @dataclass(frozen=True)
 class Action:
     """What all processes do next, as the main process decided."""
 
-    kind: str  # EVALUATE, WAIT or STOP
+    kind: Next
     step: int = -1
     path: str = ""
     reason: str = ""  # why the watch stops
@@ -134,15 +140,15 @@ class Watcher:
         self.awaiting = set(pending)
         reason = self.stop_reason(pending)
         if reason:
-            return Action(STOP, reason=reason)
+            return Action(Next.STOP, reason=reason)
         if pending:
             self.waiting = False
             self.announce(pending)
-            return Action(EVALUATE, pending[0], os.path.abspath(listed[pending[0]]))
+            return Action(Next.EVALUATE, pending[0], os.path.abspath(listed[pending[0]]))
         if not self.waiting:
             self.waiting = True
             self.say(f"waiting for new checkpoints in {os.path.join(self.args.run_dir, 'checkpoints')}")
-        return Action(WAIT)
+        return Action(Next.WAIT)
 
     def stop_reason(self, pending: list[int]) -> str:
         args, handled = self.args, self.history.steps() | self.skipped
@@ -172,9 +178,9 @@ class Watcher:
             self.skipped.add(step)
             self.say(f"step {step}: {self.paths[step]} was deleted before its turn (training's retention); skipped")
 
-    def record(self, action: Action, result) -> None:
+    def record(self, action: Action, result: Union[Evaluation, "Deleted"]) -> None:
         """Take one checkpoint's result: append it to the history, update best.json, curves.png, TensorBoard."""
-        if result == DELETED:
+        if isinstance(result, Deleted):
             self.report_deleted(action.step)
             return
         now = standing(self.history.records + [result], self.args.select)
@@ -256,32 +262,54 @@ class Finished:
     best: Optional[Evaluation]
 
 
-def load_everywhere(path: str, which: str, procs: Processes):
-    """Every process loads the checkpoint; all agree: (model, sha256 on the main process, None), or
-    (None, None, DELETED or the error) when it is gone or unusable on any process."""
-    model = sha = problem = None
+@dataclass(frozen=True)
+class Deleted:
+    """A checkpoint gone before its turn (training's retention)."""
+
+    step: int
+
+
+class Loaded(NamedTuple):
+    """A checkpoint as every process loaded it: the model and (main process) its sha256, or, when it is gone
+    or unusable on any process, the same answer everywhere: `deleted`, or the `problem`."""
+
+    model: Optional[FlowMo] = None
+    sha256: Optional[str] = None
+    deleted: bool = False
+    problem: Optional[str] = None
+
+
+def load_everywhere(path: str, which: str, procs: Processes) -> Loaded:
+    """Every process loads the checkpoint; all agree on whether it could."""
+    loaded = Loaded()
     try:
         sha = file_sha256(path) if procs.is_main else None
-        model = load_checkpoint(path, which=which, device=procs.device)
+        loaded = Loaded(load_checkpoint(path, which=which, device=procs.device), sha)
     except FileNotFoundError:
-        problem = DELETED
+        loaded = Loaded(deleted=True)
     except (CheckpointError, ValueError) as e:
-        problem = str(e)
-    problems = [p for p in gather_objects(problem, procs) if p is not None]
-    if problems:
-        return None, None, DELETED if DELETED in problems else problems[0]
-    return model, sha, None
+        loaded = Loaded(problem=str(e))
+    failures = [(deleted, problem) for deleted, problem in gather_objects((loaded.deleted, loaded.problem), procs)
+                if deleted or problem is not None]
+    if not failures:
+        return loaded
+    if any(deleted for deleted, _ in failures):
+        return Loaded(deleted=True)
+    return Loaded(problem=failures[0][1])
 
 
-def evaluate_checkpoint(action: Action, args, procs: Processes, measure, datasets, check_like):
-    """One checkpoint, on every process: the main process gets its Evaluation (or DELETED), the others None.
+def evaluate_checkpoint(
+    action: Action, args, procs: Processes, measure, datasets, check_like
+) -> Union[Evaluation, Deleted, None]:
+    """One checkpoint, on every process: the main process gets its Evaluation (or Deleted), the others None.
     `check_like(which, sampler, data)`, on every process, refuses settings unlike the history's."""
     start = time.perf_counter()
-    model, sha, problem = load_everywhere(action.path, args.which, procs)
-    if problem == DELETED:
-        return DELETED
-    if problem is not None:
-        return Evaluation(action.step, action.path, FAILED, which=args.which, error=problem)
+    loaded = load_everywhere(action.path, args.which, procs)
+    if loaded.deleted:
+        return Deleted(action.step)
+    if loaded.problem is not None:
+        return Evaluation(action.step, action.path, FAILED, which=args.which, error=loaded.problem)
+    model, sha = loaded.model, loaded.sha256
     sampling = flags.sampling_overrides(args).over(model.sampling())
     size = model.config.data.image_size
     sampler, data = rfid.sampler_record(sampling, args.seed), rfid.data_record(datasets(size), args, size)
@@ -307,9 +335,9 @@ def watch(args, procs: Processes) -> Optional[Finished]:
     try:
         while True:
             action = on_rank0(lambda: watcher.next_action(), procs)
-            if action.kind == STOP:
+            if action.kind == Next.STOP:
                 return on_main(lambda: watcher.finish(action.reason), procs)
-            if action.kind == WAIT:
+            if action.kind == Next.WAIT:
                 time.sleep(args.poll_seconds)
                 continue
             result = evaluate_checkpoint(action, args, procs, measure, datasets, check_like)
