@@ -22,7 +22,7 @@ from flowmo_fast.token_shards import TokenSpec
 from train import checkpointing, generator
 
 from generator_helpers import TOKENIZER_SHA, pattern_rows, write_token_folder
-from train_helpers import REPO, command_env
+from train_helpers import REPO, check, command_env, run_command
 
 TINY = ["--preset", "tiny", "data.batch_size=8", "trainer.log_every=5"]
 
@@ -160,3 +160,24 @@ def test_a_run_resumed_on_tokens_of_another_tokenizer_ends_in_one_line(tmp_path,
     errors = [line for line in stdout.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "sha256 5e5e5e5e5e5e), but --tokens" in errors[0], stdout[-2000:]
     assert checkpointing.list_checkpoints(str(tmp_path / "r"))[-1].endswith("00000001.pth")
+
+
+@pytest.mark.distributed
+def test_two_processes_under_fsdp_train_and_write_whole_tensors(straight, tokens, tmp_path):
+    """torchrun, 2 processes, FSDP2 over the generator's blocks: the checkpoint holds whole tensors (the one-process
+    run's names and shapes), both ranks' RNG states and each rank's data position; it loads with load_generator."""
+    reference_dir, _ = straight
+    stdout = check(run_command([
+        "train.generator", "--tokens", tokens, *TINY, "--results-dir", tmp_path, "--experiment-name", "fsdp",
+        "trainer.fsdp=true", "trainer.max_steps=10", "trainer.checkpoint_every=10",
+    ], nproc=2))
+    assert "TokenGenerator: 0.17M parameters; FSDP2" in stdout
+    logs = log_lines(stdout)
+    assert np.isfinite(logs[10]["total_loss"]) and logs[10]["total_loss"] < logs[5]["total_loss"]
+    ckpt = read_checkpoint(tmp_path / "fsdp" / "checkpoints" / "00000010.pth")
+    reference = read_checkpoint(reference_dir / "checkpoints" / "00000010.pth")
+    for key in ("model_state_dict", "model_ema_state_dict"):
+        assert {k: v.shape for k, v in ckpt[key].items()} == {k: v.shape for k, v in reference[key].items()}
+    assert ckpt["world_size"] == 2 and len(ckpt["rng_state_per_rank"]) == 2 and ckpt["data_position"] == 10 * 8
+    assert ckpt["optimizer_state_dict"]["state"].keys() == reference["optimizer_state_dict"]["state"].keys()
+    assert load_generator(tmp_path / "fsdp" / "checkpoints" / "00000010.pth").total_steps == 10
