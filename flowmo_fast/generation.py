@@ -118,8 +118,8 @@ def _mix32(x: Tensor) -> Tensor:
 
 def counter_uniform(keys: Tensor, step: int, stream: int, n: int) -> Tensor:
     """U(0, 1) float32 [B, n]: element j of sample b is a hash of (keys[b], step, stream, j) only."""
-    salt = _mix32(torch.tensor(step * 8 + stream + 1, dtype=torch.int64))
-    base = _mix32((keys ^ salt.to(keys.device)) & _MASK32)  # [B]
+    salt = _mix32(keys.new_full((), step * 8 + stream + 1))  # made on the device: no copy in a CUDA graph
+    base = _mix32((keys ^ salt) & _MASK32)  # [B]
     j = torch.arange(n, device=keys.device, dtype=torch.int64)
     x = _mix32((base[:, None] + j * 0x9E3779B9) & _MASK32)  # [B, n]
     return ((x >> 8).float() + 0.5) / 2**24

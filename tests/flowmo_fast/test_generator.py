@@ -227,3 +227,14 @@ def test_the_cuda_graph_replays_generate():
         keys = sample_keys(seed, labels.tolist(), [0, 1, 2, 3], "cuda")
         assert torch.equal(graphed(labels, keys, options), generate(model, labels, keys, options))
     assert len(graphed.captured) == 1
+
+
+def test_the_sampling_loop_never_reads_a_tensor_on_the_host():
+    """On the meta device every read of a value (.item(), .tolist(), bool(), a data-dependent shape) raises: the
+    loop runs there only if it has no host synchronisation, as a CUDA graph capture needs."""
+    from flowmo_fast.generation import GenerationOptions, generate
+
+    with torch.device("meta"):
+        model = TokenGenerator(preset_config("tiny", 8, 18, 9, num_classes=2)).eval()
+        keys, labels = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    assert generate(model, labels, keys, GenerationOptions(steps=4, cfg=2.0)).shape == (3, 16)
