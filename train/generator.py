@@ -32,7 +32,7 @@ from train.ema import EMA
 from train.generator_config import PRESETS, GeneratorTrainingConfig, make_config
 from train.generator_data import TokenBatch, TokenData, open_tokens, token_batches
 from train.loop import NonFiniteWatch, StartPoint, find_start, in_processes, prepare, say, seed_rngs
-from train.metrics import MetricLogger
+from train.metrics import MetricLogger, peak_flops
 from train.step import build_optimizer, compiles, set_learning_rate, train_step
 
 DEFAULT_PRESET = "B"
@@ -96,8 +96,7 @@ def build_trainee(config: GeneratorTrainingConfig, procs: Processes, start: Star
     if start.ckpt is not None:
         checkpointing.load_model(model, start.ckpt, start.path)
     if compiles(config, procs.device):
-        for block in model.blocks:
-            block.compile()
+        model.compile_blocks()
     objective = GeneratorObjective(model)
     wrapped = parallel.wrap(objective, model, config, procs, units=list(model.blocks))
     optimizer = build_optimizer(model, config, weight_decay_groups(model, config.opt.weight_decay))
@@ -108,6 +107,18 @@ def build_trainee(config: GeneratorTrainingConfig, procs: Processes, start: Star
     layout = "FSDP2" if config.trainer.fsdp else "DDP" if procs.world_size > 1 else "one process"
     say(procs, f"TokenGenerator: {n_params / 1e6:.2f}M parameters; {layout}")
     return trainee
+
+
+def build_metrics(config: GeneratorTrainingConfig, procs: Processes, log_dir: str, progress: Progress,
+                  model: TokenGenerator) -> MetricLogger:
+    """Logs to stdout and TensorBoard (rows per second: images); MFU where the device's peak is known, from the
+    generator's matmul FLOPs (a training step: forward + backward, 3x the forward)."""
+    flops = None
+    if peak_flops(procs.device):
+        flops = 3 * model.matmul_flops(config.data.batch_size)
+        say(procs, f"TokenGenerator forward + backward: {flops / 1e12:.3g} TFLOP per step per rank")
+    rows_per_step = config.data.batch_size * procs.world_size
+    return MetricLogger(procs, log_dir, config.trainer.max_steps, progress.total_steps, rows_per_step, flops)
 
 
 def check_tokens(start: StartPoint, tokens: TokenData) -> None:
@@ -148,8 +159,7 @@ def train(args: argparse.Namespace, tokens: TokenData, config: GeneratorTraining
     batches = token_batches(tokens, config.data.batch_size, procs.rank, procs.world_size, config.global_seed,
                             progress.data_position)
     trainee = build_trainee(config, procs, start)
-    rows_per_step = config.data.batch_size * procs.world_size
-    metrics = MetricLogger(procs, log_dir, trainer.max_steps, progress.total_steps, rows_per_step, None)
+    metrics = build_metrics(config, procs, log_dir, progress, trainee.model)
     seed_rngs(config, procs, start)
     watch, last_good = NonFiniteWatch(procs.device), start.path if start.resuming else ""
     say(procs, f"training from step {progress.total_steps} to {trainer.max_steps}")
