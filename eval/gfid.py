@@ -192,7 +192,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> GfidSettings:
     p = argparse.ArgumentParser(prog="python -m eval.gfid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, metavar="DIR_OR_NPZ",
-                   help="folder of generated images, or an npz with arr_0 uint8 [N, H, W, 3] (eval.generate's samples.npz)")
+                   help="folder of generated images, or an npz with arr_0 uint8 [N, H, W, 3] "
+                   "(eval.generate's samples.npz)")
     p.add_argument("--reference", required=True, metavar="REF",
                    help="ADM reference batch (.npz), a folder of images, or the ImageNet tar (with --reference-index)")
     p.add_argument("--reference-index", metavar="J", help="upstream's JSON index of the ImageNet tar")
@@ -201,7 +202,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> GfidSettings:
     p.add_argument("--batch-size", type=flags.positive_int, default=50, help="images per Inception call (default 50)")
     p.add_argument("--num-workers", type=flags.non_negative_int, default=flags.default_workers(),
                    help="image decoding processes (default: the CPUs beside this one, at most 8)")
-    p.add_argument("--neighbours", type=flags.positive_int, default=NEIGHBOURS, help="k of precision / recall (default 3)")
+    p.add_argument("--neighbours", type=flags.positive_int, default=NEIGHBOURS,
+                   help="k of precision / recall (default 3)")
     p.add_argument(weights.INCEPTION.flag, metavar="PATH",
                    help=f"pt_inception-2015-12-05-6726825d.pth (or ${weights.INCEPTION.env}; default: torch hub cache)")
     flags.add_device_flag(p)

@@ -118,9 +118,8 @@ class DatasetImages:
                             collate_fn=collate_images)
         for batch in loader:
             self.skipped += batch.skipped_names
-            if len(batch.images):
-                yield ((batch.images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # exact: the data sets
-                # make x / 127.5 - 1 of the 8-bit pixels
+            if len(batch.images):  # back to the 8-bit pixels exactly: the data sets give x / 127.5 - 1
+                yield ((batch.images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
     def describe(self) -> str:
         return self.dataset.describe()
@@ -159,7 +158,9 @@ class Reference:
             return cls("folder", path)
         if path.endswith(".tar") and os.path.isfile(path):
             if not index:
-                raise ValueError(f"--reference {path} is a tar: give upstream's JSON index of it with --reference-index")
+                raise ValueError(
+                    f"--reference {path} is a tar: give upstream's JSON index of it with --reference-index"
+                )
             if not os.path.isfile(index):
                 raise FileNotFoundError(f"--reference-index {index} not found")
             return cls("imagenet-tar", path, index)
@@ -173,7 +174,10 @@ class Reference:
         """Its images: the npz's as stored; a folder's or the tar's centre-cropped to `side`."""
         if self.kind == "adm-npz":
             return NpzImages(self.path)
-        source = ImageSource(folder=self.path) if self.kind == "folder" else ImageSource(tar=self.path, index=self.index)
+        if self.kind == "folder":
+            source = ImageSource(folder=self.path)
+        else:
+            source = ImageSource(tar=self.path, index=self.index)
         return DatasetImages(source.open(side), num_workers)
 
     def content_sha256(self) -> str:

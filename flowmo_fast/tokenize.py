@@ -98,7 +98,8 @@ def make_encoder(model: FlowMo, spec: TokenSpec, compile: bool, batch_size: int)
 
 
 def encode_rows(encode: Callable[[Tensor], np.ndarray], images: Tensor, flip: bool) -> np.ndarray:
-    """images [B, 3, H, W] -> rows [B, ...]; with `flip` [2B, ...]: image b's row at 2b, its mirror image's at 2b + 1."""
+    """images [B, 3, H, W] -> rows [B, ...]; with `flip` [2B, ...]: image b's row at 2b, its mirror image's at
+    2b + 1."""
     rows = encode(images)
     if not flip:
         return rows
@@ -221,8 +222,9 @@ def run(settings: TokenizeSettings) -> None:
         done = len(ranges) - len(pending)
         if rank == 0:
             classes = dataset.class_names
-            log(f"{dataset.describe()}, {f'{len(classes)} classes' if classes else 'no classes'}"
-                f"{', and mirrored' if s.flip else ''} -> {len(ranges)} shards of {s.shard_size} in {s.out}; "
+            mirrored = ", each image also mirrored" if s.flip else ""
+            log(f"{dataset.describe()}, {f'{len(classes)} classes' if classes else 'no classes'}{mirrored} -> "
+                f"{len(ranges)} shards of {s.shard_size} in {s.out}; "
                 f"{done} already done, {len(pending)} to encode on {world} process(es), {device}")
         mine = [(k, ranges[k]) for k in pending[rank::world]]
         if mine:
