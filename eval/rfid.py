@@ -33,11 +33,11 @@ from eval import metrics, weights
 from flowmo_fast import load_checkpoint
 from flowmo_fast.checkpoint import atomic_write, file_sha256, read_checkpoint
 from flowmo_fast.cli import flags
-from flowmo_fast.data import ImageDataset, collate_images, nothing_decodes
+from flowmo_fast.data import ImageDataset, ImageSource, collate_images, nothing_decodes
 from flowmo_fast.distributed import Processes, gather_objects, gather_rows, processes
 from flowmo_fast.images import GRID_IMAGES, image_grid, to_uint8
 from flowmo_fast.pretrained import resolve_checkpoint
-from flowmo_fast.sampling import SamplingOptions
+from flowmo_fast.sampling import SamplingOptions, SamplingOverrides
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,43 @@ METRICS = {
     ),
 }
 METRIC_DEFINITIONS = {name: info.definition for name, info in METRICS.items()}
+
+
+@dataclass(frozen=True)
+class MetricWeights:
+    """Where the metric networks' weights are: files given (None: the environment variable, else the torch hub
+    cache, downloading if missing); `lpips`: measure LPIPS (AlexNet and VGG weights needed)."""
+
+    inception: Optional[str] = None
+    lpips_alex: Optional[str] = None
+    lpips_vgg: Optional[str] = None
+    lpips: bool = True
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How one model is evaluated (eval.rfid and eval.watch): weights, images, sampler, metric networks."""
+
+    which: str = "ema"  # the checkpoint's "ema" or "model" weights
+    source: ImageSource = ImageSource()  # the data set (default: the bundled sample photos)
+    subsample: int = 1  # every N-th image
+    max_images: Optional[int] = None  # at most the first K kept images
+    batch_size: int = 16  # images per batch and process
+    workers: int = 0  # data loader processes per process
+    sampling: SamplingOverrides = SamplingOverrides()  # over the checkpoint's eval.sampling
+    seed: int = 0  # image row r's noise: its own (seed, r) generator
+    weights: MetricWeights = MetricWeights()
+
+
+@dataclass(frozen=True)
+class RfidSettings:
+    """One eval.rfid run."""
+
+    ckpt: str  # a checkpoint file (a published name resolved already)
+    out: str  # folder for metrics.json, grid.png and the reconstructions
+    evaluation: EvaluationSettings = EvaluationSettings()
+    save_reconstructions: bool = False
+    device: str = "auto"
 
 
 def add_image_flags(parser: argparse.ArgumentParser) -> None:
@@ -112,12 +149,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def locate_weights(args) -> dict[str, str]:
+def evaluation_settings(args: argparse.Namespace) -> EvaluationSettings:
+    """The settings `add_evaluation_flags` read."""
+    return EvaluationSettings(
+        which=args.which, source=flags.image_source(args), subsample=args.subsample, max_images=args.max_images,
+        batch_size=args.batch_size, workers=args.workers, sampling=flags.sampling_overrides(args), seed=args.seed,
+        weights=MetricWeights(args.inception_weights, args.lpips_alex_weights, args.lpips_vgg_weights,
+                              lpips=not args.no_lpips),
+    )
+
+
+def locate_weights(given: MetricWeights) -> dict[str, str]:
     """Paths of the metric networks' weight files; raises WeightsUnavailable before any real work."""
-    paths = {"inception": weights.locate(weights.INCEPTION, args.inception_weights)}
-    if not args.no_lpips:
-        paths["alex"] = weights.locate(weights.LPIPS_ALEX, args.lpips_alex_weights)
-        paths["vgg"] = weights.locate(weights.LPIPS_VGG, args.lpips_vgg_weights)
+    paths = {"inception": weights.locate(weights.INCEPTION, given.inception)}
+    if given.lpips:
+        paths["alex"] = weights.locate(weights.LPIPS_ALEX, given.lpips_alex)
+        paths["vgg"] = weights.locate(weights.LPIPS_VGG, given.lpips_vgg)
     return paths
 
 
@@ -127,15 +174,15 @@ def build_metrics(paths: dict[str, str], device: torch.device) -> metrics.Recons
     return metrics.ReconstructionMetrics(inception, lpips_nets).to(device).eval()
 
 
-def kept_rows(num_rows: int, args) -> list[int]:
+def kept_rows(num_rows: int, s: EvaluationSettings) -> list[int]:
     """The data-set rows evaluated: every `subsample`-th, at most `max_images`."""
-    return list(range(0, num_rows, args.subsample))[: args.max_images]
+    return list(range(0, num_rows, s.subsample))[: s.max_images]
 
 
-def batches_of_rank(num_rows: int, args, procs: Processes) -> list[list[int]]:
+def batches_of_rank(num_rows: int, s: EvaluationSettings, procs: Processes) -> list[list[int]]:
     """The kept rows cut into batches; process r takes batches r, r + W, ..."""
-    rows = kept_rows(num_rows, args)
-    batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+    rows = kept_rows(num_rows, s)
+    batches = [rows[i : i + s.batch_size] for i in range(0, len(rows), s.batch_size)]
     return batches[procs.rank :: procs.world_size]
 
 
@@ -180,8 +227,8 @@ def sampler_record(sampling: SamplingOptions, seed: int) -> dict:
     return {**sampling.to_dict(), "seed": seed}
 
 
-def data_record(dataset: ImageDataset, args, image_size: int) -> dict:
-    return {"dataset": dataset.describe(), "subsample": args.subsample, "max_images": args.max_images, "image_size": image_size}
+def data_record(dataset: ImageDataset, s: EvaluationSettings, image_size: int) -> dict:
+    return {"dataset": dataset.describe(), "subsample": s.subsample, "max_images": s.max_images, "image_size": image_size}
 
 
 @dataclass
@@ -270,20 +317,20 @@ def gather_in_row_order(got: Collected, procs: Processes) -> Gathered:
 
 
 def measure_model(
-    model, sampling: SamplingOptions, dataset: ImageDataset, measure: metrics.ReconstructionMetrics, args,
-    procs: Processes, recon_dir: Optional[str] = None, desc: str = "reconstructing",
+    model, sampling: SamplingOptions, dataset: ImageDataset, measure: metrics.ReconstructionMetrics,
+    s: EvaluationSettings, procs: Processes, recon_dir: Optional[str] = None, desc: str = "reconstructing",
 ) -> Optional[Measured]:
-    """Reconstruct the rows of `dataset` that `args` keep (--subsample, --max-images) with `model` and
-    `sampling`, each image's noise from (--seed, its row), and measure them with `measure`. Every process takes
-    its batches; the main process gets the result (None elsewhere). `recon_dir`: also save every reconstruction."""
-    batches = batches_of_rank(len(dataset), args, procs)
+    """Reconstruct the rows of `dataset` that `s` keeps (subsample, max_images) with `model` and `sampling`,
+    each image's noise from (seed, its row), and measure them with `measure`. Every process takes its batches;
+    the main process gets the result (None elsewhere). `recon_dir`: also save every reconstruction."""
+    batches = batches_of_rank(len(dataset), s, procs)
     loader = DataLoader(
-        dataset, batch_sampler=batches, num_workers=args.workers, collate_fn=collate_images,
+        dataset, batch_sampler=batches, num_workers=s.workers, collate_fn=collate_images,
         pin_memory=procs.device.type == "cuda",
     )
     loop_start = time.perf_counter()
     total = sum(map(len, batches))
-    got = reconstruct_and_measure(model, measure, loader, sampling, args.seed, procs, total, recon_dir, desc)
+    got = reconstruct_and_measure(model, measure, loader, sampling, s.seed, procs, total, recon_dir, desc)
     gathered = gather_in_row_order(got, procs)
     loop_seconds = time.perf_counter() - loop_start
     if not procs.is_main:
@@ -294,66 +341,77 @@ def measure_model(
     return Measured(summarize(gathered), count, gathered.skipped, got.grid, loop_seconds)
 
 
-def evaluate(args, procs: Processes) -> Optional[dict]:
+def evaluate(settings: RfidSettings, procs: Processes) -> Optional[dict]:
     """The whole evaluation; returns the result record on the main process (None elsewhere)."""
     start = time.perf_counter()
-    paths = locate_weights(args)  # fail here, before any sampling, when a weight file is unavailable
+    run, s = settings, settings.evaluation
+    paths = locate_weights(s.weights)  # fail here, before any sampling, when a weight file is unavailable
     measure = build_metrics(paths, procs.device)  # ... or unusable
-    model = load_checkpoint(args.ckpt, which=args.which, device=procs.device)
-    config = model.config
-    sampling = flags.sampling_overrides(args).over(model.sampling())
-    dataset = flags.image_source(args).open(config.data.image_size)
-    recon_dir = os.path.join(args.out, "reconstructions") if args.save_reconstructions else None
-    os.makedirs(recon_dir or args.out, exist_ok=True)
+    model = load_checkpoint(run.ckpt, which=s.which, device=procs.device)
+    size = model.config.data.image_size
+    sampling = s.sampling.over(model.sampling())
+    dataset = s.source.open(size)
+    recon_dir = os.path.join(run.out, "reconstructions") if run.save_reconstructions else None
+    os.makedirs(recon_dir or run.out, exist_ok=True)
     if procs.is_main:
         print(
-            f"eval.rfid: {args.ckpt} ({args.which}), {dataset.describe()}, evaluating "
-            f"{len(kept_rows(len(dataset), args))} at {config.data.image_size}px "
-            f"on {procs.world_size} x {procs.device}; sampler {sampling.to_dict()}, seed {args.seed}",
+            f"eval.rfid: {run.ckpt} ({s.which}), {dataset.describe()}, evaluating {len(kept_rows(len(dataset), s))} "
+            f"at {size}px on {procs.world_size} x {procs.device}; sampler {sampling.to_dict()}, seed {s.seed}",
             flush=True,
         )
-    measured = measure_model(model, sampling, dataset, measure, args, procs, recon_dir)
+    measured = measure_model(model, sampling, dataset, measure, s, procs, recon_dir)
     if measured is None:
         return None
     if measured.grid:
         rows = [torch.cat(part)[:GRID_IMAGES] for part in zip(*measured.grid)]  # originals, reconstructions
-        image_grid(rows).save(os.path.join(args.out, "grid.png"))
-    ckpt = read_checkpoint(args.ckpt)
+        image_grid(rows).save(os.path.join(run.out, "grid.png"))
     result = {
+        **result_record(run, measured, paths, model.config),
+        "sampler": sampler_record(sampling, s.seed),
+        "data": data_record(dataset, s, size),
+        "processes": procs.world_size,
+        "device": str(procs.device),
+        "wall_time_s": time.perf_counter() - start,
+    }
+    write_json(result, os.path.join(run.out, "metrics.json"))
+    return result
+
+
+def result_record(run: RfidSettings, measured: Measured, paths: dict[str, str], config) -> dict:
+    """What metrics.json says of the measurement, the checkpoint, the metric networks and the settings."""
+    ckpt = read_checkpoint(run.ckpt)
+    return {
         "metrics": measured.metrics,
         "num_images": measured.num_images,
         "skipped_images": {"count": len(measured.skipped), "names": measured.skipped[:20]},
         "checkpoint": {
-            "path": os.path.abspath(args.ckpt),
-            "sha256": file_sha256(args.ckpt),
-            "which": args.which,
+            "path": os.path.abspath(run.ckpt),
+            "sha256": file_sha256(run.ckpt),
+            "which": run.evaluation.which,
             "total_steps": int(ckpt["total_steps"]) if "total_steps" in ckpt else None,
         },
         "metric_weights": {name: os.path.abspath(path) for name, path in paths.items()},
         "inception_weights_sha256": file_sha256(paths["inception"]),
         "config": config.to_dict(),
-        "sampler": sampler_record(sampling, args.seed),
-        "data": data_record(dataset, args, config.data.image_size),
         "metric_definitions": METRIC_DEFINITIONS,
-        "processes": procs.world_size,
-        "device": str(procs.device),
-        "batch_size": args.batch_size,
+        "batch_size": run.evaluation.batch_size,
         "images_per_second": measured.images_per_second,
         "loop_time_s": measured.loop_seconds,
-        "wall_time_s": time.perf_counter() - start,
     }
-    write_json(result, os.path.join(args.out, "metrics.json"))
-    return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     args = parse_args(argv)
     with flags.one_line_errors("eval.rfid", also=(weights.WeightsUnavailable,)):
-        args.ckpt = resolve_checkpoint(args.ckpt)  # a published name -> its file in the Hugging Face cache
-        with processes(args.device) as procs:
-            result = evaluate(args, procs)
+        settings = RfidSettings(
+            ckpt=resolve_checkpoint(args.ckpt),  # a published name -> its file in the Hugging Face cache
+            out=args.out, evaluation=evaluation_settings(args), save_reconstructions=args.save_reconstructions,
+            device=args.device,
+        )
+        with processes(settings.device) as procs:
+            result = evaluate(settings, procs)
     if result is not None:
-        print(f"{summary_line(result)} -> {os.path.join(args.out, 'metrics.json')}", flush=True)
+        print(f"{summary_line(result)} -> {os.path.join(settings.out, 'metrics.json')}", flush=True)
     return result
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Union
 
 from eval import rfid, weights
+from eval.rfid import EvaluationSettings
 from eval.history import (
     FAILED, OK, Evaluation, History, Standing, keep_checkpoint, kept_before, plot_curves, standing, write_best,
 )
@@ -80,6 +81,30 @@ class Next(enum.Enum):
 
 
 @dataclass(frozen=True)
+class WatchSettings:
+    """One eval.watch run: what to evaluate (`evaluation`, as eval.rfid), when to stop, what is best."""
+
+    run_dir: str  # the run's folder: checkpoints/ read, eval/ written
+    evaluation: EvaluationSettings = EvaluationSettings()
+    once: bool = False  # evaluate the checkpoints there now, then stop
+    until_step: Optional[int] = None  # stop once a checkpoint of this step or later is evaluated
+    idle_minutes: Optional[float] = None  # stop after this long without a new checkpoint
+    poll_seconds: float = 30.0
+    select: str = "rfid"  # the metric that picks the best checkpoint
+    patience: Optional[int] = None  # stop after this many evaluations without a better `select`
+    keep_best: bool = False  # the best checkpoint hard-linked (or copied) to eval/best.pth
+    device: str = "auto"
+
+
+def settings_from(args: argparse.Namespace) -> WatchSettings:
+    return WatchSettings(
+        run_dir=args.run_dir, evaluation=rfid.evaluation_settings(args), once=args.once, until_step=args.until_step,
+        idle_minutes=args.idle_minutes, poll_seconds=args.poll_seconds, select=args.select, patience=args.patience,
+        keep_best=args.keep_best, device=args.device,
+    )
+
+
+@dataclass(frozen=True)
 class Action:
     """What all processes do next, as the main process decided."""
 
@@ -99,9 +124,9 @@ def on_main(fn, procs: Processes):
 class Watcher:
     """The main process's side of a watch: the history, what to evaluate next, when to stop, the outputs."""
 
-    def __init__(self, args):
-        self.args = args
-        self.folder = os.path.join(args.run_dir, EVAL_DIR)
+    def __init__(self, settings: WatchSettings):
+        self.settings = settings
+        self.folder = os.path.join(settings.run_dir, EVAL_DIR)
         os.makedirs(self.folder, exist_ok=True)
         self.history = History(os.path.join(self.folder, "history.jsonl"), self.say)
         self.evaluated: list[int] = []  # steps this watch evaluated, in order
@@ -114,21 +139,20 @@ class Watcher:
         self.waiting = False
         self.board = None  # TensorBoard writer, opened with the first result
         self.kept = kept_before(os.path.join(self.folder, "best.json"))  # what best.pth holds: {path, step}
-        self.say(f"{args.run_dir}: {len(self.history.records)} evaluation(s) in {self.history.path}; selecting by "
-                 f"{args.select}; sampler flags {self.sampler_flags()}, seed {args.seed}")
-        best = standing(self.history.records, args.select).best
-        if args.keep_best and best is not None and (self.kept or {}).get("step") != best.step:
+        self.say(f"{settings.run_dir}: {len(self.history.records)} evaluation(s) in {self.history.path}; selecting "
+                 f"by {settings.select}; sampler flags {self.sampler_flags()}, seed {settings.evaluation.seed}")
+        best = standing(self.history.records, settings.select).best
+        if settings.keep_best and best is not None and (self.kept or {}).get("step") != best.step:
             self.keep(best)  # a restarted watch keeps the best so far if no earlier watch did
 
     def say(self, line: str) -> None:
         print(f"eval.watch: {line}", flush=True)
 
     def sampler_flags(self) -> str:
-        given = {k: getattr(self.args, k) for k in ("steps", "cfg", "schedule", "cfg_interval")}
-        return str({k: v for k, v in given.items() if v is not None} or "the checkpoint's eval.sampling")
+        return str(self.settings.evaluation.sampling.given() or "the checkpoint's eval.sampling")
 
     def next_action(self) -> Action:
-        listed = {step_of(p): p for p in list_checkpoints(self.args.run_dir)}
+        listed = {step_of(p): p for p in list_checkpoints(self.settings.run_dir)}
         self.paths.update(listed)
         if set(listed) - self.seen:
             self.seen |= set(listed)
@@ -147,23 +171,23 @@ class Watcher:
             return Action(Next.EVALUATE, pending[0], os.path.abspath(listed[pending[0]]))
         if not self.waiting:
             self.waiting = True
-            self.say(f"waiting for new checkpoints in {os.path.join(self.args.run_dir, 'checkpoints')}")
+            self.say(f"waiting for new checkpoints in {os.path.join(self.settings.run_dir, 'checkpoints')}")
         return Action(Next.WAIT)
 
     def stop_reason(self, pending: list[int]) -> str:
-        args, handled = self.args, self.history.steps() | self.skipped
-        if args.until_step is not None and any(s >= args.until_step for s in handled):
-            return f"step {max(handled)} >= --until-step {args.until_step} evaluated"
-        now = standing(self.history.records, args.select)
-        if args.patience is not None and now.best is not None and now.since_best >= args.patience:
-            return f"--patience {args.patience}: {now.since_best} evaluations without a better {args.select}"
+        w, handled = self.settings, self.history.steps() | self.skipped
+        if w.until_step is not None and any(s >= w.until_step for s in handled):
+            return f"step {max(handled)} >= --until-step {w.until_step} evaluated"
+        now = standing(self.history.records, w.select)
+        if w.patience is not None and now.best is not None and now.since_best >= w.patience:
+            return f"--patience {w.patience}: {now.since_best} evaluations without a better {w.select}"
         if pending:
             return ""
-        if args.once:
+        if w.once:
             return "--once: every checkpoint there is evaluated"
         idle = time.monotonic() - self.last_new
-        if args.idle_minutes is not None and idle >= args.idle_minutes * 60:
-            return f"no new checkpoint for {idle / 60:.1f} minutes (--idle-minutes {args.idle_minutes:g})"
+        if w.idle_minutes is not None and idle >= w.idle_minutes * 60:
+            return f"no new checkpoint for {idle / 60:.1f} minutes (--idle-minutes {w.idle_minutes:g})"
         return ""
 
     def announce(self, pending: list[int]) -> None:
@@ -183,8 +207,8 @@ class Watcher:
         if isinstance(result, Deleted):
             self.report_deleted(action.step)
             return
-        now = standing(self.history.records + [result], self.args.select)
-        if self.args.keep_best and now.best is result:
+        now = standing(self.history.records + [result], self.settings.select)
+        if self.settings.keep_best and now.best is result:
             self.keep(result)  # before the history says so: a crash in between re-evaluates and keeps again
         self.history.append(result)
         self.awaiting.discard(result.step)
@@ -215,12 +239,12 @@ class Watcher:
     def describe(self, now: Standing) -> str:
         if now.best is None:
             return "none yet"
-        return f"step {now.best.step} ({self.args.select} {now.best.score(self.args.select):.4g})"
+        return f"step {now.best.step} ({self.settings.select} {now.best.score(self.settings.select):.4g})"
 
     def write_outputs(self, now: Standing) -> None:
         if now.best is not None:
-            write_best(os.path.join(self.folder, "best.json"), now.best, self.args.select, self.kept)
-        plot_curves(os.path.join(self.folder, "curves.png"), self.history.records, self.args.select, now.best)
+            write_best(os.path.join(self.folder, "best.json"), now.best, self.settings.select, self.kept)
+        plot_curves(os.path.join(self.folder, "curves.png"), self.history.records, self.settings.select, now.best)
 
     def keep(self, best: Evaluation) -> None:
         """--keep-best: the best checkpoint at RUN_DIR/eval/best.pth."""
@@ -236,14 +260,14 @@ class Watcher:
         if self.board is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.board = SummaryWriter(self.args.run_dir, filename_suffix=".eval")
+            self.board = SummaryWriter(self.settings.run_dir, filename_suffix=".eval")
         for name, value in result.metrics.items():
             if value is not None:
                 self.board.add_scalar(f"eval/{name}", value, global_step=result.step)
         self.board.flush()
 
     def finish(self, reason: str) -> "Finished":
-        now = standing(self.history.records, self.args.select)
+        now = standing(self.history.records, self.settings.select)
         where = f" -> {os.path.join(self.folder, 'best.json')}" if now.best is not None else ""
         self.say(f"stopped: {reason}. Best: {self.describe(now)}{where}")
         return Finished(reason, list(self.evaluated), now.best)
@@ -299,36 +323,37 @@ def load_everywhere(path: str, which: str, procs: Processes) -> Loaded:
 
 
 def evaluate_checkpoint(
-    action: Action, args, procs: Processes, measure, datasets, check_like
+    action: Action, s: EvaluationSettings, procs: Processes, measure, datasets, check_like
 ) -> Union[Evaluation, Deleted, None]:
     """One checkpoint, on every process: the main process gets its Evaluation (or Deleted), the others None.
     `check_like(which, sampler, data)`, on every process, refuses settings unlike the history's."""
     start = time.perf_counter()
-    loaded = load_everywhere(action.path, args.which, procs)
+    loaded = load_everywhere(action.path, s.which, procs)
     if loaded.deleted:
         return Deleted(action.step)
     if loaded.problem is not None:
-        return Evaluation(action.step, action.path, FAILED, which=args.which, error=loaded.problem)
+        return Evaluation(action.step, action.path, FAILED, which=s.which, error=loaded.problem)
     model, sha = loaded.model, loaded.sha256
-    sampling = flags.sampling_overrides(args).over(model.sampling())
+    sampling = s.sampling.over(model.sampling())
     size = model.config.data.image_size
-    sampler, data = rfid.sampler_record(sampling, args.seed), rfid.data_record(datasets(size), args, size)
-    check_like(args.which, sampler, data)
-    measured = rfid.measure_model(model, sampling, datasets(size), measure, args, procs, desc=f"step {action.step}")
+    sampler, data = rfid.sampler_record(sampling, s.seed), rfid.data_record(datasets(size), s, size)
+    check_like(s.which, sampler, data)
+    measured = rfid.measure_model(model, sampling, datasets(size), measure, s, procs, desc=f"step {action.step}")
     if measured is None:
         return None
     return Evaluation(
         action.step, action.path, OK, sha, measured.metrics, num_images=measured.num_images,
         seconds=time.perf_counter() - start, images_per_second=measured.images_per_second,
-        sampler=sampler, data=data, which=args.which,
+        sampler=sampler, data=data, which=s.which,
     )
 
 
-def watch(args, procs: Processes) -> Optional[Finished]:
+def watch(settings: WatchSettings, procs: Processes) -> Optional[Finished]:
     """The whole watch; returns how it ended on the main process (None elsewhere)."""
-    measure = rfid.build_metrics(rfid.locate_weights(args), procs.device)  # once, and before any waiting
-    datasets = functools.lru_cache(maxsize=None)(lambda size: flags.image_source(args).open(size))
-    watcher: Optional[Watcher] = on_main(lambda: Watcher(args), procs)
+    s = settings.evaluation
+    measure = rfid.build_metrics(rfid.locate_weights(s.weights), procs.device)  # once, and before any waiting
+    datasets = functools.lru_cache(maxsize=None)(s.source.open)
+    watcher: Optional[Watcher] = on_main(lambda: Watcher(settings), procs)
 
     def check_like(which: str, sampler: dict, data: dict) -> None:
         on_main(lambda: watcher.check_like(which, sampler, data), procs)
@@ -338,9 +363,9 @@ def watch(args, procs: Processes) -> Optional[Finished]:
             if action.kind == Next.STOP:
                 return on_main(lambda: watcher.finish(action.reason), procs)
             if action.kind == Next.WAIT:
-                time.sleep(args.poll_seconds)
+                time.sleep(settings.poll_seconds)
                 continue
-            result = evaluate_checkpoint(action, args, procs, measure, datasets, check_like)
+            result = evaluate_checkpoint(action, s, procs, measure, datasets, check_like)
             on_main(lambda: watcher.record(action, result), procs)
     finally:
         if watcher is not None:
@@ -348,14 +373,14 @@ def watch(args, procs: Processes) -> Optional[Finished]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[Finished]:
-    args = parse_args(argv)
+    settings = settings_from(parse_args(argv))
     with flags.one_line_errors("eval.watch", also=(weights.WeightsUnavailable,)):
-        with processes(args.device) as procs:
+        with processes(settings.device) as procs:
             try:
-                return watch(args, procs)
+                return watch(settings, procs)
             except KeyboardInterrupt:
                 if procs.is_main:
-                    print(f"\neval.watch: interrupted; {os.path.join(args.run_dir, EVAL_DIR, 'history.jsonl')} holds "
+                    print(f"\neval.watch: interrupted; {os.path.join(settings.run_dir, EVAL_DIR, 'history.jsonl')} holds "
                           "every evaluation finished so far: run the same command again to go on", file=sys.stderr)
                 raise SystemExit(INTERRUPTED) from None
 

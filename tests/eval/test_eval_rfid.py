@@ -117,7 +117,7 @@ def test_no_lpips_needs_only_the_inception_file(inception_weights, tmp_path, mon
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     args = rfid.parse_args(["--ckpt", "c", "--no-lpips", "--inception-weights", str(inception_weights)])
-    assert rfid.locate_weights(args) == {"inception": str(inception_weights)}
+    assert rfid.locate_weights(rfid.evaluation_settings(args).weights) == {"inception": str(inception_weights)}
 
 
 def test_bad_arguments_are_refused(tiny_checkpoint, capsys):
