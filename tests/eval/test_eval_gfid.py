@@ -3,9 +3,6 @@ no download): a set against itself, a shifted set, an ADM reference batch, the s
 known answers, and one-line errors."""
 
 import json
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +16,7 @@ from eval.fidelity import FidelityInception, inception_score, precision_recall
 from eval.image_sets import NpzImages
 from eval.metrics import feature_statistics
 
-REPO = Path(__file__).resolve().parents[2]
-N = 6  # images per set: enough for k = 3 neighbours, few Inception passes on a CPU
+N = 5  # images per set: enough for k = 3 neighbours, few Inception passes on a CPU
 
 
 @pytest.fixture(scope="module")
@@ -169,19 +165,9 @@ def test_gfid_mistakes_end_in_one_line(pictures, reference_folder, inception_wei
         (reference_folder, tmp_path / "fake.tar"): "is a tar: give upstream's JSON index of it with --reference-index",
         (reference_folder, tmp_path / "nowhere"): "--reference .*nowhere: not found; give an ADM reference batch",
     }
-    for (samples, reference), message in cases.items():
+    for (samples, reference), message in cases.items():  # SystemExit(text): Python prints text, exits with 1
         with pytest.raises(SystemExit) as e:
             run(samples, reference, tmp_path, inception_weights, cache)
         text = str(e.value.code)
         assert text.startswith("eval.gfid: error: ") and "\n" not in text, text
         assert __import__("re").search(message, text), text
-
-
-def test_the_command_line_reports_a_mistake_in_one_line(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "eval.gfid", "--samples", str(tmp_path / "none.npz"), "--reference", str(tmp_path),
-         "--inception-weights", str(tmp_path / "absent.pth")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("eval.gfid: error: --samples")
