@@ -20,6 +20,8 @@ from flowmo_fast.checkpoint import read_checkpoint
 from flowmo_fast.generator import load_generator
 from flowmo_fast.token_shards import TokenSpec
 from train import checkpointing, generator
+from train.generator_config import make_config
+from train.generator_data import TokenLayout
 
 from generator_helpers import TOKENIZER_SHA, pattern_rows, write_token_folder
 from train_helpers import REPO, check, command_env, run_command
@@ -181,3 +183,18 @@ def test_two_processes_under_fsdp_train_and_write_whole_tensors(straight, tokens
     assert ckpt["world_size"] == 2 and len(ckpt["rng_state_per_rank"]) == 2 and ckpt["data_position"] == 10 * 8
     assert ckpt["optimizer_state_dict"]["state"].keys() == reference["optimizer_state_dict"]["state"].keys()
     assert load_generator(tmp_path / "fsdp" / "checkpoints" / "00000010.pth").total_steps == 10
+
+
+def test_presets_and_overrides_build_the_generator_for_the_shards():
+    lo_imagenet = TokenLayout(code_length=256, context_dim=18, bits=9, num_classes=1000)  # FlowMo-Lo ImageNet tokens
+    config = make_config("L", lo_imagenet, ["opt.lr=2e-4", "model.depth=12", "trainer.max_steps=1000"])
+    model = config.model
+    assert (model.code_length, model.groups, model.bits, model.num_classes) == (256, 2, 9, 1000)
+    assert (model.width, model.depth, model.heads) == (1024, 12, 16)  # L's width, the override's depth
+    assert config.opt.lr == 2e-4 and config.trainer.max_steps == 1000 and config.data.batch_size == 32
+    assert (config.opt.warmup_steps, config.opt.lr_decay, config.opt.weight_decay) == (5000, "cosine", 0.045)
+    unlabelled = TokenLayout(code_length=256, context_dim=56, bits=14, num_classes=0)  # FlowMo-Hi, no classes
+    assert make_config("B", unlabelled, ["model.num_classes=0"]).model.groups == 4  # unconditional on request
+    with pytest.raises(ValueError, match="preset B is class-conditional"):
+        make_config("B", unlabelled, [])
+    assert make_config("tiny", unlabelled, []).model.num_classes == 0  # tiny follows the shards
