@@ -30,7 +30,8 @@ def test_compiled_block_compiles_at_most_twice_over_four_batch_sizes(tiny_model)
     counters.clear()
     with torch.no_grad():
         for b in (2, 3, 4, 5):
-            img, txt = torch.randn(b, len(ids) - tiny_model.code_length, hidden), torch.randn(b, tiny_model.code_length, hidden)
+            img = torch.randn(b, len(ids) - tiny_model.code_length, hidden)
+            txt = torch.randn(b, tiny_model.code_length, hidden)
             block(img, txt, torch.randn(b, hidden), rope, ops, attention)
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     torch._dynamo.reset()

@@ -14,7 +14,10 @@ from flowmo_kernels.lfq_triton import lfq_triton  # noqa: E402
 from flowmo_kernels.triton_ops import AUTO_OPS  # noqa: E402
 
 CUDA = torch.device("cuda")
-REFUSAL = r"kernels='triton' with 24-bit LFQ code groups: the Triton LFQ takes at most 20 bits per group .*set kernels='auto'"
+REFUSAL = (
+    r"kernels='triton' with 24-bit LFQ code groups: the Triton LFQ takes at most 20 bits per group .*"
+    r"set kernels='auto'"
+)
 
 
 def wide_lfq_config(kernels: str):
