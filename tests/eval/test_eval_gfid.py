@@ -107,6 +107,20 @@ def test_an_adm_reference_batch_gives_fid_from_its_mu_sigma_and_precision_recall
     assert result["reference"]["fid_statistics"] == "mu / sigma of VIRTUAL_ref.npz"
 
 
+def test_an_imagenet_tar_with_its_index_is_a_reference(pictures, inception_weights, cache, tmp_path, make_image_tar):
+    members = {}
+    for i, p in enumerate(pictures):
+        png = tmp_path / f"{i}.png"
+        Image.fromarray(p).save(png)
+        members[f"n0144076{i % 2}/n0144076{i % 2}_{i}.JPEG"] = png.read_bytes()
+    tar, index = make_image_tar(tmp_path, members)
+    np.savez(tmp_path / "samples.npz", arr_0=pictures)
+    result = run(tmp_path / "samples.npz", tar, tmp_path, inception_weights, cache, "--reference-index", index)
+    assert abs(result["metrics"]["fid"]) < 1e-6 and result["metrics"]["precision"] == 1.0  # the same pictures
+    assert result["reference"]["kind"] == "imagenet-tar" and result["reference"]["num_images"] == N
+    assert result["reference"]["index"] == str(Path(index).resolve())
+
+
 @pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
 def test_an_adm_npz_is_read_in_batches(save, tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
