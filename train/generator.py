@@ -180,7 +180,7 @@ def train(args: argparse.Namespace, tokens: TokenData, config: GeneratorTraining
             final = step == trainer.max_steps or stopping
             if step % trainer.log_every == 0 or final:
                 watch.check(procs, last_good)
-                metrics.log(step, {"lr": trainee.optimizer.param_groups[0]["lr"]}, 0)
+                metrics.log(step, {"lr": trainee.optimizer.param_groups[0]["lr"]})
             if step % trainer.checkpoint_every == 0 or final:
                 watch.check(procs, last_good)
                 last_good = save(trainee, config, tokens, procs, log_dir, progress, metrics)

@@ -72,14 +72,17 @@ class MetricLogger:
         if self.bar is not None:
             self.bar.update(1)
 
-    def log(self, step: int, extra: dict[str, float], skipped_images: int) -> dict[str, float]:
+    def log(self, step: int, extra: dict[str, float], skipped_images: Optional[int] = None) -> dict[str, float]:
         """Write the means since the last call, averaged over ranks, with `extra` and the images skipped so
-        far on all ranks (every rank must call: one all-reduce); returns what was written."""
+        far on all ranks (None: a trainer whose data cannot fail to decode; every rank must call: one
+        all-reduce); returns what was written."""
         values = {k: v / max(self.count, 1) for k, v in self.sums.items()}
-        values["skipped_images"] = torch.tensor(float(skipped_images))
+        if skipped_images is not None:
+            values["skipped_images"] = torch.tensor(float(skipped_images))
         totals = sum_across_ranks(values, self.procs.device)
         means = {k: v / self.procs.world_size for k, v in totals.items() if k != "skipped_images"}
-        means["skipped_images"] = totals["skipped_images"]
+        if skipped_images is not None:
+            means["skipped_images"] = totals["skipped_images"]
         elapsed = time.perf_counter() - self.tic
         steps_per_sec = (step - self.tic_step) / elapsed if elapsed > 0 else 0.0
         means.update(extra)

@@ -78,7 +78,7 @@ def test_masked_token_loss_falls_and_checkpoints_load(straight, tokens):
     # 40 steps take the loss from ln(512) ~ 6.2 to ~4.7 and the accuracy from chance to the class patterns' ~0.5
     assert np.isfinite(first["total_loss"]) and last["total_loss"] < 0.85 * first["total_loss"], (first, last)
     assert last["masked_token_accuracy"] > 0.4 and first["masked_token_accuracy"] < 0.1, (first, last)
-    assert last["images_per_sec"] > 0 and "lr" in last
+    assert last["images_per_sec"] > 0 and "lr" in last and "skipped_images" not in last  # rows never fail
     assert [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(log_dir))] == [10, 20, 30, 40]
     loaded = load_generator(log_dir / "checkpoints" / "00000040.pth")
     assert loaded.total_steps == 40 and not loaded.model.training
