@@ -33,6 +33,9 @@ class Processes:
     local_rank: int
     device: torch.device
     control_group: Optional[dist.ProcessGroup] = None  # Gloo, for CPU-side agreement beside NCCL; else None
+    # The variables start_processes set for a group of one, with their earlier values (None: unset), which
+    # stop_processes puts back.
+    env_before: tuple[tuple[str, Optional[str]], ...] = ()
 
     @property
     def is_main(self) -> bool:
@@ -72,39 +75,66 @@ def start_processes(
     device: str = "auto", always_group: bool = False, timeout: datetime.timedelta = GROUP_TIMEOUT
 ) -> Processes:
     """Join torchrun's process group (NCCL on CUDA, Gloo on the CPU), or be one process: without a group, or in a
-    group of one with `always_group` (the training code's collectives then run unchanged). `timeout`: how long a
-    collective waits for the slowest process (a barrier after hours of work needs long)."""
+    group of one with `always_group` (the training code's collectives then run unchanged; the RANK, WORLD_SIZE,
+    ... variables it sets for that stay until `stop_processes`). `timeout`: how long a collective waits for the
+    slowest process (a barrier after hours of work needs long)."""
     torchrun = "RANK" in os.environ
     if not torchrun and not always_group:
         return Processes(0, 1, 0, pick_device(device, 0))
-    if not torchrun:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    chosen = pick_device(device, local_rank)
-    nccl = chosen.type == "cuda"
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if nccl else "gloo", timeout=timeout, device_id=chosen if nccl else None
-        )
-    control = dist.new_group(backend="gloo", timeout=timeout) if nccl else None
-    return Processes(dist.get_rank(), dist.get_world_size(), local_rank, chosen, control)
+    env_before = () if torchrun else set_env(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()),
+    )
+    try:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        chosen = pick_device(device, local_rank)
+        nccl = chosen.type == "cuda"
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "nccl" if nccl else "gloo", timeout=timeout, device_id=chosen if nccl else None
+            )
+        control = dist.new_group(backend="gloo", timeout=timeout) if nccl else None
+    except BaseException:
+        restore_env(env_before)
+        raise
+    return Processes(dist.get_rank(), dist.get_world_size(), local_rank, chosen, control, env_before)
 
 
-def stop_processes() -> None:
+def stop_processes(procs: Optional[Processes] = None) -> None:
+    """Tear the group down; with `procs`, put back the variables its start set."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    if procs is not None:
+        restore_env(procs.env_before)
+
+
+def set_env(**values: str) -> tuple[tuple[str, Optional[str]], ...]:
+    """Set environment variables; returns their earlier values (None: unset) for `restore_env`."""
+    before = tuple((name, os.environ.get(name)) for name in values)
+    os.environ.update(values)
+    return before
+
+
+def restore_env(before: tuple[tuple[str, Optional[str]], ...]) -> None:
+    for name, value in before:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @contextlib.contextmanager
 def processes(
     device: str = "auto", always_group: bool = False, timeout: datetime.timedelta = GROUP_TIMEOUT
 ) -> Iterator[Processes]:
-    """`start_processes` for the length of a `with` block; the group is torn down however the block ends."""
+    """`start_processes` for the length of a `with` block; the group is torn down and the environment put back
+    however the block ends."""
+    procs = None
     try:
-        yield start_processes(device, always_group, timeout)
+        procs = start_processes(device, always_group, timeout)
+        yield procs
     finally:
-        stop_processes()
+        stop_processes(procs)
 
 
 def barrier(procs: Processes) -> None:

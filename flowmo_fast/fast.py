@@ -25,7 +25,12 @@ RECOMPILE_LIMIT = 64
 
 
 def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
-    """Let dynamo keep at least `limit` compiled variants per function (`cache_size_limit` before torch 2.6)."""
+    """Let dynamo keep at least `limit` compiled variants per function (`cache_size_limit` before torch 2.6).
+
+    Process-wide on purpose, and only ever raised: dynamo reads the limit when a compiled function meets new
+    shapes, at any later call, not while `compile_blocks` runs. Scoped to the compile call (a
+    `torch._dynamo.config.patch` around it), a block called at 13 batch sizes still stops at 8 graphs and
+    falls back to eager (checked on torch 2.14); scoped to each call, it would have to wrap every forward."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), limit))

@@ -16,6 +16,7 @@ import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Callable
 
 import torch
@@ -58,7 +59,10 @@ def on_device_of(x: Tensor) -> contextlib.AbstractContextManager:
 # (which a custom op blocks: a gated residual and the next LayerNorm + modulation become one kernel) should
 # match a hand-written kernel, and the Triton op where it avoids work Inductor cannot remove (LFQ's code
 # probability tables). A hypothesis until bench/gpu_report.py's kernel rows measure it on a GPU.
-AUTO_WHEN_COMPILED = {"modulate": "torch", "gated_residual": "torch", "qk_norm_rope": "torch", "lfq": "triton"}
+# A constant (read-only): flowmo_kernels.triton_ops builds AUTO_OPS from it once, when it is first imported.
+AUTO_WHEN_COMPILED = MappingProxyType(
+    {"modulate": "torch", "gated_residual": "torch", "qk_norm_rope": "torch", "lfq": "triton"}
+)
 OP_NAMES = tuple(AUTO_WHEN_COMPILED)
 
 
