@@ -122,16 +122,18 @@ def build_metrics(config: GeneratorTrainingConfig, procs: Processes, log_dir: st
 
 
 def check_tokens(start: StartPoint, tokens: TokenData) -> None:
-    """A run continues on tokens of the tokenizer it started with (the checkpoint's record)."""
-    record = (start.ckpt or {}).get(TOKENS) if start.resuming else None
+    """A run continues (or starts from another run's weights) only on tokens of the same tokenizer: the
+    checkpoint's record names it."""
+    record = (start.ckpt or {}).get(TOKENS)
     if record is None:
         return
     was, now = record["checkpoint"]["sha256"], tokens.record["checkpoint"]["sha256"]
     if was != now:
+        fix = "or a new --experiment-name" if start.resuming else "or start without --resume-from-ckpt"
         raise CheckpointError(
             f"{start.path} was trained on tokens of the tokenizer {record['checkpoint'].get('path')} (sha256 "
             f"{was[:12]}), but --tokens {tokens.shards.folder} holds tokens of {tokens.record['checkpoint'].get('path')} "
-            f"(sha256 {now[:12]}): give the tokens it was trained on, or a new --experiment-name"
+            f"(sha256 {now[:12]}): give tokens of the tokenizer it was trained on, {fix}"
         )
 
 

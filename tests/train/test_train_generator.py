@@ -162,6 +162,12 @@ def test_a_run_resumed_on_tokens_of_another_tokenizer_ends_in_one_line(tmp_path,
     errors = [line for line in stdout.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "sha256 5e5e5e5e5e5e), but --tokens" in errors[0], stdout[-2000:]
     assert checkpointing.list_checkpoints(str(tmp_path / "r"))[-1].endswith("00000001.pth")
+    start = ["--resume-from-ckpt", tmp_path / "r" / "checkpoints" / "00000001.pth"]  # its weights, other tokens
+    code, stdout = train(["--tokens", other, *common, "--experiment-name", "s", *start, "trainer.max_steps=2"], capsys)
+    errors = [line for line in stdout.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "or start without --resume-from-ckpt" in errors[0], stdout[-2000:]
+    code, _ = train(["--tokens", first, *common, "--experiment-name", "s", *start, "trainer.max_steps=2"], capsys)
+    assert code == 0
 
 
 @pytest.mark.distributed
