@@ -22,7 +22,8 @@ cfg 1.5; the sampler warmed on a 3-step plan, which compiles what the full plan 
 captures), train (Lo and Hi, batch 8 as one micro-batch without norm logging on every side: forward, backward,
 Adam; checked first at that batch), latency (reconstruct at batch 1), encode (token ids, batch 32, Lo and Hi),
 lfq (the LFQ loss: torch vs Triton vs upstream), kernels (each fused op eager / compiled / Triton, which sets
-flowmo_kernels.AUTO_WHEN_COMPILED; decoder and train step with Triton forced: `fast_triton`), upstream_compiled
+flowmo_kernels.AUTO_WHEN_COMPILED; decoder and train step with Triton forced: `fast_triton`), generator (the
+token generator's train step and generate + decode at batch 64: bench/generator_rows.py), upstream_compiled
 (its whole-model compiles take minutes: last). The model phases run plain, fast and upstream eager.
 
 Times are the median of the timed calls after a warm-up call (compilation, CUDA-graph capture). Peak
@@ -53,7 +54,7 @@ if str(ROOT) not in sys.path:  # run as a script: the repository root holds `ben
 import torch  # noqa: E402
 
 import flowmo_fast  # noqa: E402
-from bench import kernel_rows, upstream  # noqa: E402
+from bench import generator_rows, kernel_rows, upstream  # noqa: E402
 from bench.harness import (  # noqa: E402
     Budget, BudgetExceeded, Harness, Timing, device_name, log, unique_graphs, use_compile_cache,
 )
@@ -66,7 +67,7 @@ from flowmo_fast.hardware import peak_bf16_tflops  # noqa: E402
 from flowmo_fast.sampling import UPSTREAM, SamplingOptions  # noqa: E402
 from flowmo_kernels import triton_available  # noqa: E402
 
-PHASES = ("decoder", "reconstruct", "train", "latency", "encode", "lfq", "kernels", "upstream_compiled")
+PHASES = ("decoder", "reconstruct", "train", "latency", "encode", "lfq", "kernels", "generator", "upstream_compiled")
 CHECKED = ("decoder", "train")  # the phases that add checks
 MODEL_ROWS = ("plain", "fast", "upstream_eager")
 # The whole run, start-up and printing included, ends within 6 minutes (the GPU machine's run is cut at 7).
@@ -95,7 +96,7 @@ FULL = Scale(
     size=256, batch=32, recon_steps=25, train_batch=8,
     tolerance=5e-2, reserve_s=20, compile_reserve_s=60, upstream_compile_reserve_s=150,
     phase_s={"decoder": 80, "reconstruct": 80, "train": 120, "latency": 60, "encode": 40, "lfq": 20, "kernels": 80,
-             "upstream_compiled": 200},
+             "generator": 150, "upstream_compiled": 200},
 )
 DRY = Scale(  # batch sizes that differ from each other and from the latency rows' 1 and 2
     models={"FlowMo-Lo (tiny)": ("tiny", OVERRIDES),
@@ -300,6 +301,8 @@ class Report(Harness):
             "encode": each(self.encode, (lo, *others)),
             "lfq": lambda: [kernel_rows.lfq_loss(self, name, impl) for name in (lo, *others) for impl in ("torch", "triton", "upstream")],
             "kernels": kernels,
+            "generator": lambda: [workload(self, lo, impl) for workload in (generator_rows.train_step,
+                                  generator_rows.generate_and_decode) for impl in ("plain", "fast")],
             "upstream_compiled": self.upstream_compiled,
         }
 

@@ -68,11 +68,13 @@ def graphs_needed(scale: gpu_report.Scale) -> int:
     for the last block of its tower (it keeps one stream), variants being the decoder without gradients at the
     phases' batch and its guided double, at 1 and 2 (latency), with gradients at the train batch; the encoder
     without gradients at the batch and at 1, with gradients at the train batch; and one graph per fused op
-    compiled alone in the kernels phase. Both models share every block graph (same widths)."""
+    compiled alone in the kernels phase; and the token generator's block (generator phase) with gradients at its
+    train batch, without at the batch (an unguided sampling step) and at its guided double. Both models share
+    every block graph (same widths)."""
     config = gpu_report.flowmo_fast.load_config(list(scale.models["FlowMo-Lo (tiny)"][1]), preset="tiny")
     m = config.model
     assert m.enc_depth >= 2 and m.dec_depth >= 2 and len({1, 2, scale.batch, 2 * scale.batch}) == 4
-    return 2 * (4 + 1) + 2 * (2 + 1) + 3
+    return 2 * (4 + 1) + 2 * (2 + 1) + 3 + 3
 
 
 def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
