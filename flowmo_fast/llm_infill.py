@@ -38,7 +38,6 @@ from flowmo_fast.llm_settings import (
     DEFAULT_LLM_PATH, LLM_QUANTIZATION, QWEN_CODER_FIM_IDS, FimIds, LLMQuantization, check_llm_settings, parse_fim_ids,
     parse_llm_quantization,
 )
-from flowmo_fast.llm_settings import is_llm_quantization  # noqa: F401 (still imported from here by token_shards)
 
 if TYPE_CHECKING:
     from flowmo_fast.config import ModelConfig

@@ -30,7 +30,8 @@ from typing import Any, Optional
 import numpy as np
 
 from flowmo_fast.checkpoint import atomic_write
-from flowmo_fast.llm_infill import is_llm_quantization
+from flowmo_fast.llm_settings import is_llm_quantization
+from flowmo_fast.tokenizer import Tokenizer
 
 FORMAT = "flowmo-fast-tokens"
 VERSION = 1
@@ -71,8 +72,6 @@ class TokenSpec:
 
     @classmethod
     def for_model(cls, model) -> "TokenSpec":
-        from flowmo_fast.tokenizer import Tokenizer
-
         m = model.config.model
         check_tokenizable(m)
         if m.quantization_type == "lfq":
