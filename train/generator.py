@@ -43,10 +43,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = cli.build_parser("python -m train.generator", "Token generator training (MaskGiT family) on token "
                               "shards.", presets=PRESETS)
     parser.add_argument("--tokens", required=True, metavar="DIR", help="a flowmo_fast.tokenize output folder")
+    parser.set_defaults(preset=DEFAULT_PRESET)
+    parser.epilog = (f"--preset: {DEFAULT_PRESET} (default) and L are class-conditional (the paper-scale recipe), tiny "
+                     "is for tests. Any further argument of the form section.key=value overrides the config (e.g. "
+                     "opt.lr=2e-4 model.depth=12 trainer.max_steps=100000); see train/generator_config.py.")
     args, overrides = cli.parse(parser, argv)
     try:
         tokens = open_tokens(args.tokens)
-        config = make_config(args.preset or DEFAULT_PRESET, tokens.layout, overrides)
+        config = make_config(args.preset, tokens.layout, overrides)
     except ValueError as e:  # DataError included: shards it cannot use, or settings that do not fit them
         raise SystemExit(f"error: {e}") from None
     return run(args, tokens, config)
