@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from flowmo_fast.checkpoint import file_sha256, load_checkpoint, read_config
 from flowmo_fast.data import ImageDataset, ImageSource, collate_images, nothing_decodes
-from flowmo_fast.distributed import barrier, on_rank0, processes
+from flowmo_fast.distributed import Processes, barrier, on_rank0, processes
 from flowmo_fast.model import FlowMo, autocast_for
 from flowmo_fast.token_shards import (
     INDEX,
@@ -200,54 +200,61 @@ def run(settings: TokenizeSettings) -> None:
     """Encode the images into token shards in `settings.out`, on every process of the command (torchrun)."""
     s = settings
     with processes(s.device, timeout=BARRIER_TIMEOUT) as procs:
-        rank, world, device = procs.rank, procs.world_size, procs.device
         check_tokenizable(read_config(s.ckpt, s.which).model)  # before loading a model (or an LLM)
-        model = load_checkpoint(s.ckpt, which=s.which, device=device)
+        model = load_checkpoint(s.ckpt, which=s.which, device=procs.device)
         spec = TokenSpec.for_model(model)
         size = s.image_size or model.config.data.image_size
         if size % model.patch_size:
             raise ValueError(f"--image-size {size} must be a multiple of the patch size {model.patch_size}")
         dataset = s.source.open(size)
         ranges = shard_ranges(len(dataset), s.shard_size)
-
-        def plan() -> tuple[dict, list[int]]:
-            checkpoint = {"path": os.path.abspath(s.ckpt), "sha256": file_sha256(s.ckpt), "which": s.which}
-            data = {"source": dataset.describe(), "image_size": size, "num_images": len(dataset),
-                    "names_sha256": names_sha256(dataset.names)}
-            planned = new_manifest(checkpoint, model.config.to_dict(), spec, data, s.shard_size,
-                                   classes=dataset.class_names, flip=s.flip)
-            return planned, prepare(s.out, planned, ranges, spec)
-
-        planned, pending = on_rank0(plan, procs)
-        done = len(ranges) - len(pending)
-        if rank == 0:
+        planned, pending = on_rank0(lambda: plan(s, model, spec, dataset, ranges), procs)
+        if procs.is_main:
             classes = dataset.class_names
             mirrored = ", each image also mirrored" if s.flip else ""
             log(f"{dataset.describe()}, {f'{len(classes)} classes' if classes else 'no classes'}{mirrored} -> "
-                f"{len(ranges)} shards of {s.shard_size} in {s.out}; "
-                f"{done} already done, {len(pending)} to encode on {world} process(es), {device}")
-        mine = [(k, ranges[k]) for k in pending[rank::world]]
-        if mine:
-            compile = device.type == "cuda" and s.compile
-            encode = make_encoder(model, spec, compile, s.batch_size)
-            start = time.perf_counter()
-            count = encode_shards(
-                encode, spec, dataset, mine, s.out, s.batch_size, s.num_workers, device.type == "cuda",
-                progress=rank == 0, desc=f"tokenize rank {rank}/{world}", flip=s.flip,
-            )
-            seconds = time.perf_counter() - start
-            log(f"rank {rank}: {count} images in {len(mine)} shards, {seconds:.1f} s, {count / seconds:.1f} images/s")
-        elif rank == 0 and not pending:
-            log("all shards already done; nothing to encode")
+                f"{len(ranges)} shards of {s.shard_size} in {s.out}; {len(ranges) - len(pending)} already done, "
+                f"{len(pending)} to encode on {procs.world_size} process(es), {procs.device}")
+        encode_mine(s, model, spec, dataset, [(k, ranges[k]) for k in pending[procs.rank :: procs.world_size]], procs)
         barrier(procs)
         manifest = on_rank0(lambda: finish(s.out, planned, ranges), procs)
-        if rank == 0:
+        if procs.is_main:
             c = manifest["counts"]
             log(f"{c['rows']} rows ({spec.kind} {spec.dtype} {list(spec.row_shape)}), {c['failed']} failed images")
             for entry in manifest["failed"][:10]:
                 log(f"  could not decode row {entry['index']}: {entry['name']}")
         if manifest["counts"]["rows"] == 0:
             raise nothing_decodes(dataset.describe(), manifest["counts"]["failed"])
+
+
+def plan(s: TokenizeSettings, model: FlowMo, spec: TokenSpec, dataset: ImageDataset, ranges: list[range]):
+    """Rank 0: this run's manifest (what it encodes, with what, into which shards) and the shards still to write."""
+    checkpoint = {"path": os.path.abspath(s.ckpt), "sha256": file_sha256(s.ckpt), "which": s.which}
+    data = {"source": dataset.describe(), "image_size": dataset.size, "num_images": len(dataset),
+            "names_sha256": names_sha256(dataset.names)}
+    planned = new_manifest(checkpoint, model.config.to_dict(), spec, data, s.shard_size,
+                           classes=dataset.class_names, flip=s.flip)
+    return planned, prepare(s.out, planned, ranges, spec)
+
+
+def encode_mine(
+    s: TokenizeSettings, model: FlowMo, spec: TokenSpec, dataset: ImageDataset, mine: list[tuple[int, range]],
+    procs: Processes,
+) -> None:
+    """This process's (k, rows) shards, encoded and written, with its throughput in one log line."""
+    rank, world, device = procs.rank, procs.world_size, procs.device
+    if not mine:  # rank 0 has none only when no shard is left
+        if procs.is_main:
+            log("all shards already done; nothing to encode")
+        return
+    encode = make_encoder(model, spec, device.type == "cuda" and s.compile, s.batch_size)
+    start = time.perf_counter()
+    count = encode_shards(
+        encode, spec, dataset, mine, s.out, s.batch_size, s.num_workers, device.type == "cuda",
+        progress=procs.is_main, desc=f"tokenize rank {rank}/{world}", flip=s.flip,
+    )
+    seconds = time.perf_counter() - start
+    log(f"rank {rank}: {count} images in {len(mine)} shards, {seconds:.1f} s, {count / seconds:.1f} images/s")
 
 
 if __name__ == "__main__":
