@@ -23,14 +23,14 @@ REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["cat", "dog"]
 
 
-def save_generator(model: TokenGenerator, tokenizer_path: Path, path: Path) -> Path:
+def save_generator(model: TokenGenerator, tokenizer_path: Path, path: Path, classes=CLASSES) -> Path:
     """`model` saved in train.generator's layout (what flowmo_fast.generator.load_generator reads), its tokens
     made by the FlowMo checkpoint `tokenizer_path`."""
     tokenizer = flowmo_fast.load_checkpoint(tokenizer_path)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tokens = {"checkpoint": {"path": str(tokenizer_path), "sha256": file_sha256(tokenizer_path), "which": "ema"},
               "config": tokenizer.config.to_dict(), "tokens": TokenSpec.for_model(tokenizer).to_dict(),
-              "class_names": CLASSES}
+              "class_names": classes}
     atomic_save({"total_steps": 150, "model_ema_state_dict": state, "model_state_dict": state,
                  "config": {"model": model.config.to_dict()}, "tokens": tokens}, path)
     return path
@@ -181,3 +181,15 @@ def test_mistakes_end_in_one_line(generated, generator_checkpoint, tiny_checkpoi
     assert "not found" in one_line_exit(["--generator", tmp_path / "missing.pth", "--out", tmp_path / "d"])
     assert "other settings" in one_line_exit(["--generator", ckpt, "--out", generated, *ARGS, "--cfg", "2"])
     assert "without checkpoints" in one_line_exit(["--generator", tmp_path, "--out", tmp_path / "e"])
+
+
+def test_an_unconditional_generator_makes_per_class_rows_in_all(tiny_checkpoint, tmp_path):
+    torch.manual_seed(0)
+    model = TokenGenerator(preset_config("tiny", 16, 18, 9))  # num_classes 0
+    ckpt = save_generator(model, tiny_checkpoint, tmp_path / "00000000.pth", classes=None)
+    generate.main(["--generator", str(ckpt), "--out", str(tmp_path / "u"), *ARGS])
+    shards = TokenShards(str(tmp_path / "u"))
+    assert len(shards) == 3 and shards.manifest["classes"] is None
+    assert [s["name"] for s in shards.sources()] == ["sample/000000", "sample/000001", "sample/000002"]
+    assert all("label" not in s for s in shards.sources()) and not (tmp_path / "u" / "labels.npy").exists()
+    assert "unconditional" in one_line_exit(["--generator", ckpt, "--out", tmp_path / "v", "--classes", "0", *ARGS])
