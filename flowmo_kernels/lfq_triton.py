@@ -40,16 +40,16 @@ class Tiling:
     programs: int  # the codebook pass splits the rows until about this many programs run
     own_codes: int  # the backward's tile of its own half's codes, at most
     other_codes: int  # the backward's tile of the other half's codes (the inner dot's K), at most
-    backward_warps: int
+    dot_warps: int  # warps of the codebook pass and the backward (their fp32 dots)
 
 
-# The backward's fp32 dots run on FMA units with each thread holding whole K rows of an operand: at 64 x 64
-# code tiles and 4 warps ptxas -v for sm_90a spilled ~15 KB (d=14, a 5.4 KB stack frame); at own 32 x other 16
-# and 8 warps it uses 208 registers and no stack.
-GPU_TILING = Tiling(rows=64, code_rows=32, max_codes=64, programs=512, own_codes=32, other_codes=16, backward_warps=8)
+# The fp32 dots run on FMA units with each thread holding whole K rows of an operand. ptxas -v for sm_90a: the
+# backward at 64 x 64 code tiles and 4 warps spilled ~35 KB (d=14, a 5.4 KB stack frame), at own 32 x other 16
+# and 8 warps it uses 202 registers and no stack; the codebook pass spilled at d=18 with 4 warps, not with 8.
+GPU_TILING = Tiling(rows=64, code_rows=32, max_codes=64, programs=512, own_codes=32, other_codes=16, dot_warps=8)
 # The CPU interpreter runs every tile op through numpy with a large fixed cost per op: fewer, bigger tiles.
 INTERPRETER_TILING = Tiling(
-    rows=64, code_rows=32, max_codes=128, programs=8, own_codes=128, other_codes=128, backward_warps=4
+    rows=64, code_rows=32, max_codes=128, programs=8, own_codes=128, other_codes=128, dot_warps=4
 )
 # Decided at import, as `triton.jit` decides there whether the kernels below compile or are interpreted.
 TILING = INTERPRETER_TILING if triton_interpreting() else GPU_TILING
@@ -215,6 +215,7 @@ def _mean_probs(bit_probs: Tensor) -> Tensor:
         _lfq_codebook_fwd_kernel[(tiles, splits)](
             bit_probs, partial, n, rows_per_split,
             D=d, A_BITS=a_bits, B_BITS=b_bits, BLOCK_N=TILING.code_rows, BLOCK_A=block_a, BLOCK_B=block_b,
+            num_warps=TILING.dot_warps,
         )
     return partial.sum(0) / n
 
@@ -262,7 +263,7 @@ def lfq_backward_op(x: Tensor, bit_probs: Tensor, mean_probs: Tensor, grad_sign:
                 D=d, OWN_FIRST=own_first, OWN_BITS=own_bits, OTHER_FIRST=other_first, OTHER_BITS=other_bits,
                 BLOCK_N=TILING.rows, BLOCK_OWN=_code_block(own_bits, TILING.own_codes),
                 BLOCK_OTHER=_code_block(other_bits, TILING.other_codes), BLOCK_K=DOT_MIN,
-                num_warps=TILING.backward_warps,
+                num_warps=TILING.dot_warps,
             )
     return grad_x
 
