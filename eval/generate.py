@@ -35,7 +35,7 @@ from tqdm import tqdm
 from flowmo_fast.checkpoint import atomic_write, file_sha256, list_checkpoints
 from flowmo_fast.cli import flags
 from flowmo_fast.detokenize import DetokenizeSettings, load_matching_model, png_path, rows_to_code, save_png
-from flowmo_fast.distributed import Processes, barrier, on_rank0, processes
+from flowmo_fast.distributed import Processes, barrier, gather_objects, on_rank0, processes
 from flowmo_fast.generation import GenerationOptions, GraphedGenerator, generate, sample_keys
 from flowmo_fast.generator import LoadedGenerator, load_generator
 from flowmo_fast.images import to_uint8
@@ -183,8 +183,8 @@ def generate_shards(s: GenerateSettings, loaded: LoadedGenerator, plan: Plan, sp
     return total
 
 
-def decode_images(s: GenerateSettings, procs: Processes) -> None:
-    """This process's share of the PNGs not yet written, through the tokenizer's sampler."""
+def decode_images(s: GenerateSettings, procs: Processes) -> int:
+    """This process's share of the PNGs not yet written, through the tokenizer's sampler; returns how many."""
     images = os.path.join(s.out, IMAGES)
     shards = TokenShards(s.out)
     detok = DetokenizeSettings(ckpt=s.tokenizer, tokens=s.out, out=images, batch_size=s.decode_batch_size,
@@ -204,6 +204,7 @@ def decode_images(s: GenerateSettings, procs: Processes) -> None:
             for row, image in zip(rows, to_uint8(model.sample_images(code, (size, size), sampling, noise=noise))):
                 save_png(image, png_path(images, row))
             bar.update(len(rows))
+    return len(todo)
 
 
 def write_samples(out: str) -> str:
@@ -252,8 +253,11 @@ def run(settings: GenerateSettings) -> None:
         on_rank0(lambda: finish(s.out, planned, ranges), procs)
         if s.tokenizer is None:
             return
-        decode_images(s, procs)
-        barrier(procs)
+        decoded = sum(gather_objects(decode_images(s, procs), procs))  # also waits for every rank's PNGs
+        if decoded == 0 and os.path.exists(os.path.join(s.out, SAMPLES)):
+            if procs.is_main:
+                log(f"every image already decoded; {SAMPLES} unchanged")
+            return
         written = on_rank0(lambda: write_samples(s.out), procs)
         if procs.is_main:
             log(f"wrote {written}")

@@ -4,6 +4,7 @@ resumable, decoded into PNGs and an ADM-style samples.npz; its mistakes end in o
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,19 +131,25 @@ def test_classes_by_name_or_index_and_batching(random_rows, random_checkpoint, t
 
 
 @pytest.mark.distributed
-def test_two_processes_write_the_same_bytes_as_one(random_rows, random_checkpoint, tmp_path):
-    generated = random_rows
+def test_two_processes_write_the_same_bytes_as_one(random_rows, random_checkpoint, tiny_checkpoint, tmp_path):
+    decode = ["--tokenizer", str(tiny_checkpoint), "--decode-steps", "2", "--decode-batch-size", "2"]
+    one = tmp_path / "one"  # the one-process rows, decoded by one process
+    shutil.copytree(random_rows, one)
+    generate.main(["--generator", str(random_checkpoint), "--out", str(one), *ARGS, *decode])
     out = tmp_path / "two"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-               "eval.generate", "--generator", str(random_checkpoint), "--out", str(out), *ARGS]
+               "eval.generate", "--generator", str(random_checkpoint), "--out", str(out), *ARGS, *decode]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 to make on 2 process(es)" in result.stderr and "rank 1: 2 samples" in result.stderr
-    names = sorted(os.listdir(generated))
+    names = sorted(os.listdir(one))
     assert sorted(os.listdir(out)) == names
-    for name in names:
-        assert (out / name).read_bytes() == (generated / name).read_bytes(), name
+    for name in names + [f"images/{r:08d}.png" for r in range(6)]:
+        if name not in ("images", "samples.npz"):  # a zip records when it was written
+            assert (out / name).read_bytes() == (one / name).read_bytes(), name
+    with np.load(out / "samples.npz") as two_npz, np.load(one / "samples.npz") as one_npz:
+        assert all(np.array_equal(two_npz[k], one_npz[k]) for k in ("arr_0", "arr_1"))
 
 
 def test_decoded_into_pngs_and_an_adm_npz(generated, generator_checkpoint, tiny_checkpoint, tmp_path):
@@ -150,6 +157,10 @@ def test_decoded_into_pngs_and_an_adm_npz(generated, generator_checkpoint, tiny_
     generate.main(["--generator", str(generator_checkpoint[0]), "--out", str(out), *ARGS,
                    "--tokenizer", str(tiny_checkpoint), "--decode-steps", "2", "--decode-batch-size", "4"])
     assert sorted(os.listdir(out / "images")) == [f"{r:08d}.png" for r in range(6)]
+    before = {**mtimes(out), **mtimes(out / "images")}
+    generate.main(["--generator", str(generator_checkpoint[0]), "--out", str(out), *ARGS,
+                   "--tokenizer", str(tiny_checkpoint), "--decode-steps", "2", "--decode-batch-size", "4"])
+    assert {**mtimes(out), **mtimes(out / "images")} == before  # a rerun decodes and writes nothing
     with np.load(out / "samples.npz") as npz:
         assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (6, 32, 32, 3)
         assert npz["arr_1"].tolist() == [0, 0, 0, 1, 1, 1]
