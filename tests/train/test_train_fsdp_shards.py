@@ -36,7 +36,7 @@ def scale_all(model, factor: float) -> None:
 
 def worst_relative_gap(sharded, whole) -> float:
     gaps = []
-    for (name, p), (_, q) in zip(sharded, whole):
+    for (_, p), (_, q) in zip(sharded, whole):
         gaps.append(((p.full_tensor() - q).abs().max() / q.abs().max()).item())
     return max(gaps)
 
