@@ -14,7 +14,7 @@ the frozen LLM; a blind next-token prediction would take the state one position 
 
 The LLM is frozen (eval mode, requires_grad False) and kept out of the module tree: no state_dict, optimizer,
 EMA or `train()` reaches it, while `.to()` / `.cuda()` / `.double()` on an enclosing module move it too.
-Gradients flow through it into the code. It runs in bf16 under CUDA autocast, in float32 on the CPU.
+Gradients flow through it into the code. On CUDA it is stored in bf16 and runs under autocast; float32 on the CPU.
 
 transformers and huggingface_hub are optional (`pip install -e ".[llm]"`), imported inside the functions that
 need them, and never download: `model.llm_path` must be a local model folder or a hub id already in the local
