@@ -79,7 +79,8 @@ def train_step(report: "Report", name: str, impl: str) -> None:
         elif key in report.outputs:
             diff = float((first / report.outputs[key] - 1).abs())
             row.check = f"first loss rel {diff:.1e}"
-            report.add_check(Check(f"{name} generator training loss, fast vs plain (rel)", diff, report.scale.tolerance))
+            label = f"{name} generator training loss, fast vs plain (rel)"
+            report.add_check(Check(label, diff, report.scale.tolerance))
 
     report.attempt(f"generator train step {name} {impl}", report.reserve(impl), run, row)
 

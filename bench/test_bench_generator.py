@@ -2,8 +2,8 @@
 transformer blocks; sampling on CUDA also replays the loop from a CUDA graph, flowmo_fast.generation).
 
 Setting: FlowMo-Lo's token layout (256 positions x 2 groups of 9 bits, 1000 classes) with a small transformer
-(width 128, 2 blocks) so the CPU groups take about a minute with compiling; on CUDA (FLOWMO_BENCH_DEVICE=cuda or a GPU present)
-the B preset.
+(width 128, 2 blocks) so the CPU groups take about a minute with compiling; where a GPU is present, the B
+preset on it.
 - train step: `TokenGenerator.loss` forward + backward + AdamW step, batch TRAIN_BATCH;
 - sample: `generate` of SAMPLE_BATCH class-conditional rows, SAMPLE_STEPS MaskGiT steps with guidance (every
   step runs the conditional and null-class rows as one batch: 2 x SAMPLE_BATCH rows per forward).
@@ -40,7 +40,8 @@ def make_model(seed: int = 0) -> TokenGenerator:
 def describe(model: TokenGenerator, batch: int) -> str:
     c = model.config
     where = torch.cuda.get_device_name() if CUDA else f"cpu {torch.get_num_threads()} threads"
-    return f"width {c.width}, {c.depth} blocks, {c.code_length}x{c.groups} groups of {c.bits} bits, batch {batch}, {where}"
+    layout = f"{c.code_length}x{c.groups} groups of {c.bits} bits"
+    return f"width {c.width}, {c.depth} blocks, {layout}, batch {batch}, {where}"
 
 
 def time_row(benchmark, group: str, fn: Callable, flops: int, rows: int) -> None:

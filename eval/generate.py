@@ -278,7 +278,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--cfg-schedule", default=DEFAULTS.cfg_schedule, choices=("constant", "linear", "pow_cosine"))
     g.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
                    help="Gumbel temperature of the confidence, annealed linearly to 0")
-    g.add_argument("--seed", type=flags.seed, default=0, help="sample (class, i) draws from its own (seed, class, i) stream")
+    g.add_argument("--seed", type=flags.seed, default=0,
+                   help="sample (class, i) draws from its own (seed, class, i) stream")
     p.add_argument("--batch-size", type=flags.positive_int, default=64, help="samples per generator call, per process")
     p.add_argument("--shard-size", type=flags.positive_int, default=4096, help="rows per shard file (default 4096)")
     d = p.add_argument_group("decoding (with --tokenizer; defaults: the tokenizer checkpoint's eval.sampling)")
