@@ -274,7 +274,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="comma-separated class indices or names (default: every class)")
     g = p.add_argument_group(f"generator sampler (MaskGiT decoding; defaults: {DEFAULTS})")
     g.add_argument("--steps", type=flags.positive_int, default=DEFAULTS.steps, help="decoding steps")
-    g.add_argument("--cfg", type=float, default=DEFAULTS.cfg, help="guidance scale reached at the last step (1: none)")
+    g.add_argument("--cfg", type=float, default=DEFAULTS.cfg, help="guidance scale the ramp rises to (1: none)")
     g.add_argument("--cfg-schedule", default=DEFAULTS.cfg_schedule, choices=("constant", "linear", "pow_cosine"))
     g.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
                    help="Gumbel temperature of the confidence, annealed linearly to 0")

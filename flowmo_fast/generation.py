@@ -5,8 +5,9 @@ every group; an id is drawn for each masked group (softmax at `softmax_temperatu
 log p(id) plus Gumbel noise of a temperature annealed linearly from `temperature` to 0, and the least confident
 new ids are masked again so that the masked count follows the mask schedule (arccos or cosine), reaching 0 at
 the last step. Guidance (classifier-free) mixes the conditional and the null-class logits, conditional and
-unconditional rows batched in one forward pass, with a scale ramped from 1 to `cfg` over the steps
-(`cfg_schedule`: constant, linear, or MaskBit's power-cosine).
+unconditional rows batched in one forward pass, with a scale ramped from 1 at the first step towards `cfg`
+at step / steps (`cfg_schedule`: constant, linear, or MaskBit's power-cosine; a step with scale 1 runs the
+conditional rows only).
 
 Randomness: each sample has its own key, from (seed, class, index) through numpy's SeedSequence (as the
 per-image streams of flowmo_fast.noise), and every draw is a counter-based hash of (key, step, stream,
@@ -41,7 +42,7 @@ class GenerationOptions:
     """The generator's sampler settings. Hashable (a CUDA-graph capture is keyed by it)."""
 
     steps: int = 64  # MaskBit's, for FlowMo-Lo's 512 groups per image
-    cfg: float = 4.0  # the guidance scale reached at the last step (1: no guidance)
+    cfg: float = 4.0  # the guidance scale the ramp rises to from 1 at step 0 (1: no guidance); untuned
     cfg_schedule: CfgSchedule = "pow_cosine"
     cfg_power: float = 2.75  # pow_cosine: scale = 1 + (cfg - 1) (1 - cos(pi r^power)) / 2, r = step / steps
     temperature: float = 4.5  # Gumbel noise on the confidence, annealed linearly to 0 (MaskGiT's choice temp.)
