@@ -50,12 +50,19 @@ def test_compiled_training_step_equals_eager():
         objective, optimizer = FlowMoObjective(model, None).train(), build_optimizer(model, config)
         torch.manual_seed(5)  # the same times, noise and guidance dropout for both
         terms = train_step(objective, model, images, optimizer, config, CPU)
-        results.append((terms, {n: p.detach().clone() for n, p in model.named_parameters()}))
-    (terms_e, weights_e), (terms_c, weights_c) = results
+        moments = {n: optimizer.state[p]["exp_avg"].clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((terms, moments, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (terms_e, moments_e, weights_e), (terms_c, moments_c, weights_c) = results
     assert any(not torch.equal(initial[n], w) for n, w in weights_e.items())  # the step moved the weights
     torch.testing.assert_close(terms_c.total_loss, terms_e.total_loss, rtol=1e-5, atol=1e-6)
     assert torch.equal(terms_e.total_loss, terms_e.logged["total_loss"])  # the objective's own, as logged
     for name in terms_e.logged:
         torch.testing.assert_close(terms_c.logged[name], terms_e.logged[name], rtol=1e-5, atol=1e-6, msg=name)
+    # After one step Adam's first moment is (1 - beta1) x the gradient: the gradients agree to float32 rounding
+    # relative to each tensor's largest entry (near-zero entries carry the summation-order noise of the compiled sums).
+    for name, m in moments_e.items():
+        torch.testing.assert_close(moments_c[name], m, rtol=1e-4, atol=1e-5 * float(m.abs().max()), msg=name)
+    # Adam's first update is about lr x sign(g): where |g| is near eps (1e-8) it magnifies the compiled kernels'
+    # rounding, so the weights are held to a small fraction of one step, not to float32 rounding.
     for name, w in weights_e.items():
-        torch.testing.assert_close(weights_c[name], w, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(weights_c[name], w, rtol=0, atol=0.05 * config.opt.lr, msg=name)
