@@ -136,12 +136,13 @@ def guided_logits(model: TokenGenerator, bits: Tensor, classes: Tensor, cfg: flo
 
 
 def choose(logits: Tensor, keys: Tensor, step: int, softmax_temperature: float) -> tuple[Tensor, Tensor]:
-    """logits [B, N, V] -> (ids [B, N] drawn by inverse CDF from the step's uniforms, their log-probabilities)."""
-    logp = torch.log_softmax(logits / softmax_temperature, dim=-1)  # [B, N, V]
-    cdf = logp.exp().cumsum(-1)
+    """logits [B, N, V] -> (ids [B, N] drawn by inverse CDF from the step's uniforms, their log-probabilities).
+    Two [B, N, V] temporaries (probabilities, CDF): FlowMo-Hi's 16384-way heads make them the sampler's largest."""
+    probs = torch.softmax(logits / softmax_temperature, dim=-1)  # [B, N, V]
+    cdf = probs.cumsum(-1)
     u = counter_uniform(keys, step, 0, logits.shape[1])[..., None] * cdf[..., -1:]  # [B, N, 1]
     ids = torch.searchsorted(cdf, u).clamp_max(logits.shape[-1] - 1)  # [B, N, 1]
-    return ids[..., 0], logp.gather(-1, ids)[..., 0]
+    return ids[..., 0], probs.gather(-1, ids)[..., 0].clamp_min(1e-30).log()
 
 
 @torch.no_grad()
