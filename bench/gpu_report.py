@@ -58,7 +58,7 @@ from bench import generator_rows, kernel_rows, upstream  # noqa: E402
 from bench.harness import (  # noqa: E402
     Budget, BudgetExceeded, Harness, Timing, device_name, log, unique_graphs, use_compile_cache,
 )
-from bench.impls import TRAIN_STEP_OVERRIDES, TRAIN_STEP_WORK, Implementation, build  # noqa: E402
+from bench.impls import TRAIN_STEP_OVERRIDES, TRAIN_STEP_WORK, OURS, Implementation, build  # noqa: E402
 from bench.report_rows import CHECKS_HEAD, Check, LiveOutput, Row, markdown_check, markdown_table  # noqa: E402
 from flowmo_fast import flops  # noqa: E402
 from flowmo_fast.attention import installed_backends  # noqa: E402
@@ -137,11 +137,16 @@ class Models:
                 self.initial[name] = flowmo_fast.FlowMo(self.config(name)).state_dict()
         return self.initial[name]
 
-    def get(self, name: str, impl: str) -> Implementation:
-        if (name, impl) not in self.built:
+    def get(self, name: str, impl: str, training: bool = False) -> Implementation:
+        """Inference rows get our models as every command loads them (`cast_for_inference`: matrix weights in the
+        autocast dtype once); training rows get float32 weights (a model of their own)."""
+        key = (name, impl, training)
+        if key not in self.built:
             weights = self.initial_weights(name)
-            self.built[name, impl] = build(impl, self.config(name), weights, self.device, self.compile_backend)
-        return self.built[name, impl]
+            self.built[key] = build(impl, self.config(name), weights, self.device, self.compile_backend)
+            if impl in OURS and not training:
+                self.built[key].model.cast_for_inference()
+        return self.built[key]
 
     def release(self, name: str) -> None:
         """Free every model of `name` (and its initial weights)."""
@@ -222,7 +227,7 @@ class Report(Harness):
 
     def loss_and_grad_norm(self, name: str, impl: str) -> tuple[float, float]:
         """Training loss and gradient norm at fixed times and noise, no guidance dropout; no step taken."""
-        implementation, b, s = self.models.get(name, impl), self.scale.train_batch, self.scale.size
+        implementation, b, s = self.models.get(name, impl, training=True), self.scale.train_batch, self.scale.size
         model = implementation.model.train()
         g = torch.Generator(self.device).manual_seed(6)
         t = torch.rand(b, generator=g, device=self.device)
@@ -242,7 +247,7 @@ class Report(Harness):
         row = Row(f"train step ({TRAIN_STEP_WORK})", name, impl, sc.train_batch, per_image)
 
         def run():
-            implementation = self.models.get(name, impl)
+            implementation = self.models.get(name, impl, training=True)
             implementation.model.train()
             step = implementation.train_step(self.images(sc.train_batch), self.models.config(name))
             try:
