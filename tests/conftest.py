@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 import tarfile
@@ -16,27 +15,10 @@ import torch
 
 import flowmo_fast
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from parity_helpers import FIXTURES, fixture_state_dict  # noqa: F401  (re-exported for the fixtures below)
 
 # Tests stay offline: anything that would download weights must find a local file instead.
 os.environ.setdefault("TORCH_HOME", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / "flowmo-test-torch-home"))
-
-
-def fixture_state_dict(manifest: dict, seed: int) -> dict:
-    """The reference fixture's weights, regenerated from the manifest and seed (see fixtures/README.md)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k in sorted(manifest):
-        shape = manifest[k]
-        w = torch.randn(shape, generator=g, dtype=torch.float32)
-        if len(shape) == 2:
-            w = w / math.sqrt(shape[1])
-        elif k.endswith(".scale"):
-            w = 1.0 + 0.1 * w
-        else:
-            w = 0.1 * w
-        out[k] = w
-    return out
 
 
 @pytest.fixture(scope="session")

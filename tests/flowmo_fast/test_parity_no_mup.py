@@ -7,7 +7,7 @@ import torch
 from test_parity import assert_close
 
 import flowmo_fast
-from conftest import FIXTURES, fixture_state_dict
+from parity_helpers import FIXTURES, fixture_state_dict
 
 
 @pytest.fixture(scope="module")
