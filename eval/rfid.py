@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from eval import metrics, weights
 from flowmo_fast import load_checkpoint
-from flowmo_fast.checkpoint import atomic_write, file_sha256, read_checkpoint
+from flowmo_fast.checkpoint import Which, atomic_write, file_sha256, read_checkpoint
 from flowmo_fast.cli import flags
 from flowmo_fast.data import ImageDataset, ImageSource, collate_images, nothing_decodes
 from flowmo_fast.distributed import Processes, gather_objects, gather_rows, processes
@@ -81,7 +81,7 @@ class MetricWeights:
 class EvaluationSettings:
     """How one model is evaluated (eval.rfid and eval.watch): weights, images, sampler, metric networks."""
 
-    which: str = "ema"  # the checkpoint's "ema" or "model" weights
+    which: Which = "ema"
     source: ImageSource = ImageSource()  # the data set (default: the bundled sample photos)
     subsample: int = 1  # every N-th image
     max_images: Optional[int] = None  # at most the first K kept images

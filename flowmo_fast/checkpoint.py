@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 import tempfile
-from typing import Any, BinaryIO, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterable, Literal, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,8 @@ from flowmo_fast.llm_infill import LLMInfiller, find_llm, llm_config_hash
 from flowmo_fast.llm_settings import LLM_QUANTIZATION, is_llm_quantization
 from flowmo_fast.model import FlowMo
 
-WHICH = {"ema": "model_ema_state_dict", "model": "model_state_dict"}
+Which = Literal["ema", "model"]  # a checkpoint's EMA or raw weights
+WHICH: dict[Which, str] = {"ema": "model_ema_state_dict", "model": "model_state_dict"}
 PRESET_BY_CODE = {("lfq", 18): "flowmo_lo", ("lfq", 56): "flowmo_hi", ("kl", 768): "flowmo_hi_kl"}
 # A code of Qwen2.5-Coder-0.5B's width (not doubled as for KL) is the LLM type; its seed command's code length.
 LLM_CODE_WIDTH = 896

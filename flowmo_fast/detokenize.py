@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from flowmo_fast.checkpoint import atomic_write, file_sha256, load_checkpoint
+from flowmo_fast.checkpoint import Which, atomic_write, file_sha256, load_checkpoint
 from flowmo_fast.distributed import pick_device
 from flowmo_fast.images import to_uint8
 from flowmo_fast.model import FlowMo
@@ -57,7 +57,7 @@ class DetokenizeSettings:
     ckpt: str  # the checkpoint whose encoder made the tokens (a published name resolved already)
     tokens: str  # the output folder of flowmo_fast.tokenize
     out: str  # folder for the PNG files
-    which: str = "ema"  # "ema" or "model" weights
+    which: Which = "ema"
     batch_size: int = 16  # rows per sampler call
     limit: Optional[int] = None  # decode only the first N rows
     device: str = "auto"

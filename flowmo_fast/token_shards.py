@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 
@@ -65,7 +65,7 @@ def check_tokenizable(model_config) -> None:
 class TokenSpec:
     """What one row is: "ids" (LFQ token ids, with vocab_size) or "latents" (KL posterior means, float16)."""
 
-    kind: str
+    kind: Literal["ids", "latents"]
     dtype: str
     row_shape: tuple[int, ...]
     vocab_size: Optional[int] = None

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from flowmo_fast.checkpoint import file_sha256, load_checkpoint, read_config
+from flowmo_fast.checkpoint import Which, file_sha256, load_checkpoint, read_config
 from flowmo_fast.data import ImageDataset, ImageSource, collate_images, nothing_decodes
 from flowmo_fast.distributed import Processes, barrier, on_rank0, processes
 from flowmo_fast.model import FlowMo, autocast_for
@@ -185,7 +185,7 @@ class TokenizeSettings:
 
     ckpt: str  # a checkpoint file (a published name resolved already)
     out: str  # output folder (created; reused by a rerun)
-    which: str = "ema"  # "ema" or "model" weights
+    which: Which = "ema"
     source: ImageSource = ImageSource()  # the images (default: the bundled sample photos)
     batch_size: int = 64  # images per encoder call, per process
     image_size: Optional[int] = None  # crop side; None: the checkpoint's data.image_size
