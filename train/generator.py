@@ -6,7 +6,8 @@ command resumes from the newest checkpoint in results/NAME/checkpoints.
 The tokenizer trainer's parts, reused: processes and DDP / FSDP2 (train.parallel), the training step with bf16
 autocast on CUDA and gradient accumulation, the AdamW warm-up + decay schedule (train.step), EMA (train.ema),
 metrics, TensorBoard and the progress bar (train.metrics), checkpoints and their retention (train.checkpointing),
-start point, RNG seeding and the non-finite-loss watch (train.loop). Each step: one batch of token rows per rank,
+start point and RNG seeding (train.loop), the step loop with its non-finite-loss watch and SIGTERM stop (train.steps:
+`GeneratorSteps` is this trainer's part of it). Each step: one batch of token rows per rank,
 masked-token loss (`TokenGenerator.loss`: its masks and label dropout draw from the global RNG, which the
 checkpoints carry, so a stopped and resumed run equals a straight one), AdamW step, EMA every 10 steps.
 """
@@ -14,11 +15,10 @@ checkpoints carry, so a stopped and resumed run equals a straight one), AdamW st
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,9 +31,10 @@ from train.checkpointing import Progress
 from train.ema import EMA
 from train.generator_config import PRESETS, GeneratorTrainingConfig, make_config
 from train.generator_data import TokenBatch, TokenData, open_tokens, token_batches
-from train.loop import NonFiniteWatch, StartPoint, find_start, in_processes, prepare, say, seed_rngs
+from train.loop import StartPoint, find_start, in_processes, prepare, say_size, seed_rngs
 from train.metrics import MetricLogger, peak_flops
-from train.step import build_optimizer, compiles, set_learning_rate, train_step
+from train.step import build_optimizer, compiles
+from train.steps import Drawn, LogExtra, StepHooks, finished, run_steps, say
 
 DEFAULT_PRESET = "B"
 TOKENS = "tokens"  # the checkpoint's record of its training tokens (flowmo_fast.generator.TokenSource)
@@ -107,9 +108,7 @@ def build_trainee(config: GeneratorTrainingConfig, procs: Processes, start: Star
     trainee = Trainee(model, objective, wrapped, EMA(model, config.trainer.ema_decay), optimizer)
     if start.resuming:
         checkpointing.restore(trainee, start.ckpt, start.path)
-    n_params = sum(p.numel() for p in model.parameters())
-    layout = "FSDP2" if config.trainer.fsdp else "DDP" if procs.world_size > 1 else "one process"
-    say(procs, f"TokenGenerator: {n_params / 1e6:.2f}M parameters; {layout}")
+    say_size(procs, "TokenGenerator", model, config)
     return trainee
 
 
@@ -152,13 +151,35 @@ def save(trainee: Trainee, config: GeneratorTrainingConfig, tokens: TokenData, p
     return path
 
 
+@dataclass
+class GeneratorSteps(StepHooks):
+    """The generator's part of the step loop: batches of token rows, the learning rate logged."""
+
+    config: GeneratorTrainingConfig
+    tokens: TokenData
+    procs: Processes
+    log_dir: str
+    progress: Progress
+    batches: Iterator[TokenBatch]
+    trainee: Trainee
+    metrics: MetricLogger
+
+    def next_batch(self) -> Drawn:
+        batch = next(self.batches)
+        return Drawn(batch, len(batch))
+
+    def log_extra(self) -> LogExtra:
+        return LogExtra({"lr": self.trainee.optimizer.param_groups[0]["lr"]})
+
+    def save(self) -> str:
+        return save(self.trainee, self.config, self.tokens, self.procs, self.log_dir, self.progress, self.metrics)
+
+
 def train(args: argparse.Namespace, tokens: TokenData, config: GeneratorTrainingConfig, procs: Processes) -> int:
     log_dir = prepare(args, config, procs)
     start = find_start(args, log_dir, procs)
-    progress, trainer = start.progress, config.trainer
-    if progress.total_steps >= trainer.max_steps:
-        say(procs, f"nothing to do: already at step {progress.total_steps} >= trainer.max_steps={trainer.max_steps}; "
-            "set trainer.max_steps higher to train further")
+    progress = start.progress
+    if finished(progress, config, procs):
         return 0
     check_tokens(start, tokens)
     say(procs, f"training data: {tokens.describe()}")
@@ -167,33 +188,8 @@ def train(args: argparse.Namespace, tokens: TokenData, config: GeneratorTraining
     trainee = build_trainee(config, procs, start)
     metrics = build_metrics(config, procs, log_dir, progress, trainee.model)
     seed_rngs(config, procs, start)
-    watch, last_good = NonFiniteWatch(procs.device), start.path if start.resuming else ""
-    say(procs, f"training from step {progress.total_steps} to {trainer.max_steps}")
-    with parallel.StopRequest(procs) as stop, contextlib.closing(metrics):
-        while progress.total_steps < trainer.max_steps:
-            batch = next(batches)
-            progress.data_position += len(batch)
-            trainee.objective.train()
-            set_learning_rate(trainee.optimizer, config, progress.total_steps)
-            terms = train_step(trainee.wrapped, trainee.model, batch.to(procs.device, non_blocking=True),
-                               trainee.optimizer, config, procs.device)
-            trainee.ema.update(trainee.model, progress.total_steps)
-            progress.total_steps += 1
-            step = progress.total_steps  # steps done; the log, checkpoints and messages count this way
-            watch.observe(terms.total_loss, step)
-            metrics.add(terms.logged)
-            stopping = stop.agreed()
-            final = step == trainer.max_steps or stopping
-            if step % trainer.log_every == 0 or final:
-                watch.check(procs, last_good)
-                metrics.log(step, {"lr": trainee.optimizer.param_groups[0]["lr"]})
-            if step % trainer.checkpoint_every == 0 or final:
-                watch.check(procs, last_good)
-                last_good = save(trainee, config, tokens, procs, log_dir, progress, metrics)
-            if stopping:
-                say(procs, f"stopped by SIGTERM after step {step}; rerun the same command to resume")
-                break
-    say(procs, f"done at step {progress.total_steps}; newest checkpoint {last_good}")
+    hooks = GeneratorSteps(config, tokens, procs, log_dir, progress, batches, trainee, metrics)
+    run_steps(trainee, config, procs, progress, metrics, hooks, start.path if start.resuming else "")
     return 0
 
 

@@ -1,6 +1,6 @@
 """The training loop of `train.pretrain` and `train.posttrain` (upstream `flowmo/train.py`). A run is set up by
 named parts (start point, data, model and optimizer, RNG), then `train` steps through it with logging,
-progress grids and checkpoints.
+progress grids and checkpoints: the step loop of train.steps, with `TokenizerSteps` as FlowMo's part of it.
 
 Each step: one batch per rank, split into `opt.n_grad_acc` micro-batches (gradients reduced on the last),
 bf16 autocast on CUDA, Adam step, weight norms reset to their initial values, EMA every 10 steps.
@@ -9,7 +9,6 @@ bf16 autocast on CUDA, Adam step, weight norms reset to their initial values, EM
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -22,7 +21,7 @@ import torch
 from flowmo_fast.checkpoint import CheckpointError, check_llm_record, model_records, read_checkpoint
 from flowmo_fast.config import Config
 from flowmo_fast.data import DataError, ImageBatch, ImageDataset, build_dataset, first_valid_images, make_loader
-from flowmo_fast.distributed import Processes, min_across_ranks, processes, spare_cpus
+from flowmo_fast.distributed import Processes, processes, spare_cpus
 from flowmo_fast.images import GRID_IMAGES
 from flowmo_fast.llm_infill import find_llm
 from flowmo_fast.llm_settings import is_llm_quantization
@@ -36,11 +35,8 @@ from train.norms import WeightNormFixer
 from train.objective import FlowMoObjective
 from train.perceptual import build_perceptual_loss
 from train.samples import save_grid
-from train.step import build_optimizer, compile_for_training, set_learning_rate, train_step
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
+from train.step import build_optimizer, compile_for_training
+from train.steps import Drawn, LogExtra, NonFiniteLoss, StepHooks, finished, run_steps, say
 
 
 def next_images(batches: Iterator[ImageBatch], minimum: int, config: Config, dataset: ImageDataset, note: Callable[[str], None]) -> tuple[torch.Tensor, int, int]:
@@ -58,27 +54,6 @@ def next_images(batches: Iterator[ImageBatch], minimum: int, config: Config, dat
             raise DataError(
                 f"{drawn} images drawn from {dataset.describe()} without a batch of {minimum} that decode "
                 f"({skipped} failed): check that the files are images PIL can read, or train on another folder"
-            )
-
-
-class NonFiniteWatch:
-    """Remembers, on the device (no sync per step), the first step (counted from 1) whose loss was NaN or inf."""
-
-    def __init__(self, device: torch.device):
-        self.first = torch.full((), -1, dtype=torch.long, device=device)
-
-    def observe(self, loss: torch.Tensor, step: int) -> None:
-        self.first = torch.where((self.first < 0) & ~torch.isfinite(loss), step, self.first)
-
-    def check(self, procs: Processes, last_good: str) -> None:
-        """Raise on every rank if any rank saw a non-finite loss."""
-        first = int(self.first.item())
-        first = min_across_ranks(first if first >= 0 else 2**62, procs)
-        if first < 2**62:
-            raise NonFiniteLoss(
-                f"the loss became NaN or inf at step {first}; stopping without saving. "
-                f"Last good checkpoint: {last_good or 'none yet'}. Lower opt.lr (or check the data) and rerun "
-                "the same command to resume from it."
             )
 
 
@@ -111,12 +86,6 @@ def require_llm(config: Config) -> None:
         find_llm(config.model)
     except (FileNotFoundError, ImportError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-
-
-def say(procs: Processes, message: str) -> None:
-    """A line on rank 0's stdout."""
-    if procs.is_main:
-        print(message, flush=True)
 
 
 @dataclass
@@ -207,10 +176,15 @@ def build_trainee(config: Config, procs: Processes, start: StartPoint) -> Traine
                       EMA(model, config.model.ema_decay), norms, build_optimizer(model, config))
     if start.resuming:
         checkpointing.restore(trainee, start.ckpt, start.path)
+    say_size(procs, "FlowMo", model, config)
+    return trainee
+
+
+def say_size(procs: Processes, name: str, model: torch.nn.Module, config) -> None:
+    """The trained model's parameter count and how it is spread over the processes. Any trainer's."""
     n_params = sum(p.numel() for p in model.parameters())
     layout = "FSDP2" if config.trainer.fsdp else "DDP" if procs.world_size > 1 else "one process"
-    say(procs, f"FlowMo: {n_params / 1e6:.2f}M parameters; {layout}")
-    return trainee
+    say(procs, f"{name}: {n_params / 1e6:.2f}M parameters; {layout}")
 
 
 def seed_rngs(config: Config, procs: Processes, start: StartPoint) -> None:
@@ -272,50 +246,55 @@ def prepare(args: argparse.Namespace, config: Config, procs: Processes) -> str:
     return log_dir
 
 
+@dataclass
+class TokenizerSteps(StepHooks):
+    """FlowMo's part of the step loop: the encoder frozen when due, batches of decodable images (the skipped ones
+    counted), weight norms reset after each optimizer step, the encoder checksum logged, progress grids."""
+
+    config: Config
+    procs: Processes
+    log_dir: str
+    progress: Progress
+    data: Data
+    trainee: Trainee
+    metrics: MetricLogger
+    skipped_total: int = 0  # images that did not decode, this rank, this run
+
+    def before_step(self) -> None:
+        freeze_encoder_if_due(self.trainee, self.config, self.procs, self.progress, self.metrics)
+
+    def next_batch(self) -> Drawn:
+        images, skipped, drawn = next_images(self.data.batches, self.config.opt.n_grad_acc, self.config,
+                                             self.data.dataset, self.metrics.note)
+        self.skipped_total += skipped
+        return Drawn(images, drawn)
+
+    def after_optimizer_step(self) -> None:
+        if self.trainee.norms is not None:
+            self.trainee.norms.apply(self.trainee.model)
+
+    def log_extra(self) -> LogExtra:
+        checksum = sum(parallel.full_tensor(p.mean()) for p in self.trainee.model.encoder.parameters())
+        return LogExtra({"encoder_checksum": float(checksum)}, self.skipped_total)
+
+    def sample(self, step: int, final: bool) -> None:
+        if (step % self.config.trainer.sample_every == 0 or final) and len(self.data.grid_images):
+            save_grid(self.trainee.model, self.data.grid_images, self.log_dir, step, self.procs, self.metrics)
+
+    def save(self) -> str:
+        return save(self.trainee, self.config, self.procs, self.log_dir, self.progress, self.metrics)
+
+
 def train(args: argparse.Namespace, config: Config, procs: Processes) -> int:
     log_dir = prepare(args, config, procs)
     start = find_start(args, log_dir, procs)
-    progress, trainer = start.progress, config.trainer
-    if progress.total_steps >= trainer.max_steps:
-        say(procs, f"nothing to do: already at step {progress.total_steps} >= trainer.max_steps={trainer.max_steps}; "
-            "set trainer.max_steps higher to train further")
+    progress = start.progress
+    if finished(progress, config, procs):
         return 0
     data = build_data(config, procs, progress)
     trainee = build_trainee(config, procs, start)
     metrics = build_metrics(config, procs, log_dir, progress)
     seed_rngs(config, procs, start)
-    watch, last_good, skipped_total = NonFiniteWatch(procs.device), start.path if start.resuming else "", 0
-    say(procs, f"training from step {progress.total_steps} to {trainer.max_steps}")
-    with parallel.StopRequest(procs) as stop, contextlib.closing(metrics):
-        while progress.total_steps < trainer.max_steps:
-            freeze_encoder_if_due(trainee, config, procs, progress, metrics)
-            images, skipped, drawn = next_images(data.batches, config.opt.n_grad_acc, config, data.dataset, metrics.note)
-            progress.data_position += drawn
-            skipped_total += skipped
-            trainee.objective.train()
-            set_learning_rate(trainee.optimizer, config, progress.total_steps)
-            terms = train_step(trainee.wrapped, trainee.model, images.to(procs.device, non_blocking=True),
-                               trainee.optimizer, config, procs.device)
-            if trainee.norms is not None:
-                trainee.norms.apply(trainee.model)
-            trainee.ema.update(trainee.model, progress.total_steps)
-            progress.total_steps += 1
-            step = progress.total_steps  # steps done; the log, checkpoints and messages count this way
-            watch.observe(terms.total_loss, step)
-            metrics.add(terms.logged)
-            stopping = stop.agreed()
-            final = step == trainer.max_steps or stopping
-            if step % trainer.log_every == 0 or final:
-                watch.check(procs, last_good)
-                checksum = sum(parallel.full_tensor(p.mean()) for p in trainee.model.encoder.parameters())
-                metrics.log(step, {"encoder_checksum": float(checksum)}, skipped_total)
-            if (step % trainer.sample_every == 0 or final) and len(data.grid_images):
-                save_grid(trainee.model, data.grid_images, log_dir, step, procs, metrics)
-            if step % trainer.checkpoint_every == 0 or final:
-                watch.check(procs, last_good)
-                last_good = save(trainee, config, procs, log_dir, progress, metrics)
-            if stopping:
-                say(procs, f"stopped by SIGTERM after step {step}; rerun the same command to resume")
-                break
-    say(procs, f"done at step {progress.total_steps}; newest checkpoint {last_good}")
+    hooks = TokenizerSteps(config, procs, log_dir, progress, data, trainee, metrics)
+    run_steps(trainee, config, procs, progress, metrics, hooks, start.path if start.resuming else "")
     return 0

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import re
-import signal
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,17 +20,9 @@ from train.generator_config import make_config
 from train.generator_data import TokenLayout
 
 from generator_helpers import TOKENIZER_SHA, pattern_rows, write_token_folder
-from train_helpers import REPO, check, command_env, run_command
+from train_helpers import assert_same_training_state, check, log_lines, run_command, stop_with_sigterm
 
 TINY = ["--preset", "tiny", "data.batch_size=8", "trainer.log_every=5"]
-
-
-def log_lines(stdout: str) -> dict[int, dict[str, float]]:
-    """{step: {name: value}} from the lines `step N | name value | ...`."""
-    out = {}
-    for m in re.finditer(r"^step (\d+) \| (.*)$", stdout, re.M):
-        out[int(m.group(1))] = {k: float(v) for k, v in (part.rsplit(" ", 1) for part in m.group(2).split(" | "))}
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,33 +90,13 @@ def test_a_stopped_and_resumed_run_equals_the_straight_run(straight, tokens, tmp
     reference_dir, _ = straight
     args = ["train.generator", "--tokens", tokens, *TINY, "--results-dir", tmp_path, "--experiment-name", "b",
             "trainer.max_steps=40", "trainer.log_every=1", "trainer.checkpoint_every=1000"]
-    proc = subprocess.Popen([sys.executable, "-m", *map(str, args)], cwd=REPO, env=command_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if re.match(r"step [3-9] \|", line):
-            proc.send_signal(signal.SIGTERM)
-            break
-    seen.append(proc.stdout.read())
-    proc.wait(timeout=120)
-    stopped = re.search(r"stopped by SIGTERM after step (\d+)", "".join(seen))
-    assert stopped, "".join(seen)[-3000:]
-    step = int(stopped.group(1))
+    step = stop_with_sigterm(args)
     assert 3 <= step < 40 and [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(tmp_path / "b"))] == [step]
 
     code, stdout = train(args[1:], capsys)
     assert code == 0, stdout[-3000:]
     assert f"resuming from {tmp_path / 'b' / 'checkpoints' / ('%08d.pth' % step)} (step {step})" in stdout
-    resumed = read_checkpoint(tmp_path / "b" / "checkpoints" / "00000040.pth")
-    reference = read_checkpoint(reference_dir / "checkpoints" / "00000040.pth")
-    for key in ("model_state_dict", "model_ema_state_dict"):
-        for name, value in reference[key].items():
-            assert torch.equal(resumed[key][name], value), (key, name)
-    for pid, state in reference["optimizer_state_dict"]["state"].items():
-        for k, v in state.items():
-            assert torch.equal(resumed["optimizer_state_dict"]["state"][pid][k], v), (pid, k)
-    assert resumed["data_position"] == reference["data_position"]
+    assert_same_training_state(tmp_path / "b" / "checkpoints" / "00000040.pth", reference_dir / "checkpoints" / "00000040.pth")
 
 
 def one_line_error(argv: list) -> str:

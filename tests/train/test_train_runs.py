@@ -9,9 +9,6 @@ from __future__ import annotations
 import io
 import math
 import re
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,17 +20,9 @@ from flowmo_fast.checkpoint import read_checkpoint
 from flowmo_fast.config import config_from_dict
 from train import checkpointing, posttrain, pretrain
 
-from train_helpers import REPO, check, command_env, run_command
+from train_helpers import assert_same_training_state, check, log_lines, run_command, stop_with_sigterm
 
 TINY = ["--preset", "tiny", "data.image_size=16", "data.batch_size=2"]
-
-
-def log_lines(stdout: str) -> dict[int, dict[str, float]]:
-    """{step: {name: value}} from the lines `step N | name value | ...`."""
-    out = {}
-    for m in re.finditer(r"^step (\d+) \| (.*)$", stdout, re.M):
-        out[int(m.group(1))] = {k: float(v) for k, v in (part.rsplit(" ", 1) for part in m.group(2).split(" | "))}
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -73,33 +62,12 @@ def test_sigterm_then_resume_gives_the_uninterrupted_weights(uninterrupted, tmp_
     reference_dir, _ = uninterrupted
     args = ["train.pretrain", *TINY, "--results-dir", tmp_path, "--experiment-name", "b", "trainer.max_steps=10",
             "trainer.log_every=1", "trainer.checkpoint_every=1000", "trainer.sample_every=1000"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
-    proc = subprocess.Popen(launcher + list(map(str, args)), cwd=REPO, env=command_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if re.match(r"step [3-9] \|", line):
-            proc.send_signal(signal.SIGTERM)
-            break
-    seen.append(proc.stdout.read())
-    proc.wait(timeout=120)
-    stopped = re.search(r"stopped by SIGTERM after step (\d+)", "".join(seen))
-    assert stopped, "".join(seen)[-3000:]
-    step = int(stopped.group(1))
+    step = stop_with_sigterm(args, nproc=2)
     assert 3 <= step < 10 and [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(tmp_path / "b"))] == [step]
 
     stdout = check(run_command(args, nproc=2))
     assert f"resuming from {tmp_path / 'b' / 'checkpoints' / ('%08d.pth' % step)}" in stdout
-    resumed = read_checkpoint(tmp_path / "b" / "checkpoints" / "00000010.pth")
-    reference = read_checkpoint(reference_dir / "checkpoints" / "00000010.pth")
-    for key in ("model_state_dict", "model_ema_state_dict"):
-        for name, value in reference[key].items():
-            assert torch.equal(resumed[key][name], value), (key, name)
-    for pid, state in reference["optimizer_state_dict"]["state"].items():
-        for k, v in state.items():
-            assert torch.equal(resumed["optimizer_state_dict"]["state"][pid][k], v), (pid, k)
-    assert resumed["data_position"] == reference["data_position"]
+    assert_same_training_state(tmp_path / "b" / "checkpoints" / "00000010.pth", reference_dir / "checkpoints" / "00000010.pth")
 
 
 def run_in_process(main, args: list, capsys) -> tuple[int, str]:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+from flowmo_fast.checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -15,14 +21,57 @@ def command_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run_command(args: list, timeout: float = 600, nproc: int = 0) -> subprocess.CompletedProcess:
-    """`python -m ...` (nproc=0) or `torchrun --standalone --nproc-per-node=nproc -m ...`; stdout+stderr kept."""
+def command_line(args: list, nproc: int = 0) -> list[str]:
+    """`python -m ARGS` (nproc=0) or `torchrun --standalone --nproc-per-node=nproc -m ARGS`."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc else [sys.executable]
-    return subprocess.run(
-        launcher + ["-m", *map(str, args)], cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=timeout
-    )
+    return launcher + ["-m", *map(str, args)]
+
+
+def run_command(args: list, timeout: float = 600, nproc: int = 0) -> subprocess.CompletedProcess:
+    """`command_line(args, nproc)` run to its end; stdout+stderr kept."""
+    return subprocess.run(command_line(args, nproc), cwd=REPO, env=command_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def stop_with_sigterm(args: list, nproc: int = 0) -> int:
+    """Start `command_line(args, nproc)` (a training command with trainer.log_every=1), send SIGTERM once it logs a
+    step in 3..9, and return the step it says it stopped after."""
+    proc = subprocess.Popen(command_line(args, nproc), cwd=REPO, env=command_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.match(r"step [3-9] \|", line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    seen.append(proc.stdout.read())
+    proc.wait(timeout=120)
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)", "".join(seen))
+    assert stopped, "".join(seen)[-3000:]
+    return int(stopped.group(1))
+
+
+def assert_same_training_state(resumed_path, reference_path) -> None:
+    """Two checkpoints hold the same weights, EMA weights and optimizer moments bit for bit, and the same data
+    position (a resumed run against a straight one)."""
+    resumed, reference = read_checkpoint(resumed_path), read_checkpoint(reference_path)
+    for key in ("model_state_dict", "model_ema_state_dict"):
+        for name, value in reference[key].items():
+            assert torch.equal(resumed[key][name], value), (key, name)
+    for pid, state in reference["optimizer_state_dict"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(resumed["optimizer_state_dict"]["state"][pid][k], v), (pid, k)
+    assert resumed["data_position"] == reference["data_position"]
 
 
 def check(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, f"exit code {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout
+
+
+def log_lines(stdout: str) -> dict[int, dict[str, float]]:
+    """{step: {name: value}} from the lines `step N | name value | ...`."""
+    out = {}
+    for m in re.finditer(r"^step (\d+) \| (.*)$", stdout, re.M):
+        out[int(m.group(1))] = {k: float(v) for k, v in (part.rsplit(" ", 1) for part in m.group(2).split(" | "))}
+    return out
