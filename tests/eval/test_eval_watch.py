@@ -103,6 +103,12 @@ def watched_run(run_checkpoints, inception_weights, tmp_path_factory):
     return finished, run, stdout
 
 
+def default_sigint() -> None:
+    """Ctrl-C as a terminal delivers it: a shell starts background jobs (`cmd &`, as CI may run the suite) with
+    SIGINT ignored, and a child that inherits that never sees the test's SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Command:
     """`python -m eval.watch ...` in a subprocess (or under torchrun with nproc), its output read as it comes."""
 
@@ -112,7 +118,7 @@ class Command:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [*launcher, "-m", "eval.watch", *argv], cwd=REPO, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=default_sigint,
         )
         self.lines: list[str] = []
         self.queue: queue.Queue = queue.Queue()
