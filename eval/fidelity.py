@@ -23,11 +23,9 @@ import numpy as np
 import torch
 import torch_fidelity
 from torch import Tensor, nn
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
-from eval.metrics import feature_statistics
-from eval.weights import WeightsUnavailable
+from eval.metrics import feature_statistics, fid_inception
 
 EVALUATOR = f"torch-fidelity {torch_fidelity.__version__} inception-v3-compat"
 IS_SPLITS = 10  # as torch-fidelity and the ADM suite (50,000 samples: 10 splits of 5,000)
@@ -40,15 +38,7 @@ class FidelityInception(nn.Module):
 
     def __init__(self, weights_path: str):
         super().__init__()
-        try:
-            self.net = FeatureExtractorInceptionV3(
-                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path
-            )
-        except Exception as e:
-            raise WeightsUnavailable(
-                f"cannot load the Inception weights from {weights_path} ({type(e).__name__}: {str(e)[:200]}); "
-                "expected pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
-            ) from e
+        self.net = fid_inception(weights_path, ("2048", "logits_unbiased"))
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:

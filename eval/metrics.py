@@ -134,6 +134,22 @@ def ssim(reference: Tensor, test: Tensor, win_size: int = 7, k1: float = 0.01, k
 # ---- Networks --------------------------------------------------------------------------------------------
 
 
+def fid_inception(weights_path: str, features: tuple[str, ...]) -> nn.Module:
+    """torch-fidelity's `inception-v3-compat` (the FID Inception) with its weights read from `weights_path`, giving
+    `features`; a file it cannot load raises WeightsUnavailable naming the file and what was expected."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    try:
+        return FeatureExtractorInceptionV3(
+            "inception-v3-compat", list(features), feature_extractor_weights_path=weights_path
+        )
+    except Exception as e:
+        raise WeightsUnavailable(
+            f"cannot load the FID Inception weights from {weights_path} ({type(e).__name__}: {str(e)[:200]}); "
+            "expected pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
+        ) from e
+
+
 class InceptionPool3(nn.Module):
     """images [B, 3, H, W] in [-1, 1] -> the FID Inception's 2048-d average-pool features [B, 2048], float32.
 
@@ -143,15 +159,7 @@ class InceptionPool3(nn.Module):
 
     def __init__(self, weights_path: str):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        try:
-            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path)
-        except Exception as e:
-            raise WeightsUnavailable(
-                f"cannot load the FID Inception weights from {weights_path} ({type(e).__name__}: {str(e)[:200]}); "
-                "expected pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
-            ) from e
+        net = fid_inception(weights_path, ("2048",))
         self.layers = nn.Sequential(*(getattr(net, name) for name in INCEPTION_LAYERS))
         self.layers.to(memory_format=torch.channels_last)
 
