@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -113,22 +113,32 @@ class GraphedSampler:
             compile_blocks(self.model, dynamic=False)
         static_z, static_code = z.clone(), code.clone()
         static_null = null_code.clone() if null_code is not None else None
-        # Autocast's weight-cast cache must be off while capturing (cached casts would escape the graph).
-        amp = (
-            torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-            if autocast
-            else contextlib.nullcontext()
-        )
-        # Streams, the capture and its memory pool belong to the current device, not the tensors': make z's current.
-        with torch.cuda.device(z.device):
-            side = torch.cuda.Stream(device=z.device)
-            side.wait_stream(torch.cuda.current_stream(z.device))
-            with torch.cuda.stream(side), amp:  # warm-up: compile, autotune, pick attention backends
-                flow.sample(self.model, static_z, static_code, static_null, options)
-            torch.cuda.current_stream(z.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: CUDA calls of other threads (a pin-memory DataLoader's cudaHostAlloc and
-            # cudaEventQuery) during the capture neither fail it nor are captured
-            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"), amp:
-                out = flow.sample(self.model, static_z, static_code, static_null, options)
+        run = lambda: flow.sample(self.model, static_z, static_code, static_null, options)  # noqa: E731
+        graph, out = capture_graph(run, z.device, autocast)
         return _Captured(graph, static_z, static_code, static_null, out)
+
+
+def capture_graph(
+    run: Callable[[], Tensor], device: torch.device, autocast: bool
+) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """`run` (reading only static tensors) warmed up once on a side stream of `device`, then captured there into
+    a CUDA graph; returns the graph and the output tensor its replays write. With `autocast`, both run under
+    bf16 autocast without its weight-cast cache (cached casts would escape the graph)."""
+    amp = (
+        torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+        if autocast
+        else contextlib.nullcontext()
+    )
+    # Streams, the capture and its memory pool belong to the current device, not the tensors': make it current.
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), amp:  # warm-up: compile, autotune, pick attention backends
+            run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA calls of other threads (a pin-memory DataLoader's cudaHostAlloc and
+        # cudaEventQuery) during the capture neither fail it nor are captured
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"), amp:
+            out = run()
+    return graph, out

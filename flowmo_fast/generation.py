@@ -18,7 +18,6 @@ CUDA it is captured once per shape as a CUDA graph (`GraphedGenerator`) and repl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowmo_fast.fast import capture_graph
 from flowmo_fast.generator import MASK_SCHEDULES, MaskSchedule, TokenGenerator, mask_ratio, tokens_to_bits
 from flowmo_fast.noise import MAX_SEED
 
@@ -218,18 +218,6 @@ class GraphedGenerator:
             self.model.compile_blocks(dynamic=False)
         static_keys = keys.clone()
         static_labels = labels.clone().long() if labels is not None else None
-        amp = (
-            torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-            if autocast
-            else contextlib.nullcontext()
-        )
-        with torch.cuda.device(keys.device):
-            side = torch.cuda.Stream(device=keys.device)
-            side.wait_stream(torch.cuda.current_stream(keys.device))
-            with torch.cuda.stream(side), amp:
-                generate(self.model, static_labels, static_keys, options)
-            torch.cuda.current_stream(keys.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"), amp:
-                out = generate(self.model, static_labels, static_keys, options)
+        run = lambda: generate(self.model, static_labels, static_keys, options)  # noqa: E731
+        graph, out = capture_graph(run, keys.device, autocast)
         return _Captured(graph, static_labels, static_keys, out)
