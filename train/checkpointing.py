@@ -53,6 +53,14 @@ class Config(Protocol):
     def to_dict(self) -> dict: ...
 
 
+class Retention(Protocol):
+    keep_every: int
+
+
+class TrainerConfig(Config, Protocol):
+    trainer: Retention  # keep_every: upstream's retention (`prune`)
+
+
 @dataclass
 class Progress:
     """Where a run stands: optimizer steps taken and samples each rank has drawn from its data stream."""
@@ -104,6 +112,20 @@ def save(
     ckpt[CONFIG] = config.to_dict()
     ckpt.update(records())
     atomic_save(ckpt, path)
+
+
+def save_step(
+    log_dir: str, trainee: Trainee, progress: Progress, procs: Processes, config: TrainerConfig,
+    records: Callable[[], Mapping[str, Any]], note: Callable[[str], None],
+) -> str:
+    """The run's checkpoint of this step (`save`: every rank calls it), then, on rank 0, upstream's retention
+    (`config.trainer.keep_every`) and a "saved PATH" line through `note`. Returns the path."""
+    path = checkpoint_path(log_dir, progress.total_steps)
+    save(path, trainee, progress, procs, config, records)
+    if procs.is_main:
+        prune(log_dir, config.trainer.keep_every)
+        note(f"saved {path}")
+    return path
 
 
 def load_model(model: nn.Module, ckpt: Mapping, path: str) -> None:

@@ -140,17 +140,6 @@ def check_tokens(start: StartPoint, tokens: TokenData) -> None:
         )
 
 
-def save(trainee: Trainee, config: GeneratorTrainingConfig, tokens: TokenData, procs: Processes, log_dir: str,
-         progress: Progress, metrics: MetricLogger) -> str:
-    """Every rank gathers (FSDP needs all); rank 0 writes, then prunes. Returns the path."""
-    path = checkpointing.checkpoint_path(log_dir, progress.total_steps)
-    checkpointing.save(path, trainee, progress, procs, config, lambda: {TOKENS: tokens.record})
-    if procs.is_main:
-        checkpointing.prune(log_dir, config.trainer.keep_every)
-        metrics.write(f"saved {path}")
-    return path
-
-
 @dataclass
 class GeneratorSteps(StepHooks):
     """The generator's part of the step loop: batches of token rows, the learning rate logged."""
@@ -172,7 +161,9 @@ class GeneratorSteps(StepHooks):
         return LogExtra({"lr": self.trainee.optimizer.param_groups[0]["lr"]})
 
     def save(self) -> str:
-        return save(self.trainee, self.config, self.tokens, self.procs, self.log_dir, self.progress, self.metrics)
+        records = lambda: {TOKENS: self.tokens.record}  # noqa: E731
+        return checkpointing.save_step(self.log_dir, self.trainee, self.progress, self.procs, self.config, records,
+                                       self.metrics.write)
 
 
 def train(args: argparse.Namespace, tokens: TokenData, config: GeneratorTrainingConfig, procs: Processes) -> int:

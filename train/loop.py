@@ -221,17 +221,6 @@ def freeze_encoder_if_due(trainee: Trainee, config: Config, procs: Processes, pr
     trainee.optimizer = build_optimizer(trainee.model, config)
 
 
-def save(trainee: Trainee, config: Config, procs: Processes, log_dir: str, progress: Progress,
-         metrics: MetricLogger) -> str:
-    """Every rank gathers (FSDP needs all); rank 0 writes, then prunes. Returns the path."""
-    path = checkpointing.checkpoint_path(log_dir, progress.total_steps)
-    checkpointing.save(path, trainee, progress, procs, config, functools.partial(model_records, config))
-    if procs.is_main:
-        checkpointing.prune(log_dir, config.trainer.keep_every)
-        metrics.write(f"saved {path}")
-    return path
-
-
 def prepare(args: argparse.Namespace, config: Config, procs: Processes) -> str:
     """The experiment folder (created, config.json written by rank 0) and CUDA settings; returns the folder."""
     log_dir = os.path.join(args.results_dir, args.experiment_name)
@@ -282,7 +271,9 @@ class TokenizerSteps(StepHooks):
             save_grid(self.trainee.model, self.data.grid_images, self.log_dir, step, self.procs, self.metrics)
 
     def save(self) -> str:
-        return save(self.trainee, self.config, self.procs, self.log_dir, self.progress, self.metrics)
+        records = functools.partial(model_records, self.config)
+        return checkpointing.save_step(self.log_dir, self.trainee, self.progress, self.procs, self.config, records,
+                                       self.metrics.write)
 
 
 def train(args: argparse.Namespace, config: Config, procs: Processes) -> int:
