@@ -34,7 +34,7 @@ setup(
             "transformers>=4.40",  # tests/flowmo_fast/test_llm_infill.py: a tiny random Qwen2, no download
             "setuptools>=70.1",  # tests/test_packaging.py builds a wheel without build isolation (bdist_wheel built in)
         ],
-        "llm": ["transformers>=4.40"],  # model.quantization_type=qwen2.5-coder-0.5b (flowmo_fast.llm_infill)
+        "llm": ["transformers>=4.40"],  # model.quantization_type=qwen2.5-coder-0.5b (flowmo_fast.flowmo.llm_infill)
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25", "nvtx>=0.2"],
         "reference": ["mup>=1.0", "omegaconf>=2.1"],  # bench/: upstream's code from $FLOWMO_REFERENCE
     },

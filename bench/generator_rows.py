@@ -3,26 +3,24 @@ tokenizer's rows): the generator's training step (its MFU) and images/s of gener
 them into pictures, for FlowMo-Lo's tokens.
 
 plain = the generator eager and FlowMo's plain sampler; fast = the generator's blocks compiled, its sampling loop
-one CUDA graph (flowmo_fast.generation.GraphedGenerator), and FlowMo's fast path (compiled blocks, Triton kernels,
+one CUDA graph (flowmo_fast.maskgit.sampling.GraphedGenerator), and FlowMo's fast path (compiled blocks, Triton kernels,
 CUDA-graph sampler). bf16 autocast on CUDA. The generator is the B preset (the tiny one in --dry-run), 1000
 classes, random weights.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from bench.report import Report
 from bench.report_rows import Check, Row
-from flowmo_fast import flops
-from flowmo_fast.generation import GenerationOptions, GraphedGenerator, generate, sample_keys
-from flowmo_fast.generator import TokenGenerator, preset_config
-from flowmo_fast.model import autocast_for
-from flowmo_fast.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from bench.gpu_report import Report
+from flowmo_fast.codec import Tokenizer
+from flowmo_fast.flowmo import flops
+from flowmo_fast.flowmo.model import autocast_for
+from flowmo_fast.maskgit.model import TokenGenerator
+from flowmo_fast.maskgit.sampling import GenerationOptions, GraphedGenerator, generate, sample_keys
+from train.generator_config import preset_model
+from train.generator_data import TokenLayout
 
 CLASSES = 1000
 FULL_BATCH = 64  # rows of a training step, and images of generate + decode
@@ -30,18 +28,19 @@ FULL_OPTIONS = GenerationOptions()  # eval.generate's defaults: 64 steps, cfg on
 DRY_OPTIONS = GenerationOptions(steps=4)
 
 
-def setting(report: "Report") -> tuple[str, int, GenerationOptions]:
+def setting(report: Report) -> tuple[str, int, GenerationOptions]:
     """(generator preset, batch, sampler options) of this report's scale."""
-    if report.args.dry_run:
+    if report.settings.dry_run:
         return "tiny", report.scale.batch, DRY_OPTIONS
     return "B", FULL_BATCH, FULL_OPTIONS
 
 
-def build_generator(report: "Report", name: str, impl: str) -> TokenGenerator:
+def build_generator(report: Report, name: str, impl: str) -> TokenGenerator:
     """The generator for `name`'s tokens, the same random weights for every impl; fast: blocks compiled."""
     m = report.models.config(name).model
     torch.manual_seed(0)
-    config = preset_config(setting(report)[0], m.code_length, m.context_dim, m.codebook_size_for_entropy, CLASSES)
+    layout = TokenLayout(m.code_length, m.context_dim, m.codebook_size_for_entropy, CLASSES)
+    config = preset_model(setting(report)[0], layout)
     with torch.device(report.device):
         model = TokenGenerator(config)
     if impl == "fast":
@@ -49,7 +48,7 @@ def build_generator(report: "Report", name: str, impl: str) -> TokenGenerator:
     return model
 
 
-def train_step(report: "Report", name: str, impl: str) -> None:
+def train_step(report: Report, name: str, impl: str) -> None:
     """Loss (masking and label dropout drawn), backward, fused AdamW step; fast vs plain: the first loss."""
     _, batch, _ = setting(report)
     row = Row(f"generator train step ({setting(report)[0]} preset)", name, impl, batch, None)
@@ -85,7 +84,7 @@ def train_step(report: "Report", name: str, impl: str) -> None:
     report.attempt(f"generator train step {name} {impl}", report.reserve(impl), run, row)
 
 
-def generate_and_decode(report: "Report", name: str, impl: str) -> None:
+def generate_and_decode(report: Report, name: str, impl: str) -> None:
     """Class-conditional token rows (guided), then FlowMo's sampler (the report's reconstruct settings) on them:
     images/s of the whole pipeline; fast vs plain: the share of token ids that differ."""
     _, batch, options = setting(report)

@@ -25,12 +25,12 @@ from torch import Tensor, nn
 
 import flowmo_fast
 from bench import upstream
-from flowmo_fast import flow
-from flowmo_fast.config import Config
-from flowmo_fast.fast import compile_blocks
 from flowmo_fast.autocast import autocast_for
-from flowmo_fast.sampling import SamplingOptions
-from flowmo_fast.token_shards import TokenSpec
+from flowmo_fast.config import Config
+from flowmo_fast.flowmo import flow
+from flowmo_fast.flowmo.graphed_sampler import compile_blocks
+from flowmo_fast.formats.token_shards import TokenSpec
+from flowmo_fast.sampler_settings import SamplingOptions
 from flowmo_fast.tokenize import make_encoder
 from flowmo_kernels import triton_available
 from flowmo_kernels.rope import rope_tables

@@ -3,18 +3,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from bench import upstream
 from bench.impls import Unavailable
+from bench.report import Report
 from bench.report_rows import Check, Row
 from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS, ModelConfig
 from flowmo_kernels import get_ops, triton_available
-
-if TYPE_CHECKING:
-    from bench.gpu_report import Report
 
 ENTROPY_WEIGHT, COMMIT_WEIGHT = ModelConfig().entropy_loss_weight, ModelConfig().commit_loss_weight  # the config's
 
@@ -24,7 +20,7 @@ def require_triton(device: torch.device) -> None:
         raise Unavailable("Triton kernels run on CUDA")
 
 
-def lfq_loss(report: "Report", name: str, impl: str) -> None:
+def lfq_loss(report: Report, name: str, impl: str) -> None:
     """The quantizer loss, forward + backward, at the codes of one training batch."""
     config = report.models.config(name).model
     bits = config.codebook_size_for_entropy
@@ -66,7 +62,7 @@ def lfq_loss(report: "Report", name: str, impl: str) -> None:
 
     report.attempt(f"LFQ loss {name} {impl}", report.scale.reserve_s, run, row)
 
-def kernel_op(report: "Report", name: str, op: str, impl: str) -> None:
+def kernel_op(report: Report, name: str, op: str, impl: str) -> None:
     """One fused op, forward + backward, at the model's training shapes (bf16 on CUDA): `torch` eager,
     `torch compiled` (what Inductor makes of the plain op alone) or `triton`."""
     m = report.models.config(name).model
@@ -99,7 +95,7 @@ def kernel_op(report: "Report", name: str, op: str, impl: str) -> None:
         }
         forward, leaves = calls[op]
         if impl == "torch compiled":
-            forward = torch.compile(forward, backend=report.args.compile_backend)
+            forward = torch.compile(forward, backend=report.settings.compile_backend)
 
         def fn():
             out = forward()

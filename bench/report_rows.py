@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from flowmo_fast import flops
+from flowmo_fast.flowmo import flops
 
 
 @dataclass

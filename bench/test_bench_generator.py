@@ -1,5 +1,5 @@
 """Token generator benchmarks: one group per workload, rows plain (eager) and fast (regional torch.compile of the
-transformer blocks; sampling on CUDA also replays the loop from a CUDA graph, flowmo_fast.generation).
+transformer blocks; sampling on CUDA also replays the loop from a CUDA graph, flowmo_fast.maskgit.sampling).
 
 Setting: FlowMo-Lo's token layout (256 positions x 2 groups of 9 bits, 1000 classes) with a small transformer
 (width 128, 2 blocks) so the CPU groups take about a minute with compiling; where a GPU is present, the B
@@ -18,8 +18,10 @@ from typing import Callable
 import pytest
 import torch
 
-from flowmo_fast.generation import GenerationOptions, GraphedGenerator, generate, sample_keys
-from flowmo_fast.generator import TokenGenerator, preset_config
+from flowmo_fast.maskgit.model import TokenGenerator
+from flowmo_fast.maskgit.sampling import GenerationOptions, GraphedGenerator, generate, sample_keys
+from train.generator_config import preset_model
+from train.generator_data import TokenLayout
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -32,8 +34,8 @@ TOLERANCE = 1e-4
 
 def make_model(seed: int = 0) -> TokenGenerator:
     torch.manual_seed(seed)
-    size = {} if CUDA else dict(width=128, depth=2, heads=2)
-    config = preset_config("B" if CUDA else "tiny", 256, 18, 9, num_classes=1000, **size)
+    size = [] if CUDA else ["model.width=128", "model.depth=2", "model.heads=2"]
+    config = preset_model("B" if CUDA else "tiny", TokenLayout(256, 18, 9, 1000), size)
     return TokenGenerator(config).to(DEVICE)
 
 

@@ -26,12 +26,12 @@ import torch
 
 from bench import upstream
 from bench.impls import IMPLS, NOISE_SEED, TRAIN_STEP_WORK, Implementations
-from flowmo_fast import flops
 from flowmo_fast.config import load_config
-from flowmo_fast.layers import timestep_embedding
-from flowmo_fast.mmdit import TIME_EMBED_DIM, position_ids
-from flowmo_fast.model import FlowMo
-from flowmo_fast.sampling import UPSTREAM
+from flowmo_fast.flowmo import flops
+from flowmo_fast.flowmo.layers import timestep_embedding
+from flowmo_fast.flowmo.mmdit import TIME_EMBED_DIM, position_ids
+from flowmo_fast.flowmo.model import FlowMo
+from flowmo_fast.sampler_settings import UPSTREAM
 from train.step import build_optimizer
 
 RECONSTRUCT_STEPS = 4  # pow_0.25: one of the 4 steps is guided, 5 decoder passes (evaluation: 25 and 6)

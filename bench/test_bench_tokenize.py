@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import flowmo_fast
-from flowmo_fast.token_shards import TokenSpec
+from flowmo_fast.formats.token_shards import TokenSpec
 from flowmo_fast.tokenize import make_encoder
 
 BATCH = 16

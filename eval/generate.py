@@ -11,7 +11,7 @@ OUT/images/00000000.png, ... (one per row) and OUT/samples.npz (ADM's layout: `a
 
 Rows are --per-class samples of each class of --classes (default: every class), class by class; an
 unconditional generator makes --per-class samples in all. Sample (class, index) draws from its own stream of
-(--seed, class, index) (flowmo_fast.generation), so the rows do not depend on --batch-size or on the process
+(--seed, class, index) (flowmo_fast.maskgit.sampling), so the rows do not depend on --batch-size or on the process
 count; its picture's sampler noise is row r's own (--seed, r) stream, as detokenize's. Each process (torchrun
 rank) makes a disjoint set of the unfinished shards, then decodes a disjoint set of the missing PNGs; a rerun
 skips what is done, and refuses a folder made with other settings.
@@ -32,20 +32,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flowmo_fast.checkpoint import atomic_write, file_sha256, list_checkpoints
-from flowmo_fast.cli import flags
+from flowmo_fast import flags
 from flowmo_fast.detokenize import DetokenizeSettings, load_matching_model, png_path, rows_to_code, save_png
 from flowmo_fast.distributed import Processes, barrier, gather_objects, on_rank0, processes
-from flowmo_fast.generation import GenerationOptions, GraphedGenerator, generate, sample_keys
-from flowmo_fast.generator import LoadedGenerator, load_generator
-from flowmo_fast.images import to_uint8
-from flowmo_fast.model import autocast_for
-from flowmo_fast.noise import image_noise
-from flowmo_fast.pretrained import resolve_checkpoint
-from flowmo_fast.sampling import SamplingOverrides
-from flowmo_fast.token_shards import (
-    TokenShards, TokenSpec, load_manifest, names_sha256, new_manifest, shard_ranges, write_shard,
+from flowmo_fast.flowmo.model import autocast_for
+from flowmo_fast.formats.checkpoint import atomic_write, file_sha256, list_checkpoints
+from flowmo_fast.formats.images import to_uint8
+from flowmo_fast.formats.pretrained import resolve_checkpoint
+from flowmo_fast.formats.token_shards import (
+    TokenShards,
+    TokenSpec,
+    load_manifest,
+    names_sha256,
+    new_manifest,
+    shard_ranges,
+    write_shard,
 )
+from flowmo_fast.maskgit.model import LoadedGenerator, load_generator
+from flowmo_fast.maskgit.sampling import GenerationOptions, GraphedGenerator, generate, sample_keys
+from flowmo_fast.noise import image_noise
+from flowmo_fast.sampler_settings import SamplingOverrides
 from flowmo_fast.tokenize import finish, prepare
 
 BARRIER_TIMEOUT = datetime.timedelta(hours=6)
@@ -58,7 +64,7 @@ DEFAULTS = GenerationOptions()
 class GenerateSettings:
     """One eval.generate run (the command's flags)."""
 
-    generator: str  # a generator checkpoint file, or a run folder (its newest checkpoint)
+    generator_ckpt: str  # a generator checkpoint file, or a run folder (its newest checkpoint)
     out: str
     which: str = "ema"
     per_class: int = 50
@@ -225,7 +231,7 @@ def write_samples(out: str) -> str:
 def run(settings: GenerateSettings) -> None:
     s = settings
     with processes(s.device, timeout=BARRIER_TIMEOUT) as procs:
-        path = generator_path(s.generator)
+        path = generator_path(s.generator_ckpt)
         loaded = load_generator(path, s.which, procs.device)
         names = loaded.source.class_names
         plan = make_plan(pick_classes(s.classes, names), s.per_class, names)
@@ -296,7 +302,7 @@ def settings_from(args: argparse.Namespace) -> GenerateSettings:
     options = DEFAULTS.replace(steps=args.steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
                                temperature=args.temperature)
     return GenerateSettings(
-        generator=args.generator, out=args.out, which=args.which, per_class=args.per_class, classes=args.classes,
+        generator_ckpt=args.generator, out=args.out, which=args.which, per_class=args.per_class, classes=args.classes,
         options=options, seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,
         tokenizer=resolve_checkpoint(args.tokenizer) if args.tokenizer else None,
         decode=SamplingOverrides(steps=args.decode_steps, cfg=args.decode_cfg),

@@ -29,13 +29,20 @@ from tqdm import tqdm
 
 from eval import weights
 from eval.fidelity import (
-    EVALUATOR, NEIGHBOURS, FidelityInception, Features, extract, inception_score, pool_statistics, precision_recall,
+    EVALUATOR,
+    NEIGHBOURS,
+    Features,
+    FidelityInception,
+    extract,
+    inception_score,
+    pool_statistics,
+    precision_recall,
 )
 from eval.image_sets import ImageSet, Reference, open_samples
 from eval.metrics import fid, frechet_distance
-from flowmo_fast.checkpoint import atomic_write, file_sha256
-from flowmo_fast.cli import flags
+from flowmo_fast import flags
 from flowmo_fast.distributed import pick_device
+from flowmo_fast.formats.checkpoint import atomic_write, file_sha256
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Literal, Optional
 
 from eval.rfid import METRICS
-from flowmo_fast.checkpoint import atomic_write
+from flowmo_fast.formats.checkpoint import atomic_write
 
 Status = Literal["ok", "failed"]  # as history.jsonl writes it
 OK: Status = "ok"

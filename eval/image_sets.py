@@ -21,8 +21,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from flowmo_fast.checkpoint import file_sha256
-from flowmo_fast.data import DataError, ImageDataset, ImageFolderDataset, ImageSource, collate_images
+from flowmo_fast.formats.checkpoint import file_sha256
+from flowmo_fast.formats.data import DataError, ImageDataset, ImageFolderDataset, ImageSource, collate_images
 
 IMAGES_KEY = "arr_0"
 

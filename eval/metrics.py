@@ -8,7 +8,7 @@
   and resizes like TF1 with (x - 128) / 128 scaling, which changes the features and so the rFID. We run it
   channels-last (about 2x faster convolutions on CPU; features differ from NCHW by ~1e-6).
 - PSNR and SSIM: per image, on the 8-bit pixel values a PNG of the image holds (rounded, as
-  `flowmo_fast.images.to_uint8`), scaled to [0, 1]. Upstream truncates instead of rounding (`.to(uint8)`);
+  `flowmo_fast.formats.images.to_uint8`), scaled to [0, 1]. Upstream truncates instead of rounding (`.to(uint8)`);
   and its PSNR line passes the whole batch to `peak_signal_noise_ratio`, so every image of a batch counts
   the batch's PSNR (PSNR of the pooled MSE). We report the mean over images of each image's PSNR.
 - SSIM: scikit-image's `structural_similarity(x, y, data_range=1.0, channel_axis=-1)` with its defaults,

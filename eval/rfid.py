@@ -30,14 +30,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from eval import metrics, weights
-from flowmo_fast import load_checkpoint
-from flowmo_fast.checkpoint import Which, atomic_write, file_sha256, read_checkpoint
-from flowmo_fast.cli import flags
-from flowmo_fast.data import ImageDataset, ImageSource, collate_images, nothing_decodes
+from flowmo_fast import flags, load_checkpoint
 from flowmo_fast.distributed import Processes, gather_objects, gather_rows, processes
-from flowmo_fast.images import GRID_IMAGES, image_grid, to_uint8
-from flowmo_fast.pretrained import resolve_checkpoint
-from flowmo_fast.sampling import SamplingOptions, SamplingOverrides
+from flowmo_fast.formats.checkpoint import Which, atomic_write, file_sha256, read_checkpoint
+from flowmo_fast.formats.data import ImageDataset, ImageSource, collate_images, nothing_decodes
+from flowmo_fast.formats.images import GRID_IMAGES, image_grid, to_uint8
+from flowmo_fast.formats.pretrained import resolve_checkpoint
+from flowmo_fast.sampler_settings import SamplingOptions, SamplingOverrides
 
 
 @dataclass(frozen=True)

@@ -25,15 +25,23 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Union
 
 from eval import rfid, weights
-from eval.rfid import EvaluationSettings
 from eval.history import (
-    FAILED, OK, Evaluation, History, Standing, keep_checkpoint, kept_before, plot_curves, standing, write_best,
+    FAILED,
+    OK,
+    Evaluation,
+    History,
+    Standing,
+    keep_checkpoint,
+    kept_before,
+    plot_curves,
+    standing,
+    write_best,
 )
-from flowmo_fast import load_checkpoint
-from flowmo_fast.checkpoint import CheckpointError, file_sha256, list_checkpoints, step_of
-from flowmo_fast.cli import flags
+from eval.rfid import EvaluationSettings
+from flowmo_fast import flags, load_checkpoint
 from flowmo_fast.distributed import Processes, gather_objects, on_rank0, processes
-from flowmo_fast.model import FlowMo
+from flowmo_fast.flowmo.model import FlowMo
+from flowmo_fast.formats.checkpoint import CheckpointError, file_sha256, list_checkpoints, step_of
 
 EVAL_DIR = "eval"  # RUN_DIR/eval
 INTERRUPTED = 130  # exit status after Ctrl-C, as a shell reports SIGINT

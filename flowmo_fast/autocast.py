@@ -17,7 +17,7 @@ def autocast_dtype(device: Union[torch.device, str]) -> Optional[torch.dtype]:
 def autocast_for(device: Union[torch.device, str], enabled: bool = True):
     """bf16 autocast on CUDA; nothing elsewhere (CPU runs float32).
 
-    Without autocast's weight-cast cache: a CUDA-graph capture cannot use it (flowmo_fast.fast), and compiled
+    Without autocast's weight-cast cache: a CUDA-graph capture cannot use it (flowmo_fast.flowmo.graphed_sampler), and compiled
     code guards on the flag, so one setting everywhere lets training, evaluation and the captured sampler
     share the compiled blocks. A cast gives the same values either way; each weight is cast once per pass
     (inference casts them once for good: `FlowMo.cast_for_inference`)."""

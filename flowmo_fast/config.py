@@ -6,14 +6,20 @@ Sections and keys (and their defaults) are exactly upstream's, so upstream dotli
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Iterable, Optional
 
 from flowmo_fast.llm_settings import (
-    DEFAULT_LLM_PATH, LLM_QUANTIZATION, SPAN_FORM, check_llm_settings, is_llm_quantization,
+    DEFAULT_LLM_PATH,
+    LLM_QUANTIZATION,
+    SPAN_FORM,
+    is_llm_quantization,
+    parse_fim_ids,
+    parse_llm_quantization,
 )
+from flowmo_fast.overrides import with_overrides, with_preset
+from flowmo_fast.sampler_settings import SamplingConfig, parse_cfg_interval, parse_schedule
 
 
 @dataclass
@@ -84,15 +90,6 @@ class TrainerConfig:
     sample_every: int = 5000  # ours: write a PNG grid of reconstructions every N steps
     fsdp: bool = False  # ours: FSDP2 instead of DDP
     compile: Optional[bool] = None  # ours: torch.compile the transformer blocks; None: on CUDA only
-
-
-@dataclass
-class SamplingConfig:
-    sample_steps: int = 25
-    schedule: str = "pow_0.25"
-    cfg: float = 1.5
-    mode: str = "rf"
-    cfg_interval: Optional[str] = "(.17,1.02)"  # EDM sigmas (lo, hi); None = guide at every step
 
 
 @dataclass
@@ -203,23 +200,17 @@ NUM_HEADS = 12
 
 
 def load_config(overrides: Optional[Iterable[str]] = None, preset: Optional[str] = None) -> Config:
-    """Defaults, then the preset's overrides, then `overrides` (dotlist, e.g. "model.context_dim=56")."""
-    config = Config()
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
-        apply_overrides(config, PRESETS[preset])
-    apply_overrides(config, list(overrides or []))
+    """Defaults, then the preset's dotlist, then `overrides` (dotlist, e.g. "model.context_dim=56"):
+    `flowmo_fast.overrides`, the one mechanism of every command."""
+    config = with_overrides(with_preset(Config(), PRESETS, preset), overrides or [])
     validate(config)
     return config
 
 
 def config_from_dict(d: dict, overrides: Iterable[str] = ()) -> Config:
     """Rebuild a Config stored with `Config.to_dict()` (e.g. in our checkpoints), then apply `overrides`."""
-    config = Config()
-    stored = [(k, v) for k, v in _flatten(d) if k not in UPSTREAM_KEYS_REPLACED]  # never read
-    apply_overrides(config, [f"{k}={v!r}" for k, v in stored])
-    apply_overrides(config, list(overrides))
+    stored = [f"{k}={v!r}" for k, v in _flatten(d) if k not in UPSTREAM_KEYS_REPLACED]  # never read
+    config = with_overrides(Config(), [*stored, *overrides])
     validate(config)
     return config
 
@@ -230,101 +221,6 @@ def _flatten(d: dict, prefix: str = ""):
             yield from _flatten(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
-
-
-def apply_overrides(config: Config, overrides: Iterable[str]) -> None:
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form section.key=value")
-        key, raw = item.split("=", 1)
-        key = key.strip().lstrip("+")
-        *path, leaf = key.split(".")
-        node: Any = config
-        for i, part in enumerate(path):
-            if not dataclasses.is_dataclass(node) or part not in _field_names(node):
-                raise _unknown_key(key, node, ".".join(path[:i]))
-            node = getattr(node, part)
-        if not dataclasses.is_dataclass(node) or leaf not in _field_names(node):
-            raise _unknown_key(key, node, ".".join(path))
-        hint = get_type_hints(type(node))[leaf]
-        if dataclasses.is_dataclass(hint):
-            raise ValueError(f"{key} is a section, not a key; set one of its keys, e.g. {key}.<key>=value")
-        setattr(node, leaf, _parse_value(key, raw.strip(), hint))
-
-
-def _field_names(node) -> list[str]:
-    return [f.name for f in dataclasses.fields(node)]
-
-
-def _unknown_key(key: str, node, section: str) -> ValueError:
-    allowed = ", ".join(_field_names(node)) if dataclasses.is_dataclass(node) else "(none)"
-    where = f"section '{section}'" if section else "the top level"
-    return ValueError(f"unknown config key {key!r}; keys allowed in {where}: {allowed}")
-
-
-def _parse_value(key: str, raw: str, hint) -> Any:
-    optional = get_origin(hint) is Union and type(None) in get_args(hint)
-    base = [a for a in get_args(hint) if a is not type(None)][0] if optional else hint
-    if raw.lower() in ("none", "null", "~", ""):
-        if optional:
-            return None
-        if base is str:
-            return ""
-        raise ValueError(f"{key} cannot be empty/None; give a {base.__name__}")
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    if base is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        if isinstance(value, bool):
-            return value
-    elif base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif base is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif base is str:
-        return raw if not isinstance(value, str) else value
-    raise ValueError(f"{key}={raw!r}: expected a {base.__name__}")
-
-
-def parse_cfg_interval(interval) -> Optional[tuple[float, float]]:
-    """"(.17,1.02)", ".17,1.02" or a pair -> (lo, hi) as EDM sigmas; None stays None."""
-    if interval is None:
-        return None
-    if isinstance(interval, str):
-        text = interval.strip()
-        if text.lower() in ("", "none", "null"):
-            return None
-        try:
-            interval = ast.literal_eval(text if text.startswith("(") else f"({text})")
-        except (ValueError, SyntaxError):
-            interval = None
-    if not (isinstance(interval, (tuple, list)) and len(interval) == 2):
-        raise ValueError(f"cfg_interval {interval!r}: expected two numbers 'lo,hi' such as '.17,1.02'")
-    lo, hi = float(interval[0]), float(interval[1])
-    if lo > hi:
-        raise ValueError(f"cfg_interval ({lo}, {hi}): lo must not exceed hi")
-    return lo, hi
-
-
-def parse_schedule(schedule: str) -> Optional[float]:
-    """Sampler schedule: "linear" -> None, "pow_P" -> P (> 0)."""
-    if schedule == "linear":
-        return None
-    if schedule.startswith("pow_"):
-        try:
-            p = float(schedule[4:])
-        except ValueError:
-            p = 0.0
-        if p > 0:
-            return p
-    raise ValueError(f"sampler schedule {schedule!r}: allowed are 'linear' and 'pow_P' with P > 0 (e.g. 'pow_0.25')")
 
 
 def rope_axes(width: int) -> tuple[int, int, int]:
@@ -419,3 +315,18 @@ def check_upstream_keys(config: Config) -> None:
                 f"{key}={value!r}: flowmo-fast does not read upstream's setting {key}; {replacement}. "
                 f"Remove {key} from the overrides."
             )
+
+
+def check_llm_settings(model_config: ModelConfig) -> None:
+    """What `config.validate` can check without the LLM: the type's form, a span of at least one token,
+    `model.llm_fim_ids` and a non-empty `model.llm_path`."""
+    spec = parse_llm_quantization(model_config.quantization_type)
+    if spec.span_length(model_config.code_length) < 1:
+        raise ValueError(
+            f"model.code_length={model_config.code_length} with span fraction {spec.span_fraction} infills "
+            f"int({spec.span_fraction} * {model_config.code_length}) = 0 tokens: raise model.code_length or P "
+            f"in {SPAN_FORM}"
+        )
+    parse_fim_ids(model_config.llm_fim_ids)
+    if not model_config.llm_path:
+        raise ValueError(f"model.llm_path is empty: give a model folder or a hub id such as {DEFAULT_LLM_PATH}")

@@ -9,6 +9,7 @@ so a row decodes the same in any batch, and a rerun skips the PNGs already writt
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -20,14 +21,16 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from flowmo_fast.checkpoint import Which, atomic_write, file_sha256, load_checkpoint
+from flowmo_fast import flags
+from flowmo_fast.codec import Tokenizer
 from flowmo_fast.distributed import pick_device
-from flowmo_fast.images import to_uint8
-from flowmo_fast.model import FlowMo
+from flowmo_fast.flowmo.model import FlowMo
+from flowmo_fast.formats.checkpoint import Which, atomic_write, file_sha256, load_checkpoint
+from flowmo_fast.formats.images import to_uint8
+from flowmo_fast.formats.pretrained import resolve_checkpoint
+from flowmo_fast.formats.token_shards import TokenShards, TokenSpec
 from flowmo_fast.noise import image_noise
-from flowmo_fast.sampling import SamplingOverrides
-from flowmo_fast.token_shards import TokenShards, TokenSpec
-from flowmo_fast.tokenizer import Tokenizer
+from flowmo_fast.sampler_settings import SamplingOverrides
 
 
 def log(message: str) -> None:
@@ -52,7 +55,7 @@ def save_png(image: np.ndarray, path: str) -> None:
 
 @dataclass(frozen=True)
 class DetokenizeSettings:
-    """One detokenize run (the command's flags, `flowmo_fast.cli.detokenize`)."""
+    """One detokenize run (the command's flags, `flowmo_fast.detokenize`)."""
 
     ckpt: str  # the checkpoint whose encoder made the tokens (a published name resolved already)
     tokens: str  # the output folder of flowmo_fast.tokenize
@@ -106,7 +109,43 @@ def run(settings: DetokenizeSettings) -> None:
             bar.update(len(rows))
 
 
-if __name__ == "__main__":
-    from flowmo_fast.cli.detokenize import cli
+# ---- the command: flags -> one settings object -> run ----------------------------------------------------
 
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m flowmo_fast.detokenize", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--ckpt", required=True, help="FlowMo checkpoint whose encoder made the tokens (a file, or "
+                   "flowmo_lo / flowmo_hi: the published ones, by name)")
+    p.add_argument("--which", default="ema", choices=("ema", "model"), help="EMA or raw weights (default: ema)")
+    p.add_argument("--tokens", required=True, help="output folder of flowmo_fast.tokenize")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--batch-size", type=flags.positive_int, default=16, help="rows per sampler call (default 16)")
+    p.add_argument("--limit", type=flags.positive_int, default=None, help="decode only the first N rows")
+    flags.add_device_flag(p)
+    flags.add_sampler_flags(p)
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> DetokenizeSettings:
+    return DetokenizeSettings(
+        ckpt=resolve_checkpoint(args.ckpt), tokens=args.tokens, out=args.out, which=args.which,
+        batch_size=args.batch_size, limit=args.limit, device=args.device,
+        sampling=flags.sampling_overrides(args), seed=args.seed,
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    run(settings_from(parse_args(argv)))
+
+
+def cli(argv: Optional[list[str]] = None) -> None:
+    """main() with bad input (missing files, mismatched checkpoint, an --out that is a file) reported in one line."""
+    with flags.one_line_errors("detokenize"):
+        main(argv)
+
+
+if __name__ == "__main__":
     cli()

@@ -1,15 +1,12 @@
 """The settings of the `qwen2.5-coder-0.5b[_span_P]` quantization type that a config needs (the type's names,
 its span fraction, the FIM marker ids, the LLM's default path) and their checks: a leaf module (no torch, no
-transformers), so `flowmo_fast.config` reads them without `flowmo_fast.llm_infill`, the LLM's runtime."""
+transformers), so `flowmo_fast.config` reads them without `flowmo_fast.flowmo.llm_infill`, the LLM's runtime."""
 
 from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence, Union
-
-if TYPE_CHECKING:
-    from flowmo_fast.config import ModelConfig
+from typing import Optional, Sequence, Union
 
 LLM_QUANTIZATION = "qwen2.5-coder-0.5b"
 SPAN_FORM = f"{LLM_QUANTIZATION}_span_P"
@@ -80,18 +77,3 @@ def parse_fim_ids(value: Union[str, Sequence[int], None]) -> Optional[FimIds]:
             f"'{QWEN_CODER_FIM_IDS.prefix},{QWEN_CODER_FIM_IDS.middle},{QWEN_CODER_FIM_IDS.suffix}', or None"
         )
     return FimIds(*ids)
-
-
-def check_llm_settings(model_config: "ModelConfig") -> None:
-    """What `config.validate` can check without the LLM: the type's form, a span of at least one token,
-    `model.llm_fim_ids` and a non-empty `model.llm_path`."""
-    spec = parse_llm_quantization(model_config.quantization_type)
-    if spec.span_length(model_config.code_length) < 1:
-        raise ValueError(
-            f"model.code_length={model_config.code_length} with span fraction {spec.span_fraction} infills "
-            f"int({spec.span_fraction} * {model_config.code_length}) = 0 tokens: raise model.code_length or P "
-            f"in {SPAN_FORM}"
-        )
-    parse_fim_ids(model_config.llm_fim_ids)
-    if not model_config.llm_path:
-        raise ValueError(f"model.llm_path is empty: give a model folder or a hub id such as {DEFAULT_LLM_PATH}")

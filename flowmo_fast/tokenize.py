@@ -1,4 +1,4 @@
-r"""Tokenize a whole data set into token shards (see `flowmo_fast.token_shards` for the folder layout).
+r"""Tokenize a whole data set into token shards (see `flowmo_fast.formats.token_shards` for the folder layout).
 
     python -m flowmo_fast.tokenize --ckpt flowmo_lo.pth --data DIR --out tokens/
     torchrun --nproc-per-node=8 -m flowmo_fast.tokenize --ckpt flowmo_hi.pth \
@@ -23,6 +23,7 @@ are left out of the rows and listed in the manifest's "failed".
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import sys
@@ -36,11 +37,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from flowmo_fast.checkpoint import Which, file_sha256, load_checkpoint, read_config
-from flowmo_fast.data import ImageDataset, ImageSource, collate_images, nothing_decodes
+from flowmo_fast import flags
+from flowmo_fast.codec import Tokenizer
 from flowmo_fast.distributed import Processes, barrier, on_rank0, processes
-from flowmo_fast.model import FlowMo, autocast_for
-from flowmo_fast.token_shards import (
+from flowmo_fast.flowmo.model import FlowMo, autocast_for
+from flowmo_fast.formats.checkpoint import Which, file_sha256, load_checkpoint, read_config
+from flowmo_fast.formats.data import ImageDataset, ImageSource, collate_images, nothing_decodes
+from flowmo_fast.formats.pretrained import resolve_checkpoint
+from flowmo_fast.formats.token_shards import (
     INDEX,
     MANIFEST,
     TokenSpec,
@@ -60,7 +64,6 @@ from flowmo_fast.token_shards import (
     write_shard,
     write_text_if_changed,
 )
-from flowmo_fast.tokenizer import Tokenizer
 
 # Ranks that finish early wait for the others at the end; encoding a shard can take long on a CPU.
 BARRIER_TIMEOUT = datetime.timedelta(hours=6)
@@ -181,7 +184,7 @@ def finish(out: str, planned: dict, ranges: list[range]) -> dict:
 
 @dataclass(frozen=True)
 class TokenizeSettings:
-    """One tokenize run (the command's flags, `flowmo_fast.cli.tokenize`)."""
+    """One tokenize run (the command's flags, `flowmo_fast.tokenize`)."""
 
     ckpt: str  # a checkpoint file (a published name resolved already)
     out: str  # output folder (created; reused by a rerun)
@@ -257,7 +260,50 @@ def encode_mine(
     log(f"rank {rank}: {count} images in {len(mine)} shards, {seconds:.1f} s, {count / seconds:.1f} images/s")
 
 
-if __name__ == "__main__":
-    from flowmo_fast.cli.tokenize import cli
+# ---- the command: flags -> one settings object -> run ----------------------------------------------------
 
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m flowmo_fast.tokenize", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--ckpt", required=True, help="FlowMo checkpoint: flowmo_lo / flowmo_hi (published, by name) or a file")
+    p.add_argument("--which", default="ema", choices=("ema", "model"), help="EMA or raw weights (default: ema)")
+    flags.add_data_flags(p)
+    p.add_argument("--out", required=True, help="output folder (created; reused by a rerun)")
+    p.add_argument("--batch-size", type=flags.positive_int, default=64, help="images per encoder call, per process (default 64)")
+    p.add_argument("--image-size", type=flags.positive_int, default=None, help="crop side (default: the checkpoint's, 256)")
+    p.add_argument("--shard-size", type=flags.positive_int, default=4096, help="images per shard file (default 4096)")
+    p.add_argument("--num-workers", type=flags.non_negative_int, default=flags.default_workers(),
+                   help="data loader processes per rank (default: the CPUs beside this one, at most 8)")
+    flags.add_device_flag(p)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the encoder on CUDA")
+    p.add_argument("--flip", action="store_true",
+                   help="also encode each image mirrored left to right: two consecutive rows per image")
+    args = p.parse_args(argv)
+    flags.check_data_flags(p, args)
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> TokenizeSettings:
+    return TokenizeSettings(
+        ckpt=resolve_checkpoint(args.ckpt), out=args.out, which=args.which, source=flags.image_source(args),
+        batch_size=args.batch_size, image_size=args.image_size, shard_size=args.shard_size,
+        num_workers=args.num_workers, device=args.device, compile=not args.no_compile, flip=args.flip,
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    run(settings_from(parse_args(argv)))
+
+
+def cli(argv: Optional[list[str]] = None) -> None:
+    """main() with bad input (missing files, wrong settings, a foreign output folder, undecodable data) reported
+    in one line."""
+    with flags.one_line_errors("tokenize"):
+        main(argv)
+
+
+if __name__ == "__main__":
     cli()

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity_helpers import FIXTURES, fixture_state_dict  # noqa: F401  (re-exported for the fixtures below)
 
 import flowmo_fast
-
-from parity_helpers import FIXTURES, fixture_state_dict  # noqa: F401  (re-exported for the fixtures below)
 
 # Tests stay offline: anything that would download weights must find a local file instead.
 os.environ.setdefault("TORCH_HOME", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / "flowmo-test-torch-home"))

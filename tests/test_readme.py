@@ -31,3 +31,27 @@ def test_readme_main_job_is_the_tested_demo_preset():
     job = re.search(r"^pip install -e \. && (python -m train\.pretrain .*)$", README.read_text(), re.M).group(1)
     assert job.split() == ["python", "-m", "train.pretrain", "--preset", "demo", "--experiment-name", "demo"]
     assert "docs/demo_grid.png" in README.read_text() and (README.parent / "docs" / "demo_grid.png").stat().st_size < 100_000
+
+
+def layout_section() -> str:
+    text = README.read_text()
+    return text[text.index("## Layout\n"):]
+
+
+def test_readme_layout_lists_every_subpackage_and_command():
+    """The Layout section names every package folder (`flowmo_fast/flowmo/`, ...) and every command module (one
+    with a `main` run under `__main__`), so a new room or command cannot go unmentioned."""
+    root = README.parent
+    layout = layout_section()
+    missing = []
+    for package in ("flowmo_kernels", "flowmo_fast", "train", "eval", "bench"):
+        for init in (root / package).rglob("__init__.py"):
+            folder = init.parent.relative_to(root).as_posix() + "/"
+            if f"`{folder}`" not in layout:
+                missing.append(folder)
+        for path in (root / package).rglob("*.py"):
+            text = path.read_text()
+            if re.search(r"^def main\(", text, re.M) and '__name__ == "__main__"' in text:
+                if f"`{path.relative_to(root).as_posix()}`" not in layout:
+                    missing.append(path.relative_to(root).as_posix())
+    assert missing == [], f"not in the README's Layout section: {missing}"

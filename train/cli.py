@@ -1,4 +1,5 @@
-"""Command line: upstream's flags, `--preset`, and dotlist config overrides (`model.context_dim=18 ...`)."""
+"""Command line of the training commands: upstream's flags, `--preset`, and dotlist config overrides
+(`model.context_dim=18 ...`), read into an `Experiment` and a config at each command's `main`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 from typing import Iterable, Optional, Sequence
 
 from flowmo_fast.config import PRESETS, Config, load_config
+from train.start import Experiment
 
 # Upstream's launcher (SLURM) flags: accepted so upstream command lines run unchanged, otherwise unused.
 UPSTREAM_LAUNCHER_FLAGS = {
@@ -43,6 +45,11 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
         if item.startswith("-") or "=" not in item:
             parser.error(f"unrecognized argument {item!r}: flags are listed by --help; config overrides look like section.key=value")
     return args, rest
+
+
+def experiment(args: argparse.Namespace) -> Experiment:
+    """The run the flags name (--results-dir, --experiment-name, --resume-from-ckpt)."""
+    return Experiment(args.results_dir, args.experiment_name, args.resume_from_ckpt)
 
 
 def make_config(base: Sequence[str], overrides: Sequence[str], preset: Optional[str]) -> Config:

@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from train.shards import local_shard
+from train.parallel import local_shard
 
 
 class EMA:

@@ -5,8 +5,8 @@ command resumes from the newest checkpoint in results/NAME/checkpoints.
 
 The tokenizer trainer's parts, reused: processes and DDP / FSDP2 (train.parallel), the training step with bf16
 autocast on CUDA and gradient accumulation, the AdamW warm-up + decay schedule (train.step), EMA (train.ema),
-metrics, TensorBoard and the progress bar (train.metrics), checkpoints and their retention (train.checkpointing),
-start point and RNG seeding (train.loop), the step loop with its non-finite-loss watch and SIGTERM stop (train.steps:
+metrics, TensorBoard and the progress bar (train.metrics), checkpoints and their retention (train.train_state),
+start point and RNG seeding (train.tokenizer), the step loop with its non-finite-loss watch and SIGTERM stop (train.loop:
 `GeneratorSteps` is this trainer's part of it). Each step: one batch of token rows per rank,
 masked-token loss (`TokenGenerator.loss`: its masks and label dropout draw from the global RNG, which the
 checkpoints carry, so a stopped and resumed run equals a straight one), AdamW step, EMA every 10 steps.
@@ -14,7 +14,6 @@ checkpoints carry, so a stopped and resumed run equals a straight one), AdamW st
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from dataclasses import dataclass
@@ -23,21 +22,21 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowmo_fast.checkpoint import CheckpointError
 from flowmo_fast.distributed import Processes
-from flowmo_fast.generator import TokenGenerator
-from train import checkpointing, cli, parallel
-from train.checkpointing import Progress
+from flowmo_fast.formats.checkpoint import CheckpointError
+from flowmo_fast.maskgit.model import TokenGenerator
+from train import cli, parallel, train_state
 from train.ema import EMA
 from train.generator_config import PRESETS, GeneratorTrainingConfig, make_config
 from train.generator_data import TokenBatch, TokenData, open_tokens, token_batches
-from train.loop import StartPoint, find_start, in_processes, prepare, say_size, seed_rngs
+from train.loop import Drawn, LogExtra, StepHooks, finished, run_steps, say
 from train.metrics import MetricLogger, peak_flops
+from train.start import Experiment, StartPoint, find_start, in_processes, prepare, say_size, seed_rngs
 from train.step import build_optimizer, compiles
-from train.steps import Drawn, LogExtra, StepHooks, finished, run_steps, say
+from train.train_state import Progress
 
 DEFAULT_PRESET = "B"
-TOKENS = "tokens"  # the checkpoint's record of its training tokens (flowmo_fast.generator.TokenSource)
+TOKENS = "tokens"  # the checkpoint's record of its training tokens (flowmo_fast.maskgit.model.TokenSource)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -54,12 +53,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = make_config(args.preset, tokens.layout, overrides)
     except ValueError as e:  # DataError included: shards it cannot use, or settings that do not fit them
         raise SystemExit(f"error: {e}") from None
-    return run(args, tokens, config)
+    return run(cli.experiment(args), tokens, config)
 
 
-def run(args: argparse.Namespace, tokens: TokenData, config: GeneratorTrainingConfig) -> int:
+def run(experiment: Experiment, tokens: TokenData, config: GeneratorTrainingConfig) -> int:
     """Train until trainer.max_steps (or SIGTERM); returns the process exit code."""
-    return in_processes(functools.partial(train, args, tokens, config))
+    return in_processes(functools.partial(train, experiment, tokens, config))
 
 
 class GeneratorObjective(nn.Module):
@@ -99,7 +98,7 @@ def build_trainee(config: GeneratorTrainingConfig, procs: Processes, start: Star
     torch.manual_seed(config.global_seed)
     model = TokenGenerator(config.model).to(procs.device)
     if start.ckpt is not None:
-        checkpointing.load_model(model, start.ckpt, start.path)
+        train_state.load_model(model, start.ckpt, start.path)
     if compiles(config, procs.device):
         model.compile_blocks()
     objective = GeneratorObjective(model)
@@ -107,7 +106,7 @@ def build_trainee(config: GeneratorTrainingConfig, procs: Processes, start: Star
     optimizer = build_optimizer(model, config, weight_decay_groups(model, config.opt.weight_decay))
     trainee = Trainee(model, objective, wrapped, EMA(model, config.trainer.ema_decay), optimizer)
     if start.resuming:
-        checkpointing.restore(trainee, start.ckpt, start.path)
+        train_state.restore(trainee, start.ckpt, start.path)
     say_size(procs, "TokenGenerator", model, config)
     return trainee
 
@@ -162,13 +161,13 @@ class GeneratorSteps(StepHooks):
 
     def save(self) -> str:
         records = lambda: {TOKENS: self.tokens.record}  # noqa: E731
-        return checkpointing.save_step(self.log_dir, self.trainee, self.progress, self.procs, self.config, records,
+        return train_state.save_step(self.log_dir, self.trainee, self.progress, self.procs, self.config, records,
                                        self.metrics.write)
 
 
-def train(args: argparse.Namespace, tokens: TokenData, config: GeneratorTrainingConfig, procs: Processes) -> int:
-    log_dir = prepare(args, config, procs)
-    start = find_start(args, log_dir, procs)
+def train(experiment: Experiment, tokens: TokenData, config: GeneratorTrainingConfig, procs: Processes) -> int:
+    log_dir = prepare(experiment, config, procs)
+    start = find_start(experiment, procs)
     progress = start.progress
     if finished(progress, config, procs):
         return 0
@@ -178,7 +177,7 @@ def train(args: argparse.Namespace, tokens: TokenData, config: GeneratorTraining
                             progress.data_position)
     trainee = build_trainee(config, procs, start)
     metrics = build_metrics(config, procs, log_dir, progress, trainee.model)
-    seed_rngs(config, procs, start)
+    seed_rngs(config.global_seed, procs, start)
     hooks = GeneratorSteps(config, tokens, procs, log_dir, progress, batches, trainee, metrics)
     run_steps(trainee, config, procs, progress, metrics, hooks, start.path if start.resuming else "")
     return 0

@@ -3,8 +3,9 @@ same dotlist overrides (`opt.lr=2e-4 trainer.max_steps=1000 model.depth=12`).
 
 Keys that mean what the tokenizer's keys mean keep their names (`data.batch_size` per process, `opt.lr`,
 `opt.n_grad_acc`, `opt.warmup_steps`, `opt.lr_decay`, `trainer.max_steps`, `trainer.checkpoint_every`, ...).
-`model` is the generator itself (`flowmo_fast.generator.GeneratorConfig`): its token layout (`code_length`,
-`groups`, `bits`) and its classes (`num_classes`) come from the token shards, its size from the preset.
+`model` is the generator itself (`flowmo_fast.maskgit.model.GeneratorConfig`): its token layout (`code_length`,
+`groups`, `bits`) and its classes (`num_classes`) come from the token shards, its size from the preset (a dotlist
+like every other key: `model.width=1024 model.depth=24 model.heads=16` is L's).
 The EMA decay, the tokenizer's `model.ema_decay`, is `trainer.ema_decay` here: the model section holds the
 generator's own settings only (what its checkpoint needs to rebuild it).
 
@@ -18,8 +19,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from flowmo_fast.config import ALLOWED, TrainerConfig, apply_overrides, check_lr_schedule
-from flowmo_fast.generator import GeneratorConfig, preset_config
+from flowmo_fast.config import ALLOWED, TrainerConfig, check_lr_schedule
+from flowmo_fast.maskgit.model import GeneratorConfig
+from flowmo_fast.overrides import with_overrides, with_preset
 from train.generator_data import TokenLayout
 
 
@@ -64,7 +66,9 @@ class GeneratorTrainingConfig:
         return dataclasses.asdict(self)
 
 
-# Preset: the generator's size (flowmo_fast.generator.PRESETS) and the training recipe that goes with it.
+# Presets: named dotlists (flowmo_fast.overrides, as the tokenizer's): the generator's size and the recipe that goes
+# with it. Parameters for FlowMo-Lo tokens (2 x 512-way heads, 1000 classes): B 114M, L 303M (MaskBit's generator is
+# 1024 wide x 24 deep).
 PAPER_RECIPE = [
     "data.batch_size=32",  # x 8 GPUs = 256 rows per step, as MaskBit
     "opt.lr=1.0e-4",
@@ -74,6 +78,9 @@ PAPER_RECIPE = [
 ]
 PRESETS: dict[str, list[str]] = {
     "tiny": [
+        "model.width=64",
+        "model.depth=2",
+        "model.heads=4",
         "data.batch_size=16",
         "opt.lr=1.0e-3",
         "opt.weight_decay=0.0",
@@ -84,8 +91,8 @@ PRESETS: dict[str, list[str]] = {
         "trainer.enable_bfloat16=False",
         "trainer.ema_decay=0.99",
     ],
-    "B": PAPER_RECIPE,
-    "L": PAPER_RECIPE,
+    "B": ["model.width=768", "model.depth=16", "model.heads=12", *PAPER_RECIPE],
+    "L": ["model.width=1024", "model.depth=24", "model.heads=16", *PAPER_RECIPE],
 }
 CLASS_CONDITIONAL = ("B", "L")  # presets that need class labels (model.num_classes=0 trains without them)
 MODEL_FROM_SHARDS = ("code_length", "groups", "bits")
@@ -94,13 +101,12 @@ MODEL_FROM_SHARDS = ("code_length", "groups", "bits")
 def make_config(preset: str, layout: TokenLayout, overrides: Sequence[str]) -> GeneratorTrainingConfig:
     """Defaults, then the preset (model size and recipe), then the overrides; the model built for `layout`.
     Raises ValueError naming the key for an impossible setting."""
-    model_items = [o.split(".", 1)[1] for o in overrides if o.lstrip("+").startswith("model.")]
-    other_items = [o for o in overrides if not o.lstrip("+").startswith("model.")]
-    model = preset_config(preset, layout.code_length, layout.context_dim, layout.bits, layout.num_classes)
-    config = GeneratorTrainingConfig(model.override(model_items))
-    apply_overrides(config, PRESETS[preset] + other_items)
+    if layout.bits < 1 or layout.context_dim % layout.bits:
+        raise ValueError(f"codebook_size_for_entropy={layout.bits} must divide context_dim={layout.context_dim}")
+    built_for = GeneratorConfig(layout.code_length, layout.context_dim // layout.bits, layout.bits, layout.num_classes)
+    config = with_overrides(with_preset(GeneratorTrainingConfig(built_for), PRESETS, preset), overrides)
     validate(config, layout)
-    chosen = any(item.split("=", 1)[0].strip() == "num_classes" for item in model_items)
+    chosen = any(item.split("=", 1)[0].strip().lstrip("+") == "model.num_classes" for item in overrides)
     if preset in CLASS_CONDITIONAL and not layout.num_classes and not chosen:
         raise ValueError(
             f"the token shards have no class labels, but preset {preset} is class-conditional: tokenize a data set "
@@ -108,6 +114,11 @@ def make_config(preset: str, layout: TokenLayout, overrides: Sequence[str]) -> G
             "train unconditionally"
         )
     return config
+
+
+def preset_model(preset: str, layout: TokenLayout, overrides: Sequence[str] = ()) -> GeneratorConfig:
+    """The generator preset `preset` builds for tokens of `layout` (its `model` section)."""
+    return make_config(preset, layout, overrides).model
 
 
 def validate(config: GeneratorTrainingConfig, layout: TokenLayout) -> None:

@@ -2,7 +2,7 @@
 their class labels, as one endless, resumable stream of batches per rank.
 
 Labels are the shards' own (`TokenShards.labels`, `.class_names`): a data set without classes trains an
-unconditional generator. The stream is the image loader's: `flowmo_fast.data.ShardedBatchSampler` deals each rank its share of a fresh
+unconditional generator. The stream is the image loader's: `flowmo_fast.formats.data.ShardedBatchSampler` deals each rank its share of a fresh
 permutation per epoch (`seed + epoch`), and `start` (the samples this rank already drew, a checkpoint's
 `data_position`) continues it exactly. Rows are read from the memory-mapped shards in the training process: a
 batch is a gather of a few KB, no loader workers needed.
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowmo_fast.data import DataError, ShardedBatchSampler
-from flowmo_fast.token_shards import TokenShards
+from flowmo_fast.formats.data import DataError, ShardedBatchSampler
+from flowmo_fast.formats.token_shards import TokenShards
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class TokenData:
 
     @property
     def record(self) -> dict:
-        """What a generator checkpoint records of its training tokens (`flowmo_fast.generator.TokenSource`): the
+        """What a generator checkpoint records of its training tokens (`flowmo_fast.maskgit.model.TokenSource`): the
         tokenizer checkpoint they were made with (path, sha256, which), its config, the token spec, the classes."""
         manifest = self.shards.manifest
         return {"checkpoint": dict(manifest["checkpoint"]), "config": manifest["config"],

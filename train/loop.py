@@ -1,291 +1,149 @@
-"""The training loop of `train.pretrain` and `train.posttrain` (upstream `flowmo/train.py`). A run is set up by
-named parts (start point, data, model and optimizer, RNG), then `train` steps through it with logging,
-progress grids and checkpoints: the step loop of train.steps, with `TokenizerSteps` as FlowMo's part of it.
-
-Each step: one batch per rank, split into `opt.n_grad_acc` micro-batches (gradients reduced on the last),
-bf16 autocast on CUDA, Adam step, weight norms reset to their initial values, EMA every 10 steps.
-"""
+"""The step loop both trainers run (the tokenizer's, `train.tokenizer`, and the token generator's, `train.generator`):
+draw a batch, one optimizer step, EMA, then on their steps the log, the trainer's samples and a checkpoint,
+until trainer.max_steps or an agreed SIGTERM. What differs between the trainers comes in as `StepHooks`."""
 
 from __future__ import annotations
 
-import argparse
-import functools
-import json
-import os
-from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
 
-import numpy as np
 import torch
+from torch import nn
 
-from flowmo_fast.checkpoint import CheckpointError, check_llm_record, model_records, read_checkpoint
-from flowmo_fast.config import Config
-from flowmo_fast.data import DataError, ImageBatch, ImageDataset, build_dataset, first_valid_images, make_loader
-from flowmo_fast.distributed import Processes, processes, spare_cpus
-from flowmo_fast.images import GRID_IMAGES
-from flowmo_fast.llm_infill import find_llm
-from flowmo_fast.llm_settings import is_llm_quantization
-from flowmo_fast.model import FlowMo
-from flowmo_fast.pretrained import resolve_checkpoint
-from train import checkpointing, parallel
-from train.checkpointing import Progress
+from flowmo_fast.distributed import Processes, min_across_ranks
+from train import parallel
 from train.ema import EMA
-from train.metrics import MetricLogger, flowmo_flops_per_step, peak_flops
-from train.norms import WeightNormFixer
-from train.objective import FlowMoObjective
-from train.perceptual import build_perceptual_loss
-from train.samples import save_grid
-from train.step import build_optimizer, compile_for_training
-from train.steps import Drawn, LogExtra, NonFiniteLoss, StepHooks, finished, run_steps, say
+from train.metrics import MetricLogger
+from train.step import set_learning_rate, train_step
+from train.train_state import Progress
 
 
-def next_images(batches: Iterator[ImageBatch], minimum: int, config: Config, dataset: ImageDataset, note: Callable[[str], None]) -> tuple[torch.Tensor, int, int]:
-    """(images, images skipped, samples drawn): the next batch with at least `minimum` decodable images."""
-    skipped = drawn = 0
-    while True:
-        batch = next(batches)
-        drawn += config.data.batch_size
-        skipped += batch.skipped
-        for name in batch.skipped_names:
-            note(f"skipped an image that does not decode: {name}")
-        if batch.images.shape[0] >= minimum:
-            return batch.images, skipped, drawn
-        if drawn > 2 * max(len(dataset), config.data.batch_size):
-            raise DataError(
-                f"{drawn} images drawn from {dataset.describe()} without a batch of {minimum} that decode "
-                f"({skipped} failed): check that the files are images PIL can read, or train on another folder"
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def say(procs: Processes, message: str) -> None:
+    """A line on rank 0's stdout."""
+    if procs.is_main:
+        print(message, flush=True)
+
+
+class NonFiniteWatch:
+    """Remembers, on the device (no sync per step), the first step (counted from 1) whose loss was NaN or inf."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        self.first = torch.where((self.first < 0) & ~torch.isfinite(loss), step, self.first)
+
+    def check(self, procs: Processes, last_good: str) -> None:
+        """Raise on every rank if any rank saw a non-finite loss."""
+        first = int(self.first.item())
+        first = min_across_ranks(first if first >= 0 else 2**62, procs)
+        if first < 2**62:
+            raise NonFiniteLoss(
+                f"the loss became NaN or inf at step {first}; stopping without saving. "
+                f"Last good checkpoint: {last_good or 'none yet'}. Lower opt.lr (or check the data) and rerun "
+                "the same command to resume from it."
             )
 
 
-def run(args: argparse.Namespace, config: Config) -> int:
-    """Train until trainer.max_steps (or SIGTERM); returns the process exit code."""
-    require_llm(config)
-    return in_processes(functools.partial(train, args, config))
+class Trainee(Protocol):
+    """What the loop steps (both trainers' `Trainee`); read each step: a trainer may swap `wrapped` and `optimizer`."""
 
-
-def in_processes(train: Callable[[Processes], int]) -> int:
-    """`train(procs)` in the command's processes (a group, even of one: the collectives run unchanged); a
-    non-finite loss (exit 1) or a missing or unusable input (exit 2) ends it with one line. Any trainer's."""
-    with processes(always_group=True) as procs:
-        try:
-            return train(procs)
-        except NonFiniteLoss as e:
-            say(procs, f"error: {e}")
-            return 1
-        except (FileNotFoundError, CheckpointError, DataError) as e:  # a missing or unusable input: say which
-            say(procs, f"error: {e}")
-            return 2
-
-
-def require_llm(config: Config) -> None:
-    """The LLM of `model.quantization_type=qwen2.5-coder-0.5b[_span_P]` must be on this machine and fit the config:
-    checked before any process, data or model starts, ending the command with one line naming what is wrong."""
-    if not is_llm_quantization(config.model.quantization_type):
-        return
-    try:
-        find_llm(config.model)
-    except (FileNotFoundError, ImportError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-@dataclass
-class StartPoint:
-    """Where training starts: a checkpoint (its path and contents) or nothing, and the progress to continue."""
-
-    path: str  # "" from scratch
-    ckpt: Optional[dict]
-    progress: Progress
-    resuming: bool  # exact resume from this experiment's own checkpoint (optimizer, EMA, RNG, data position)
-
-
-def find_start(args: argparse.Namespace, log_dir: str, procs: Processes) -> StartPoint:
-    """This experiment's newest checkpoint (exact resume), else --resume-from-ckpt's weights and step count
-    (upstream: fresh optimizer and EMA), else from scratch."""
-    newest = checkpointing.newest_readable(log_dir, lambda m: say(procs, m))
-    if newest is not None:
-        path, ckpt = newest
-        progress = checkpointing.progress_of(ckpt, procs.world_size, lambda m: say(procs, m))
-        say(procs, f"resuming from {path} (step {progress.total_steps})")
-        return StartPoint(path, ckpt, progress, resuming=True)
-    if args.resume_from_ckpt:
-        path = resolve_checkpoint(args.resume_from_ckpt)  # a published name -> its file in the Hugging Face cache
-        ckpt = read_checkpoint(path)
-        progress = Progress(total_steps=checkpointing.steps_of(ckpt))
-        say(procs, f"starting from the weights of {path} (step {progress.total_steps})")
-        return StartPoint(path, ckpt, progress, resuming=False)
-    return StartPoint("", None, Progress(), resuming=False)
-
-
-@dataclass
-class Data:
-    dataset: ImageDataset  # the training set
-    batches: Iterator[ImageBatch]  # this rank's endless stream, continued from the start point's position
-    grid_images: torch.Tensor  # [N, 3, H, W] fixed validation images for the progress grid, on the device
-
-
-def loader_workers(requested: int, procs: Processes) -> int:
-    """data.num_workers (upstream's default: 8), at most the CPUs beside this process: no more processes than CPUs."""
-    spare = spare_cpus()
-    if requested <= spare:
-        return requested
-    say(procs, f"data.num_workers={requested}, but this machine has {spare + 1} CPU(s): using {spare} loader worker(s)")
-    return spare
-
-
-def build_data(config: Config, procs: Processes, progress: Progress) -> Data:
-    dataset = build_dataset(config.data, "train")
-    say(procs, f"training data: {dataset.describe()}")
-    loader = make_loader(
-        dataset, config.data.batch_size, procs.rank, procs.world_size, seed=config.global_seed,
-        start=progress.data_position, num_workers=loader_workers(config.data.num_workers, procs),
-        pin_memory=procs.device.type == "cuda",
-    )
-    grid_images = first_valid_images(build_dataset(config.data, "val"), GRID_IMAGES).to(procs.device)
-    return Data(dataset, iter(loader), grid_images)
-
-
-@dataclass
-class Trainee:
-    """The model and everything that updates it."""
-
-    model: FlowMo
-    objective: FlowMoObjective
-    wrapped: torch.nn.Module  # the objective under DDP (or itself: one process, FSDP)
+    model: nn.Module
+    objective: nn.Module  # the loss as a module: train() each step
+    wrapped: nn.Module  # the objective under DDP (or itself)
     ema: EMA
-    norms: Optional[WeightNormFixer]
     optimizer: torch.optim.Optimizer
 
 
-def build_trainee(config: Config, procs: Processes, start: StartPoint) -> Trainee:
-    """Same initial weights on every rank (the parameters no output depends on frozen), the start point's
-    weights, the objective wrapped for several processes, EMA, norm fixer and optimizer (their states on resume)."""
-    torch.manual_seed(config.global_seed)
-    model = FlowMo(config).to(procs.device)
-    model.cuda_graphs = False  # progress grids sample eagerly: no graph capture of the trained model
-    if start.ckpt is not None:
-        checkpointing.load_model(model, start.ckpt, start.path)
-        infiller = getattr(model.quantizer, "infiller", None)  # the LLM type: the LLM the checkpoint recorded?
-        if infiller is not None:
-            check_llm_record(start.ckpt, infiller.config_hash, config.model.llm_path, start.path)
-    if start.progress.encoder_frozen:
-        model.encoder.requires_grad_(False)
-    compile_for_training(model, config, procs.device)
-    objective = FlowMoObjective(model, build_perceptual_loss(config.opt, procs.device))
-    norms = WeightNormFixer(model, config.model.fix_norm_mode) if config.model.fix_initial_norms else None
-    trainee = Trainee(model, objective, parallel.wrap(objective, model, config, procs),
-                      EMA(model, config.model.ema_decay), norms, build_optimizer(model, config))
-    if start.resuming:
-        checkpointing.restore(trainee, start.ckpt, start.path)
-    say_size(procs, "FlowMo", model, config)
-    return trainee
+@dataclass(frozen=True)
+class Drawn:
+    """The step's batch (anything `train_step` splits into micro-batches and moves with `.to`) and how many
+    samples this rank drew from its data stream for it (the data position advances by that)."""
+
+    batch: Any
+    samples: int
 
 
-def say_size(procs: Processes, name: str, model: torch.nn.Module, config) -> None:
-    """The trained model's parameter count and how it is spread over the processes. Any trainer's."""
-    n_params = sum(p.numel() for p in model.parameters())
-    layout = "FSDP2" if config.trainer.fsdp else "DDP" if procs.world_size > 1 else "one process"
-    say(procs, f"{name}: {n_params / 1e6:.2f}M parameters; {layout}")
+@dataclass(frozen=True)
+class LogExtra:
+    """What a trainer adds to a log line: named scalars, and the images skipped so far on this rank (None: its
+    data cannot fail to decode)."""
+
+    scalars: dict[str, float] = field(default_factory=dict)
+    skipped_images: Optional[int] = None
 
 
-def seed_rngs(config: Config, procs: Processes, start: StartPoint) -> None:
-    """Upstream's per-rank seed; a resumed run continues every rank's streams where they stopped."""
-    seed = config.global_seed * procs.world_size + procs.rank
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    if start.resuming:
-        checkpointing.load_rng(start.ckpt, procs)
-
-
-def build_metrics(config: Config, procs: Processes, log_dir: str, progress: Progress) -> MetricLogger:
-    """Logs to stdout and TensorBoard; MFU where the device's peak is known."""
-    flops = None
-    if peak_flops(procs.device):
-        flops = flowmo_flops_per_step(config, config.data.batch_size // config.opt.n_grad_acc)
-        say(procs, f"FlowMo forward + backward: {flops / 1e12:.3g} TFLOP per step per rank")
-    images_per_step = config.data.batch_size * procs.world_size
-    return MetricLogger(procs, log_dir, config.trainer.max_steps, progress.total_steps, images_per_step, flops)
-
-
-def freeze_encoder_if_due(trainee: Trainee, config: Config, procs: Processes, progress: Progress,
-                          metrics: MetricLogger) -> None:
-    """Upstream's `opt.freeze_encoder` / `opt.freeze_encoder_after`: freeze once, then rebuild the optimizer."""
-    if progress.encoder_frozen or not (
-        config.opt.freeze_encoder or progress.total_steps >= config.opt.freeze_encoder_after
-    ):
-        return
-    metrics.write(f"freezing the encoder and rebuilding the optimizer at step {progress.total_steps}")
-    trainee.model.encoder.requires_grad_(False)
-    progress.encoder_frozen = True
-    if not config.trainer.fsdp:  # DDP must know the new trainable set
-        trainee.wrapped = parallel.wrap(trainee.objective, trainee.model, config, procs)
-    trainee.optimizer = build_optimizer(trainee.model, config)
-
-
-def prepare(args: argparse.Namespace, config: Config, procs: Processes) -> str:
-    """The experiment folder (created, config.json written by rank 0) and CUDA settings; returns the folder."""
-    log_dir = os.path.join(args.results_dir, args.experiment_name)
-    os.makedirs(log_dir, exist_ok=True)
-    if procs.device.type == "cuda":
-        torch.set_float32_matmul_precision("medium")
-        torch.backends.cudnn.benchmark = True
-    if procs.is_main:
-        with open(os.path.join(log_dir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
-    say(procs, f"{procs.world_size} process(es) on {procs.device.type}; experiment folder {log_dir}")
-    return log_dir
-
-
-@dataclass
-class TokenizerSteps(StepHooks):
-    """FlowMo's part of the step loop: the encoder frozen when due, batches of decodable images (the skipped ones
-    counted), weight norms reset after each optimizer step, the encoder checksum logged, progress grids."""
-
-    config: Config
-    procs: Processes
-    log_dir: str
-    progress: Progress
-    data: Data
-    trainee: Trainee
-    metrics: MetricLogger
-    skipped_total: int = 0  # images that did not decode, this rank, this run
+class StepHooks:
+    """A trainer's part of the loop; the defaults do nothing. Every method runs on every rank."""
 
     def before_step(self) -> None:
-        freeze_encoder_if_due(self.trainee, self.config, self.procs, self.progress, self.metrics)
+        """Before the batch is drawn (the tokenizer: freeze the encoder when due)."""
 
     def next_batch(self) -> Drawn:
-        images, skipped, drawn = next_images(self.data.batches, self.config.opt.n_grad_acc, self.config,
-                                             self.data.dataset, self.metrics.note)
-        self.skipped_total += skipped
-        return Drawn(images, drawn)
+        raise NotImplementedError
 
     def after_optimizer_step(self) -> None:
-        if self.trainee.norms is not None:
-            self.trainee.norms.apply(self.trainee.model)
+        """After the optimizer step, before EMA (the tokenizer: reset the weight norms)."""
 
     def log_extra(self) -> LogExtra:
-        checksum = sum(parallel.full_tensor(p.mean()) for p in self.trainee.model.encoder.parameters())
-        return LogExtra({"encoder_checksum": float(checksum)}, self.skipped_total)
+        """On a log step: the trainer's own scalars (may be collective)."""
+        return LogExtra()
 
     def sample(self, step: int, final: bool) -> None:
-        if (step % self.config.trainer.sample_every == 0 or final) and len(self.data.grid_images):
-            save_grid(self.trainee.model, self.data.grid_images, self.log_dir, step, self.procs, self.metrics)
+        """After the log, before the checkpoint (the tokenizer: its progress grid when due)."""
 
     def save(self) -> str:
-        records = functools.partial(model_records, self.config)
-        return checkpointing.save_step(self.log_dir, self.trainee, self.progress, self.procs, self.config, records,
-                                       self.metrics.write)
+        """Write a checkpoint of the current step; returns its path."""
+        raise NotImplementedError
 
 
-def train(args: argparse.Namespace, config: Config, procs: Processes) -> int:
-    log_dir = prepare(args, config, procs)
-    start = find_start(args, log_dir, procs)
-    progress = start.progress
-    if finished(progress, config, procs):
-        return 0
-    data = build_data(config, procs, progress)
-    trainee = build_trainee(config, procs, start)
-    metrics = build_metrics(config, procs, log_dir, progress)
-    seed_rngs(config, procs, start)
-    hooks = TokenizerSteps(config, procs, log_dir, progress, data, trainee, metrics)
-    run_steps(trainee, config, procs, progress, metrics, hooks, start.path if start.resuming else "")
-    return 0
+def finished(progress: Progress, config, procs: Processes) -> bool:
+    """Whether the run is already at trainer.max_steps (then says so: nothing to do)."""
+    max_steps = config.trainer.max_steps
+    if progress.total_steps < max_steps:
+        return False
+    say(procs, f"nothing to do: already at step {progress.total_steps} >= trainer.max_steps={max_steps}; "
+        "set trainer.max_steps higher to train further")
+    return True
+
+
+def run_steps(trainee: Trainee, config, procs: Processes, progress: Progress, metrics: MetricLogger,
+              hooks: StepHooks, last_good: str) -> None:
+    """Train from `progress` to config.trainer.max_steps (or until SIGTERM), then close `metrics`.
+    `last_good`: the checkpoint the run started from ("" none), named if the loss goes non-finite."""
+    trainer, watch = config.trainer, NonFiniteWatch(procs.device)
+    say(procs, f"training from step {progress.total_steps} to {trainer.max_steps}")
+    with parallel.StopRequest(procs) as stop, contextlib.closing(metrics):
+        while progress.total_steps < trainer.max_steps:
+            hooks.before_step()
+            drawn = hooks.next_batch()
+            progress.data_position += drawn.samples
+            trainee.objective.train()
+            set_learning_rate(trainee.optimizer, config, progress.total_steps)
+            terms = train_step(trainee.wrapped, trainee.model, drawn.batch.to(procs.device, non_blocking=True),
+                               trainee.optimizer, config, procs.device)
+            hooks.after_optimizer_step()
+            trainee.ema.update(trainee.model, progress.total_steps)
+            progress.total_steps += 1
+            step = progress.total_steps  # steps done; the log, checkpoints and messages count this way
+            watch.observe(terms.total_loss, step)
+            metrics.add(terms.logged)
+            stopping = stop.agreed()
+            final = step == trainer.max_steps or stopping
+            if step % trainer.log_every == 0 or final:
+                watch.check(procs, last_good)
+                extra = hooks.log_extra()
+                metrics.log(step, extra.scalars, extra.skipped_images)
+            hooks.sample(step, final)
+            if step % trainer.checkpoint_every == 0 or final:
+                watch.check(procs, last_good)
+                last_good = hooks.save()
+            if stopping:
+                say(procs, f"stopped by SIGTERM after step {step}; rerun the same command to resume")
+                break
+    say(procs, f"done at step {progress.total_steps}; newest checkpoint {last_good}")

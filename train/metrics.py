@@ -10,9 +10,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flowmo_fast.flops import train_step_flops
-from flowmo_fast.hardware import peak_bf16_tflops
 from flowmo_fast.distributed import Processes
+from flowmo_fast.flowmo.flops import train_step_flops
+from flowmo_fast.hardware import peak_bf16_tflops
 from train.parallel import sum_across_ranks
 
 
@@ -26,7 +26,7 @@ def peak_flops(device: torch.device) -> Optional[float]:
 
 def flowmo_flops_per_step(config, micro_batch: int) -> float:
     """FLOPs of FlowMo's forward and backward in one optimizer step per rank (all micro-batches; the perceptual
-    net and the LLM not counted): flowmo_fast.flops, the count the benchmarks report too."""
+    net and the LLM not counted): flowmo_fast.flowmo.flops, the count the benchmarks report too."""
     size = config.data.image_size
     return float(train_step_flops(config, size, size) * micro_batch * config.opt.n_grad_acc)
 

@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from train.parallel import full_tensor
-from train.shards import local_shard
+from train.parallel import full_tensor, local_shard
 
 
 def weights_to_fix(model: nn.Module) -> Iterator[tuple[str, Tensor]]:

@@ -8,8 +8,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from flowmo_fast import flow
-from flowmo_fast.model import FlowMo
+from flowmo_fast.flowmo import flow
+from flowmo_fast.flowmo.model import FlowMo
 
 
 class FlowMoObjective(nn.Module):

@@ -1,5 +1,5 @@
-"""Training's side of several processes: DDP / FSDP2 wrapping, gradient sync control, whole tensors from shards,
-summing logged numbers, and agreeing to stop. The processes themselves start in flowmo_fast.distributed."""
+"""Training's side of several processes: DDP / FSDP2 wrapping, gradient sync control, whole tensors from shards
+and a process's own shard of them, summing logged numbers, and agreeing to stop. The processes themselves start in flowmo_fast.distributed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,15 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flowmo_fast.distributed import Processes, min_across_ranks
-from flowmo_fast.model import FlowMo
+from flowmo_fast.flowmo.model import FlowMo
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """The part of `t` this process holds: a DTensor's local shard (in-place ops on it write through), else `t`.
+    FSDP2 keeps parameters as DTensor shards; per-tensor work on them (norms, EMA) runs on the local shards,
+    without a DTensor dispatch (and, for a norm, a collective) per tensor."""
+    return t.to_local() if hasattr(t, "device_mesh") else t
+
 
 _DDP_OPTIONS = inspect.signature(DistributedDataParallel.__init__).parameters
 

@@ -9,15 +9,14 @@ until trainer.max_steps, counted from the checkpoint's step: set it above that s
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Optional, Sequence
 
-from flowmo_fast.checkpoint import CheckpointError, read_config
 from flowmo_fast.config import Config
-from flowmo_fast.pretrained import resolve_checkpoint
-from train import checkpointing, cli
-from train.loop import run
+from flowmo_fast.formats.checkpoint import CheckpointError, read_config
+from flowmo_fast.formats.pretrained import resolve_checkpoint
+from train import cli, train_state
+from train.tokenizer import run
 
 # Upstream's post-training command (README): lower LR and batch, sample-level ResNet loss.
 POSTTRAIN = [
@@ -42,14 +41,14 @@ def config_from_checkpoint(path: str, overrides: Sequence[str]) -> Config:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = cli.build_parser("python -m train.posttrain", "FlowMo post-training (loss on a differentiable sample).")
     args, overrides = cli.parse(parser, argv)
-    log_dir = os.path.join(args.results_dir, args.experiment_name)
-    if not args.resume_from_ckpt and not checkpointing.list_checkpoints(log_dir):
+    experiment = cli.experiment(args)
+    if not experiment.resume_from_ckpt and not train_state.list_checkpoints(experiment.log_dir):
         parser.error("--resume-from-ckpt PATH (a pre-trained checkpoint) is required to start post-training")
     if args.preset or not args.resume_from_ckpt:
         config = cli.make_config(POSTTRAIN, overrides, args.preset)
     else:
         config = config_from_checkpoint(args.resume_from_ckpt, overrides)
-    return run(args, config)
+    return run(experiment, config)
 
 
 if __name__ == "__main__":

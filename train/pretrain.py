@@ -8,14 +8,14 @@ import sys
 from typing import Optional, Sequence
 
 from train import cli
-from train.loop import run
+from train.tokenizer import run
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = cli.build_parser("python -m train.pretrain", "FlowMo pre-training (diffusion autoencoder loss).")
     args, overrides = cli.parse(parser, argv)
     config = cli.make_config([], overrides, args.preset)
-    return run(args, config)
+    return run(cli.experiment(args), config)
 
 
 if __name__ == "__main__":

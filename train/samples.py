@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from flowmo_fast.distributed import Processes
-from flowmo_fast.images import image_grid
-from flowmo_fast.model import FlowMo
+from flowmo_fast.flowmo.model import FlowMo
+from flowmo_fast.formats.images import image_grid
 
 GRID_MIN_SIDE = 128  # each image's side on screen, at least: smaller images are scaled up (nearest neighbour)
 GRID_SEED = 1234  # the grid's own noise streams (flowmo_fast.noise): the training RNG streams are never touched

@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 
 from flowmo_fast.config import Config
-from flowmo_fast.fast import compile_blocks
-from flowmo_fast.model import FlowMo, autocast_for
+from flowmo_fast.flowmo.graphed_sampler import compile_blocks
+from flowmo_fast.flowmo.model import FlowMo, autocast_for
 from train import parallel
 
 

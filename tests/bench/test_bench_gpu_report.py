@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu_report, report_rows
+import flowmo_fast
+from bench import gpu_report, report, report_rows
 from bench.harness import Budget, Harness, Timing
 from bench.report_rows import LiveOutput, Row
-from flowmo_fast.sampling import UPSTREAM
+from flowmo_fast.sampler_settings import UPSTREAM
 
 SCRIPT = Path(gpu_report.__file__)
 
@@ -63,7 +64,7 @@ def test_a_failing_row_is_recorded_and_the_report_goes_on():
     assert measured.ms is not None and measured.note == ""
 
 
-def graphs_needed(scale: gpu_report.Scale) -> int:
+def graphs_needed(scale: report.Scale) -> int:
     """Distinct graphs a full dry run needs: per compiled block variant one graph for the inner blocks and one
     for the last block of its tower (it keeps one stream), variants being the decoder without gradients at the
     phases' batch and its guided double, at 1 and 2 (latency), with gradients at the train batch; the encoder
@@ -71,7 +72,7 @@ def graphs_needed(scale: gpu_report.Scale) -> int:
     compiled alone in the kernels phase; and the token generator's block (generator phase) with gradients at its
     train batch, without at the batch (an unguided sampling step) and at its guided double. Both models share
     every block graph (same widths)."""
-    config = gpu_report.flowmo_fast.load_config(list(scale.models["FlowMo-Lo (tiny)"][1]), preset="tiny")
+    config = flowmo_fast.load_config(list(scale.models["FlowMo-Lo (tiny)"][1]), preset="tiny")
     m = config.model
     assert m.enc_depth >= 2 and m.dec_depth >= 2 and len({1, 2, scale.batch, 2 * scale.batch}) == 4
     return 2 * (4 + 1) + 2 * (2 + 1) + 3 + 3

@@ -15,17 +15,17 @@ import torch
 
 import flowmo_fast
 from eval import generate
-from flowmo_fast.checkpoint import atomic_save, file_sha256
-from flowmo_fast.cli import detokenize
-from flowmo_fast.generator import TokenGenerator, preset_config
-from flowmo_fast.token_shards import TokenShards, TokenSpec
+from flowmo_fast import detokenize
+from flowmo_fast.formats.checkpoint import atomic_save, file_sha256
+from flowmo_fast.formats.token_shards import TokenShards, TokenSpec
+from flowmo_fast.maskgit.model import GeneratorConfig, TokenGenerator
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["cat", "dog"]
 
 
 def save_generator(model: TokenGenerator, tokenizer_path: Path, path: Path, classes=CLASSES) -> Path:
-    """`model` saved in train.generator's layout (what flowmo_fast.generator.load_generator reads), its tokens
+    """`model` saved in train.generator's layout (what flowmo_fast.maskgit.model.load_generator reads), its tokens
     made by the FlowMo checkpoint `tokenizer_path`."""
     tokenizer = flowmo_fast.load_checkpoint(tokenizer_path)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -40,7 +40,7 @@ def save_generator(model: TokenGenerator, tokenizer_path: Path, path: Path, clas
 def tiny_generator() -> TokenGenerator:
     """For the tiny FlowMo's tokens: 16 positions x 2 groups of 9 bits, 2 classes."""
     torch.manual_seed(0)
-    return TokenGenerator(preset_config("tiny", 16, 18, 9, num_classes=2, label_smoothing=0.0))
+    return TokenGenerator(GeneratorConfig(16, 2, 9, num_classes=2, label_smoothing=0.0))
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_mistakes_end_in_one_line(generated, generator_checkpoint, tiny_checkpoi
 
 def test_an_unconditional_generator_makes_per_class_rows_in_all(tiny_checkpoint, tmp_path):
     torch.manual_seed(0)
-    model = TokenGenerator(preset_config("tiny", 16, 18, 9))  # num_classes 0
+    model = TokenGenerator(GeneratorConfig(16, 2, 9))  # num_classes 0
     ckpt = save_generator(model, tiny_checkpoint, tmp_path / "00000000.pth", classes=None)
     generate.main(["--generator", str(ckpt), "--out", str(tmp_path / "u"), *ARGS])
     shards = TokenShards(str(tmp_path / "u"))

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from llm_helpers import llm_overrides
 
 import flowmo_fast
 from eval import rfid
-from flowmo_fast.data import first_valid_images, open_dataset
-from llm_helpers import llm_overrides
+from flowmo_fast.formats.data import first_valid_images, open_dataset
 
 pytest.importorskip("transformers")
 

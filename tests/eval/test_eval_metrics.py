@@ -14,7 +14,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from eval import metrics, weights
-from flowmo_fast.images import to_uint8
+from flowmo_fast.formats.images import to_uint8
 
 
 def scipy_fid(x1: np.ndarray, x2: np.ndarray) -> float:

@@ -21,11 +21,11 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import flowmo_fast
 from eval import rfid, weights
-from flowmo_fast.distributed import Processes
 from flowmo_fast import noise
-from flowmo_fast.data import SamplePhotosDataset
-from flowmo_fast.sampling import SamplingOptions
-from flowmo_fast.images import to_uint8
+from flowmo_fast.distributed import Processes
+from flowmo_fast.formats.data import SamplePhotosDataset
+from flowmo_fast.formats.images import to_uint8
+from flowmo_fast.sampler_settings import SamplingOptions
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_IMAGES = 3

@@ -30,7 +30,7 @@ from PIL import Image
 import flowmo_fast
 from eval import rfid, watch
 from eval.history import Evaluation, History
-from flowmo_fast.checkpoint import checkpoint_path, list_checkpoints, step_of
+from flowmo_fast.formats.checkpoint import checkpoint_path, list_checkpoints, step_of
 
 REPO = Path(__file__).resolve().parents[2]
 FIRST_STEPS = [2, 4, 6]

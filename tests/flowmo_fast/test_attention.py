@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowmo_fast.attention import Attention, Backend, sdpa
+from flowmo_fast.flowmo.attention import Attention, Backend, sdpa
 
 
 def reference(q, k, v, scale):

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from flowmo_fast.attention import Attention, choice_key
-from flowmo_fast.fast import compile_blocks
-from flowmo_fast.mmdit import position_ids
+from flowmo_fast.flowmo.attention import Attention, choice_key
+from flowmo_fast.flowmo.graphed_sampler import compile_blocks
+from flowmo_fast.flowmo.mmdit import position_ids
 from flowmo_kernels.rope import rope_tables
 
 

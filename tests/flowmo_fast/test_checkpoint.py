@@ -9,7 +9,7 @@ import torch
 
 import flowmo_fast
 from flowmo_fast import CheckpointError, load_checkpoint, save_checkpoint
-from flowmo_fast.checkpoint import infer_config
+from flowmo_fast.formats.checkpoint import infer_config
 
 
 def test_our_checkpoint_round_trip(tiny_checkpoint, parity_model):

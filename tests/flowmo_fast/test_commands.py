@@ -1,4 +1,4 @@
-"""flowmo_fast.distributed and flowmo_fast.cli.flags: device choice (an explicit cuda:N made current, checked with torch.cuda faked), the data
+"""flowmo_fast.distributed and flowmo_fast.flags: device choice (an explicit cuda:N made current, checked with torch.cuda faked), the data
 flags, loader workers, argument types and one-line errors."""
 
 import argparse
@@ -7,9 +7,8 @@ import os
 import pytest
 import torch
 
-from flowmo_fast import distributed
-from flowmo_fast.cli import flags
-from flowmo_fast.data import ImageFolderDataset, SamplePhotosDataset
+from flowmo_fast import distributed, flags
+from flowmo_fast.formats.data import ImageFolderDataset, SamplePhotosDataset
 
 
 @pytest.fixture

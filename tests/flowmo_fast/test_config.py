@@ -129,10 +129,10 @@ SOURCES = ("flowmo_fast", "train", "eval")
 CONFIG_MODULE = "flowmo_fast/config.py"
 # Keys read through a computed attribute name, with the code that reads them (checked to still be there).
 READ_BY_COMPUTED_NAME = {
-    "data.imagenet_train_tar": ("flowmo_fast/data.py", 'f"imagenet_{split}_tar"'),
-    "data.imagenet_val_tar": ("flowmo_fast/data.py", 'f"imagenet_{split}_tar"'),
-    "data.imagenet_train_index": ("flowmo_fast/data.py", 'f"imagenet_{split}_index"'),
-    "data.imagenet_val_index": ("flowmo_fast/data.py", 'f"imagenet_{split}_index"'),
+    "data.imagenet_train_tar": ("flowmo_fast/formats/data.py", 'f"imagenet_{split}_tar"'),
+    "data.imagenet_val_tar": ("flowmo_fast/formats/data.py", 'f"imagenet_{split}_tar"'),
+    "data.imagenet_train_index": ("flowmo_fast/formats/data.py", 'f"imagenet_{split}_index"'),
+    "data.imagenet_val_index": ("flowmo_fast/formats/data.py", 'f"imagenet_{split}_index"'),
 }
 
 

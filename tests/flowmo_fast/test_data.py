@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data._utils.pin_memory import pin_memory
 
 from flowmo_fast.config import load_config
-from flowmo_fast.data import (
+from flowmo_fast.formats.data import (
     ImageBatch,
     ImageFolderDataset,
     IndexedTarDataset,

@@ -15,10 +15,14 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from flowmo_fast.data import (
-    ImageFolderDataset, IndexedTarDataset, SamplePhotosDataset, bundled_photo_files, skimage_data_dir,
+from flowmo_fast.formats.data import (
+    ImageFolderDataset,
+    IndexedTarDataset,
+    SamplePhotosDataset,
+    bundled_photo_files,
+    skimage_data_dir,
 )
-from flowmo_fast.images import fit_square, to_model_input
+from flowmo_fast.formats.images import fit_square, to_model_input
 
 SIZE = 16
 # (width, height) -> after Resize(16): the longer side and its crop offset (torchvision rounds half to even)

@@ -1,4 +1,4 @@
-"""The analytic FLOP counts of flowmo_fast/flops.py (training logs and benchmarks) equal what PyTorch's FLOP
+"""The analytic FLOP counts of flowmo_fast/flowmo/flops.py (training logs and benchmarks) equal what PyTorch's FLOP
 counter sees in the model."""
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import flowmo_fast
-from flowmo_fast import flops, flow
-from flowmo_fast.sampling import UPSTREAM
+from flowmo_fast.flowmo import flops, flow
+from flowmo_fast.sampler_settings import UPSTREAM
 from train.metrics import flowmo_flops_per_step
 from train.objective import FlowMoObjective
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import flowmo_fast
-from flowmo_fast import flow
-from flowmo_fast.sampling import UPSTREAM, SamplingOptions
+from flowmo_fast.flowmo import flow
+from flowmo_fast.sampler_settings import UPSTREAM, SamplingOptions
 
 
 def test_training_time_schedules_stay_in_unit_interval():
@@ -66,7 +66,7 @@ def test_posttrain_chain_checkpointed_gradients_equal_plain_chain(parity, parity
 
 def test_sampler_loop_takes_no_host_tensor():
     """Inside `flow.sample` no op moves or mixes a host tensor into the model's device (here `meta`): a
-    host-to-device copy would break the CUDA-graph capture of the loop (flowmo_fast.fast). Host-only ops
+    host-to-device copy would break the CUDA-graph capture of the loop (flowmo_fast.flowmo.graphed_sampler). Host-only ops
     (the schedule) are fine."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves

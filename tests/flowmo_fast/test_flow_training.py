@@ -4,13 +4,12 @@
 
 from __future__ import annotations
 
-
 import torch
 
 import flowmo_fast
-from flowmo_fast import flow
-from flowmo_fast.model import ModelOutput
-from flowmo_fast.quantizers import QuantizerOutput
+from flowmo_fast.flowmo import flow
+from flowmo_fast.flowmo.model import ModelOutput
+from flowmo_fast.flowmo.quantizers import QuantizerOutput
 
 N_TIMES = 400_000  # the empirical CDF is then within ~0.002 of the true one (KS, p < 1e-3)
 

@@ -1,5 +1,5 @@
 """The token generator: its group layout against the real FlowMo-Lo/Hi quantizer, its loss, masking and label
-dropout (flowmo_fast/generator.py)."""
+dropout (flowmo_fast/maskgit/model.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,19 @@ import pytest
 import torch
 
 from flowmo_fast import FlowMo, Tokenizer, load_config
-from flowmo_fast.generator import (
-    GeneratorConfig, TokenGenerator, bits_to_code, bits_to_ids, groups_to_ids, ids_to_groups, preset_config,
+from flowmo_fast.maskgit.model import (
+    GeneratorConfig,
+    TokenGenerator,
+    bits_to_code,
+    bits_to_ids,
+    groups_to_ids,
+    ids_to_groups,
     tokens_to_bits,
 )
+from flowmo_fast.overrides import with_overrides
 from flowmo_kernels.lfq import lfq_indices
+from train.generator_config import make_config
+from train.generator_data import TokenLayout
 
 
 @pytest.fixture(scope="module", params=["flowmo_lo", "flowmo_hi"])
@@ -23,7 +31,7 @@ def real_model(request):
 
 def test_groups_are_the_tokenizers(real_model):
     m = real_model.config.model
-    config = preset_config("tiny", m.code_length, m.context_dim, m.codebook_size_for_entropy)
+    config = GeneratorConfig(m.code_length, m.context_dim // m.codebook_size_for_entropy, m.codebook_size_for_entropy)
     assert (config.groups, config.vocab_size) in ((2, 512), (4, 16384))
     code = torch.randint(0, 2, (3, m.code_length, m.context_dim), generator=torch.Generator().manual_seed(0)) * 2.0 - 1
     ids = Tokenizer(real_model).code_to_ids(code)  # [B, T * G], the rows of token shards
@@ -40,7 +48,7 @@ def test_groups_are_the_tokenizers(real_model):
 
 def tiny(**changes) -> TokenGenerator:
     torch.manual_seed(0)
-    return TokenGenerator(preset_config("tiny", 8, 18, 9, num_classes=2, **changes))
+    return TokenGenerator(GeneratorConfig(8, 2, 9, num_classes=2, **changes))
 
 
 def captured_inputs(model: TokenGenerator) -> list:
@@ -88,30 +96,30 @@ def test_label_dropout_uses_the_null_class():
 
 def test_config_checks_and_overrides():
     config = GeneratorConfig(16, 2, 9)
-    assert config.override(["width=32", "mask_schedule=cosine"]) == GeneratorConfig(16, 2, 9, width=32,
-                                                                                  mask_schedule="cosine")
+    assert with_overrides(config, ["width=32", "mask_schedule=cosine"]) == GeneratorConfig(16, 2, 9, width=32,
+                                                                                        mask_schedule="cosine")
     assert GeneratorConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="mask_schedule"):
-        config.override(["mask_schedule=linear"])
-    with pytest.raises(ValueError, match="key one of"):
-        config.override(["depthh=3"])
+    with pytest.raises(ValueError, match="mask_schedule='linear'; allowed: cosine, arccos"):
+        with_overrides(config, ["mask_schedule=linear"])
+    with pytest.raises(ValueError, match="unknown config key 'depthh'"):
+        with_overrides(config, ["depthh=3"])
     with pytest.raises(ValueError, match="must divide"):
-        preset_config("B", 256, 18, 7)
-    with pytest.raises(ValueError, match="preset"):
-        preset_config("XL", 256, 18, 9)
+        make_config("B", TokenLayout(256, 18, 7, 10), [])
+    with pytest.raises(ValueError, match="unknown preset 'XL'; allowed: tiny, B, L"):
+        make_config("XL", TokenLayout(256, 18, 9, 10), [])
     with pytest.raises(ValueError, match="unconditional"):
         TokenGenerator(config).loss(torch.zeros(2, 32, dtype=torch.long), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[B, 32\]"):
         TokenGenerator(config).loss(torch.zeros(2, 30, dtype=torch.long))
 
 
-# ---- sampling (flowmo_fast/generation.py) ---------------------------------------------------------------------
+# ---- sampling (flowmo_fast/maskgit/sampling.py) ---------------------------------------------------------------------
 
 
 def train_on_patterns(steps: int = 120) -> tuple[TokenGenerator, torch.Tensor, list]:
     """A tiny generator trained on two classes whose rows are each one fixed random pattern."""
     torch.manual_seed(0)
-    model = TokenGenerator(preset_config("tiny", 8, 18, 9, num_classes=2, label_smoothing=0.0))
+    model = TokenGenerator(GeneratorConfig(8, 2, 9, num_classes=2, label_smoothing=0.0))
     patterns = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(5))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     history = []
@@ -126,7 +134,7 @@ def train_on_patterns(steps: int = 120) -> tuple[TokenGenerator, torch.Tensor, l
 
 
 def test_a_tiny_generator_learns_two_patterns_and_samples_each_class():
-    from flowmo_fast.generation import GenerationOptions, generate, sample_keys
+    from flowmo_fast.maskgit.sampling import GenerationOptions, generate, sample_keys
 
     model, patterns, history = train_on_patterns()
     first, last = history[0][0], sum(loss for loss, _ in history[-10:]) / 10
@@ -143,7 +151,7 @@ def test_a_tiny_generator_learns_two_patterns_and_samples_each_class():
 
 
 def test_samples_do_not_depend_on_the_batch():
-    from flowmo_fast.generation import GenerationOptions, generate, sample_keys
+    from flowmo_fast.maskgit.sampling import GenerationOptions, generate, sample_keys
 
     model = tiny().eval()
     labels = [0, 1, 1, 0, 1]
@@ -158,7 +166,7 @@ def test_samples_do_not_depend_on_the_batch():
 
 
 def test_guidance_mixes_conditional_and_null_logits():
-    from flowmo_fast.generation import guided_logits
+    from flowmo_fast.maskgit.sampling import guided_logits
 
     model = tiny().eval()
     bits = tokens_to_bits(torch.randint(0, 512, (3, 8, 2)), 9)
@@ -170,7 +178,7 @@ def test_guidance_mixes_conditional_and_null_logits():
 
 
 def test_the_plan_reveals_every_group_by_the_last_step():
-    from flowmo_fast.generation import GenerationOptions
+    from flowmo_fast.maskgit.sampling import GenerationOptions
 
     for steps, n in ((8, 16), (16, 16), (64, 512), (3, 1024)):
         for schedule in ("arccos", "cosine"):
@@ -186,7 +194,7 @@ def test_the_plan_reveals_every_group_by_the_last_step():
 
 
 def test_revealed_groups_stay_and_follow_the_plan():
-    from flowmo_fast.generation import GenerationOptions, generate, sample_keys
+    from flowmo_fast.maskgit.sampling import GenerationOptions, generate, sample_keys
 
     model = tiny().eval()
     seen = captured_inputs(model)
@@ -207,7 +215,7 @@ def test_revealed_groups_stay_and_follow_the_plan():
 def test_matmul_flops_match_torchs_count():
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = TokenGenerator(preset_config("tiny", 8, 18, 9, num_classes=2, width=32, depth=3, heads=2)).eval()
+    model = TokenGenerator(GeneratorConfig(8, 2, 9, num_classes=2, width=32, depth=3, heads=2)).eval()
     bits, classes = tokens_to_bits(torch.randint(0, 512, (5, 8, 2)), 9), torch.tensor([0, 1, 2, 0, 1])
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(bits, classes)
@@ -217,7 +225,7 @@ def test_matmul_flops_match_torchs_count():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_the_cuda_graph_replays_generate():
-    from flowmo_fast.generation import GenerationOptions, GraphedGenerator, generate, sample_keys
+    from flowmo_fast.maskgit.sampling import GenerationOptions, GraphedGenerator, generate, sample_keys
 
     model = tiny().cuda().eval()
     graphed = GraphedGenerator(model, compile=False)
@@ -232,9 +240,9 @@ def test_the_cuda_graph_replays_generate():
 def test_the_sampling_loop_never_reads_a_tensor_on_the_host():
     """On the meta device every read of a value (.item(), .tolist(), bool(), a data-dependent shape) raises: the
     loop runs there only if it has no host synchronisation, as a CUDA graph capture needs."""
-    from flowmo_fast.generation import GenerationOptions, generate
+    from flowmo_fast.maskgit.sampling import GenerationOptions, generate
 
     with torch.device("meta"):
-        model = TokenGenerator(preset_config("tiny", 8, 18, 9, num_classes=2)).eval()
+        model = TokenGenerator(GeneratorConfig(8, 2, 9, num_classes=2)).eval()
         keys, labels = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
     assert generate(model, labels, keys, GenerationOptions(steps=4, cfg=2.0)).shape == (3, 16)

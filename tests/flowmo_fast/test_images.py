@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flowmo_fast.data import ImageFolderDataset
-from flowmo_fast.images import to_model_input, to_uint8, uint8_to_model_range
+from flowmo_fast.formats.data import ImageFolderDataset
+from flowmo_fast.formats.images import to_model_input, to_uint8, uint8_to_model_range
 
 
 def test_every_uint8_level_maps_as_upstream_and_back():

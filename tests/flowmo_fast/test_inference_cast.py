@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import flowmo_fast
-import flowmo_fast.model
-from flowmo_fast import flow
-from flowmo_fast.fast import cast_matmul_weights
-from flowmo_fast.model import autocast_dtype
-from flowmo_fast.sampling import UPSTREAM
+import flowmo_fast.flowmo.model
+from flowmo_fast.flowmo import flow
+from flowmo_fast.flowmo.graphed_sampler import cast_matmul_weights
+from flowmo_fast.flowmo.model import autocast_dtype
+from flowmo_fast.sampler_settings import UPSTREAM
 
 
 def cpu_bf16_autocast():
@@ -58,7 +58,7 @@ def test_cast_for_inference_follows_autocast_for(monkeypatch, tiny_checkpoint):
     assert autocast_dtype(torch.device("cuda", 1)) == torch.bfloat16 and autocast_dtype("cpu") is None
     model = flowmo_fast.load_checkpoint(tiny_checkpoint)  # CPU: float32, as it runs without autocast
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    monkeypatch.setattr(flowmo_fast.model, "autocast_dtype", lambda device: torch.bfloat16)  # as on CUDA
+    monkeypatch.setattr(flowmo_fast.flowmo.model, "autocast_dtype", lambda device: torch.bfloat16)  # as on CUDA
     model = flowmo_fast.load_checkpoint(tiny_checkpoint)
     assert model.decoder.final_layer_img.linear.weight.dtype == torch.bfloat16
     assert model.encoder.double_blocks[0].txt_attn.qkv.weight.dtype == torch.bfloat16

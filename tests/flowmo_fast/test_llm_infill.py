@@ -1,4 +1,4 @@
-"""flowmo_fast.llm_infill with a tiny random Qwen2 saved to a temporary folder (never a download)."""
+"""flowmo_fast.flowmo.llm_infill with a tiny random Qwen2 saved to a temporary folder (never a download)."""
 
 import os
 import re
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from llm_helpers import WIDTH, tiny_qwen2_config
 from torch import nn
 
 from flowmo_fast import load_config
-from flowmo_fast.llm_infill import (
+from flowmo_fast.flowmo.llm_infill import (
     LLMInfiller,
     LLMNotFoundError,
     fim_ids_for,
@@ -23,8 +24,6 @@ from flowmo_fast.llm_infill import (
     span_starts_per_image,
 )
 from flowmo_fast.llm_settings import QWEN_CODER_FIM_IDS, FimIds, parse_llm_quantization
-
-from llm_helpers import WIDTH, tiny_qwen2_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -161,10 +160,10 @@ def test_missing_local_folder_is_named(tmp_path):
 def test_a_hub_id_missing_from_the_cache_is_named_before_transformers_loads(tmp_path):
     """An empty offline cache: the error names the id, the cache and how to get it, and comes before
     transformers is even imported (no model load, no network: within seconds)."""
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import sys
         from flowmo_fast import load_config
-        from flowmo_fast.llm_infill import LLMInfiller, LLMNotFoundError
+        from flowmo_fast.flowmo.llm_infill import LLMInfiller, LLMNotFoundError
         config = load_config(["model.quantization_type=qwen2.5-coder-0.5b", "model.context_dim=896",
                               "model.code_length=128"])
         try:

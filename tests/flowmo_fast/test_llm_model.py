@@ -5,15 +5,15 @@ import shutil
 
 import pytest
 import torch
+from llm_helpers import WIDTH, llm_overrides, save_tiny_qwen2
 
 import flowmo_fast
-from flowmo_fast import flow
-from flowmo_fast.cli import tokenize
-from flowmo_fast.checkpoint import CheckpointError, infer_config, read_checkpoint
-from flowmo_fast.llm_infill import span_starts
+from flowmo_fast import tokenize
+from flowmo_fast.flowmo import flow
+from flowmo_fast.flowmo.llm_infill import span_starts
+from flowmo_fast.formats.checkpoint import CheckpointError, infer_config, read_checkpoint
 from flowmo_fast.noise import SPAN_START, row_generator
-from flowmo_fast.sampling import SamplingOptions
-from llm_helpers import WIDTH, llm_overrides, save_tiny_qwen2
+from flowmo_fast.sampler_settings import SamplingOptions
 from train.step import build_optimizer
 
 pytest.importorskip("transformers")

@@ -4,13 +4,12 @@ CUDA: no recast of its weights per forward, no bf16 copies kept for backward; fl
 
 import pytest
 import torch
+from llm_helpers import WIDTH, llm_overrides
 
 import flowmo_fast
-import flowmo_fast.llm_infill
+import flowmo_fast.flowmo.llm_infill
 from flowmo_fast import load_config
-from flowmo_fast.llm_infill import LLMInfiller, load_llm, resolve_llm_path
-
-from llm_helpers import WIDTH, llm_overrides
+from flowmo_fast.flowmo.llm_infill import LLMInfiller, load_llm, resolve_llm_path
 
 pytest.importorskip("transformers")
 
@@ -37,7 +36,7 @@ def test_the_frozen_llm_is_kept_in_autocasts_dtype(tiny_llm_folder, monkeypatch)
     config = llm_config(tiny_llm_folder).model
     on_cpu = LLMInfiller.from_config(config)
     assert {p.dtype for p in on_cpu.llm.parameters()} == {torch.float32}  # the CPU runs float32
-    monkeypatch.setattr(flowmo_fast.llm_infill, "autocast_dtype", lambda device: torch.bfloat16)  # as on CUDA
+    monkeypatch.setattr(flowmo_fast.flowmo.llm_infill, "autocast_dtype", lambda device: torch.bfloat16)  # as on CUDA
     infiller = LLMInfiller(load_llm(resolve_llm_path(config.llm_path)), on_cpu.fim_ids, on_cpu.spec)
     assert {p.dtype for p in infiller.llm.parameters()} == {torch.bfloat16}  # stored, not recast per forward
     infiller.float()  # a move (FlowMo's load_checkpoint: .to(device, float32)) keeps it

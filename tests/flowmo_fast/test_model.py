@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import flowmo_fast
-from flowmo_fast.checkpoint import check_state_dict
-from flowmo_fast.mmdit import patchify, unpatchify
+from flowmo_fast.flowmo.mmdit import patchify, unpatchify
+from flowmo_fast.formats.checkpoint import check_state_dict
 
 MANIFESTS = json.loads((Path(__file__).parents[1] / "fixtures" / "checkpoint_manifests.json").read_text())
 
@@ -99,7 +99,7 @@ def upstream_position_ids(code_length: int, grid_h: int, grid_w: int) -> torch.T
 def full_mmdit(mmdit, images, code, timesteps, ops, output, transpose_grid=False):
     """The MMDiT computed in full (every stream of every block), as upstream does, with hand-built position ids
     (`transpose_grid`: the wrong ids, width and height swapped)."""
-    from flowmo_fast.attention import sdpa
+    from flowmo_fast.flowmo.attention import sdpa
     from flowmo_kernels.rope import rope_tables
 
     p = mmdit.params.patch_size
@@ -109,7 +109,7 @@ def full_mmdit(mmdit, images, code, timesteps, ops, output, transpose_grid=False
         ids = upstream_position_ids(code.shape[1], w // p, h // p)[:, [0, 2, 1]]
     rope = rope_tables(ids, mmdit.params.axes_dim)
     img, txt = mmdit.img_in(patchify(images, p)), mmdit.txt_in(code)
-    vec = None if timesteps is None else mmdit.time_in(flowmo_fast.layers.timestep_embedding(timesteps))
+    vec = None if timesteps is None else mmdit.time_in(flowmo_fast.flowmo.layers.timestep_embedding(timesteps))
     for block in mmdit.double_blocks:
         img, txt = block(img, txt, vec, rope, ops, sdpa, keep="both")
     img_out = unpatchify(mmdit.final_layer_img(img, vec, ops), p, h, w)
@@ -160,7 +160,7 @@ def test_dead_parameters_take_no_gradient_but_stay_in_state_dict(tiny_model):
     dead = set(tiny_model.dead_parameter_names())
     assert dead and dead <= set(tiny_model.state_dict())
     tiny_model.train()
-    loss = flowmo_fast.flow.rectified_flow_loss(tiny_model, torch.rand(2, 3, 32, 32) * 2 - 1).loss
+    loss = flowmo_fast.flowmo.flow.rectified_flow_loss(tiny_model, torch.rand(2, 3, 32, 32) * 2 - 1).loss
     loss.backward()
     without_grad = {n for n, p in tiny_model.named_parameters() if p.grad is None}
     assert without_grad == dead  # every other parameter is used: DDP can run find_unused_parameters=False

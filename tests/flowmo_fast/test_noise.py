@@ -53,8 +53,8 @@ def test_training_draws_with_a_cpu_generator_on_another_device():
         model = flowmo_fast.FlowMo(flowmo_fast.load_config(["model.quantization_type=kl"], preset="tiny")).train()
         images = torch.empty(2, 3, 32, 32)
     with GeneratorDeviceMustMatch() as mode:
-        out = flowmo_fast.flow.rectified_flow_loss(model, images, generator=torch.Generator().manual_seed(0))
-        flowmo_fast.flow.posttrain_chain(model, out.model.code_with_mask, (32, 32), k=2, enable_cfg=True,
+        out = flowmo_fast.flowmo.flow.rectified_flow_loss(model, images, generator=torch.Generator().manual_seed(0))
+        flowmo_fast.flowmo.flow.posttrain_chain(model, out.model.code_with_mask, (32, 32), k=2, enable_cfg=True,
                                          generator=torch.Generator().manual_seed(0))
     assert out.loss.device.type == "meta" and len(mode.devices) >= 8 and set(mode.devices) == {"cpu"}
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from flowmo_fast import flow
-from flowmo_fast.sampling import UPSTREAM, SamplingOptions
+from flowmo_fast.flowmo import flow
+from flowmo_fast.sampler_settings import UPSTREAM, SamplingOptions
 
 
 def assert_close(ours, ref, name, floor=1.0):

@@ -4,10 +4,10 @@ attention scale becomes 1 / sqrt(head_dim) and the readouts plain nn.Linear. Fix
 
 import pytest
 import torch
+from parity_helpers import FIXTURES, fixture_state_dict
 from test_parity import assert_close
 
 import flowmo_fast
-from parity_helpers import FIXTURES, fixture_state_dict
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import flowmo_fast
-from flowmo_fast.pretrained import resolve_checkpoint
+from flowmo_fast.formats.pretrained import resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
 # Run as a user would: a fresh process whose only Hugging Face settings are HF_HOME and HF_HUB_OFFLINE=1.
 SCRIPT = """
 import hashlib, json, flowmo_fast
-from flowmo_fast.pretrained import resolve_checkpoint
+from flowmo_fast.formats.pretrained import resolve_checkpoint
 out = {"path": resolve_checkpoint("flowmo_lo")}
 model = flowmo_fast.from_pretrained("flowmo_lo", which="ema", device="cpu")
 out["state"] = {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in model.state_dict().items()}

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import flowmo_fast
-from flowmo_fast.config import SamplingConfig
-from flowmo_fast.cli.flags import add_sampler_flags, sampling_overrides
-from flowmo_fast.sampling import UPSTREAM, SamplingOptions
+from flowmo_fast.flags import add_sampler_flags, sampling_overrides
+from flowmo_fast.sampler_settings import UPSTREAM, SamplingConfig, SamplingOptions
 
 
 def test_upstream_defaults_come_from_the_config():

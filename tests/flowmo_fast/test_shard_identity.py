@@ -14,9 +14,16 @@ import torch
 from PIL import Image
 
 import flowmo_fast
-from flowmo_fast.checkpoint import save_checkpoint
-from flowmo_fast.cli import tokenize as tokenize_command
-from flowmo_fast.token_shards import MANIFEST, TokenSpec, check_resumable, finished_manifest, new_manifest, to_json
+from flowmo_fast import tokenize as tokenize_command
+from flowmo_fast.formats.checkpoint import save_checkpoint
+from flowmo_fast.formats.token_shards import (
+    MANIFEST,
+    TokenSpec,
+    check_resumable,
+    finished_manifest,
+    new_manifest,
+    to_json,
+)
 
 CHECKPOINT = {"path": "/checkpoints/a.pth", "sha256": "a" * 64, "which": "ema"}
 CONFIG = {"model": {"context_dim": 18, "codebook_size_for_entropy": 9, "quantization_type": "lfq"},

@@ -8,10 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from flowmo_fast import Tokenizer
-from flowmo_fast.cli import tokenize
-from flowmo_fast.data import ImageFolderDataset, IndexedTarDataset
-from flowmo_fast.token_shards import (
+from flowmo_fast import Tokenizer, tokenize
+from flowmo_fast.formats.data import ImageFolderDataset, IndexedTarDataset
+from flowmo_fast.formats.token_shards import (
     INDEX,
     LABELS,
     MANIFEST,

@@ -14,11 +14,10 @@ import torch
 from PIL import Image
 
 import flowmo_fast
-from flowmo_fast import Tokenizer
-from flowmo_fast.cli import detokenize, tokenize
-from flowmo_fast.data import ImageFolderDataset, IndexedTarDataset, SamplePhotosDataset
-from flowmo_fast.checkpoint import file_sha256
-from flowmo_fast.token_shards import (
+from flowmo_fast import Tokenizer, detokenize, tokenize
+from flowmo_fast.formats.checkpoint import file_sha256
+from flowmo_fast.formats.data import ImageFolderDataset, IndexedTarDataset, SamplePhotosDataset
+from flowmo_fast.formats.token_shards import (
     INDEX,
     MANIFEST,
     TokenShards,

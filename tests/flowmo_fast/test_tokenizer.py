@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from flowmo_fast import Tokenizer
-from flowmo_fast.sampling import UPSTREAM
+from flowmo_fast.sampler_settings import UPSTREAM
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_the_same_picture_in_any_form_gives_the_same_ids(tokenizer, tmp_path):
 
 
 def test_a_picture_file_gives_the_ids_of_the_evaluation_data(tokenizer, tmp_path):
-    from flowmo_fast.data import ImageFolderDataset
+    from flowmo_fast.formats.data import ImageFolderDataset
 
     picture = np.random.default_rng(3).integers(0, 256, (50, 77, 3), dtype=np.uint8)
     Image.fromarray(picture).save(tmp_path / "p.png")

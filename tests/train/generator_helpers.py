@@ -1,4 +1,4 @@
-"""Token folders for the generator trainer's tests, written with flowmo_fast.token_shards' own writer (the format
+"""Token folders for the generator trainer's tests, written with flowmo_fast.formats.token_shards' own writer (the format
 `flowmo_fast.tokenize` writes), so no tokenizer has to run."""
 
 from __future__ import annotations
@@ -10,9 +10,19 @@ from typing import Optional, Sequence
 import numpy as np
 
 from flowmo_fast.config import load_config
-from flowmo_fast.token_shards import (
-    INDEX, MANIFEST, TokenSpec, finished_manifest, index_text, new_manifest, read_shard_record, row_labels,
-    shard_ranges, to_json, write_labels_if_changed, write_shard,
+from flowmo_fast.formats.token_shards import (
+    INDEX,
+    MANIFEST,
+    TokenSpec,
+    finished_manifest,
+    index_text,
+    new_manifest,
+    read_shard_record,
+    row_labels,
+    shard_ranges,
+    to_json,
+    write_labels_if_changed,
+    write_shard,
 )
 
 # The `tiny` tokenizer: 16 code positions of 18 bits = 32 tokens of 9 bits (FlowMo-Lo's grouping).

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flowmo_fast.checkpoint import read_checkpoint
+from flowmo_fast.formats.checkpoint import read_checkpoint
 from train import pretrain
 
 BATCH = 4  # the whole folder: every batch draws all four files, one of which does not decode

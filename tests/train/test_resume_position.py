@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.checkpointing import progress_of
+from train.train_state import progress_of
 
 
 def saved(position: int, world_size: int) -> dict:

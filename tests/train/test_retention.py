@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowmo_fast.checkpoint import checkpoint_path, list_checkpoints, step_of
-from train.checkpointing import prune
+from flowmo_fast.formats.checkpoint import checkpoint_path, list_checkpoints, step_of
+from train.train_state import prune
 
 
 def save_empty(run_dir: Path, step: int) -> None:

@@ -9,9 +9,9 @@ a preset gets as many steps as fit, with its own schedule compressed into them. 
 import torch
 
 from eval.metrics import psnr
-from flowmo_fast.checkpoint import load_checkpoint
 from flowmo_fast.config import load_config
-from flowmo_fast.data import build_dataset
+from flowmo_fast.formats.checkpoint import load_checkpoint
+from flowmo_fast.formats.data import build_dataset
 from train import pretrain
 from train.metrics import flowmo_flops_per_step
 

@@ -7,11 +7,11 @@ import os
 
 import torch
 
-from flowmo_fast.distributed import Processes
 from flowmo_fast.config import load_config
+from flowmo_fast.distributed import Processes
 from train import posttrain, pretrain
-from train.checkpointing import Progress
-from train.loop import build_data, loader_workers
+from train.tokenizer import build_data, loader_workers
+from train.train_state import Progress
 
 TINY = ["--preset", "tiny", "data.image_size=16", "data.batch_size=8", "trainer.sample_every=1000"]
 ONE = Processes(0, 1, 0, torch.device("cpu"))

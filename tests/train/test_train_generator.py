@@ -11,16 +11,15 @@ import socket
 import numpy as np
 import pytest
 import torch
-
-from flowmo_fast.checkpoint import read_checkpoint
-from flowmo_fast.generator import load_generator
-from flowmo_fast.token_shards import TokenSpec
-from train import checkpointing, generator
-from train.generator_config import make_config
-from train.generator_data import TokenLayout
-
 from generator_helpers import TOKENIZER_SHA, pattern_rows, write_token_folder
 from train_helpers import assert_same_training_state, check, log_lines, run_command, stop_with_sigterm
+
+from flowmo_fast.formats.checkpoint import read_checkpoint
+from flowmo_fast.formats.token_shards import TokenSpec
+from flowmo_fast.maskgit.model import load_generator
+from train import generator, train_state
+from train.generator_config import make_config
+from train.generator_data import TokenLayout
 
 TINY = ["--preset", "tiny", "data.batch_size=8", "trainer.log_every=5"]
 
@@ -67,7 +66,7 @@ def test_masked_token_loss_falls_and_checkpoints_load(straight, tokens):
     assert np.isfinite(first["total_loss"]) and last["total_loss"] < 0.85 * first["total_loss"], (first, last)
     assert last["masked_token_accuracy"] > 0.4 and first["masked_token_accuracy"] < 0.1, (first, last)
     assert last["images_per_sec"] > 0 and "lr" in last and "skipped_images" not in last  # rows never fail
-    assert [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(log_dir))] == [10, 20, 30, 40]
+    assert [train_state.step_of(p) for p in train_state.list_checkpoints(str(log_dir))] == [10, 20, 30, 40]
     loaded = load_generator(log_dir / "checkpoints" / "00000040.pth")
     assert loaded.total_steps == 40 and not loaded.model.training
     assert loaded.model.config.num_classes == 2 and loaded.model.config.code_length == 16
@@ -91,7 +90,7 @@ def test_a_stopped_and_resumed_run_equals_the_straight_run(straight, tokens, tmp
     args = ["train.generator", "--tokens", tokens, *TINY, "--results-dir", tmp_path, "--experiment-name", "b",
             "trainer.max_steps=40", "trainer.log_every=1", "trainer.checkpoint_every=1000"]
     step = stop_with_sigterm(args)
-    assert 3 <= step < 40 and [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(tmp_path / "b"))] == [step]
+    assert 3 <= step < 40 and [train_state.step_of(p) for p in train_state.list_checkpoints(str(tmp_path / "b"))] == [step]
 
     code, stdout = train(args[1:], capsys)
     assert code == 0, stdout[-3000:]
@@ -135,7 +134,7 @@ def test_a_run_resumed_on_tokens_of_another_tokenizer_ends_in_one_line(tmp_path,
     code, stdout = train(["--tokens", other, *common, "trainer.max_steps=2"], capsys)
     errors = [line for line in stdout.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "sha256 5e5e5e5e5e5e), but --tokens" in errors[0], stdout[-2000:]
-    assert checkpointing.list_checkpoints(str(tmp_path / "r"))[-1].endswith("00000001.pth")
+    assert train_state.list_checkpoints(str(tmp_path / "r"))[-1].endswith("00000001.pth")
     start = ["--resume-from-ckpt", tmp_path / "r" / "checkpoints" / "00000001.pth"]  # its weights, other tokens
     code, stdout = train(["--tokens", other, *common, "--experiment-name", "s", *start, "trainer.max_steps=2"], capsys)
     errors = [line for line in stdout.splitlines() if line.startswith("error:")]

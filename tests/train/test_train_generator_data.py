@@ -8,12 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from flowmo_fast.data import DataError
-from flowmo_fast.token_shards import MANIFEST, TokenSpec
-from train.generator_data import open_tokens, token_batches
-
 from generator_helpers import TOKENS_PER_IMAGE, VOCAB, pattern_rows, write_token_folder
+
+from flowmo_fast.formats.data import DataError
+from flowmo_fast.formats.token_shards import MANIFEST, TokenSpec
+from train.generator_data import open_tokens, token_batches
 
 
 @pytest.fixture()

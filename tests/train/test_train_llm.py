@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from flowmo_fast.checkpoint import read_checkpoint
 from llm_helpers import llm_overrides, save_tiny_qwen2
-from train import pretrain
-
 from test_train_runs import log_lines, run_in_process
+
+from flowmo_fast.formats.checkpoint import read_checkpoint
+from train import pretrain
 
 pytest.importorskip("transformers")
 

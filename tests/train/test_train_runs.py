@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_helpers import assert_same_training_state, check, log_lines, run_command, stop_with_sigterm
 
 import flowmo_fast
-from flowmo_fast.checkpoint import read_checkpoint
 from flowmo_fast.config import config_from_dict
-from train import checkpointing, posttrain, pretrain
-
-from train_helpers import assert_same_training_state, check, log_lines, run_command, stop_with_sigterm
+from flowmo_fast.formats.checkpoint import read_checkpoint
+from train import posttrain, pretrain, train_state
 
 TINY = ["--preset", "tiny", "data.image_size=16", "data.batch_size=2"]
 
@@ -45,7 +44,7 @@ def test_loss_falls_and_checkpoints_load(uninterrupted):
     losses = [logs[s]["total_loss"] for s in sorted(logs)]
     assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
     assert all(logs[s]["skipped_images"] == 0 for s in logs)
-    assert [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(log_dir))] == [10, 20, 30]
+    assert [train_state.step_of(p) for p in train_state.list_checkpoints(str(log_dir))] == [10, 20, 30]
     model = flowmo_fast.load_checkpoint(log_dir / "checkpoints" / "00000030.pth", which="model")
     assert model.config.data.image_size == 16 and not model.training
     ckpt = read_checkpoint(log_dir / "checkpoints" / "00000030.pth")
@@ -63,7 +62,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_weights(uninterrupted, tmp_
     args = ["train.pretrain", *TINY, "--results-dir", tmp_path, "--experiment-name", "b", "trainer.max_steps=10",
             "trainer.log_every=1", "trainer.checkpoint_every=1000", "trainer.sample_every=1000"]
     step = stop_with_sigterm(args, nproc=2)
-    assert 3 <= step < 10 and [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(tmp_path / "b"))] == [step]
+    assert 3 <= step < 10 and [train_state.step_of(p) for p in train_state.list_checkpoints(str(tmp_path / "b"))] == [step]
 
     stdout = check(run_command(args, nproc=2))
     assert f"resuming from {tmp_path / 'b' / 'checkpoints' / ('%08d.pth' % step)}" in stdout
@@ -131,7 +130,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(lone_process, t
     match = re.search(r"the loss became NaN or inf at step (\d+).*Last good checkpoint: (\S+)\.", stdout)
     assert match, stdout[-3000:]
     bad_step, good = int(match.group(1)), match.group(2)
-    steps = [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(tmp_path / "nan"))]
+    steps = [train_state.step_of(p) for p in train_state.list_checkpoints(str(tmp_path / "nan"))]
     assert steps and max(steps) == bad_step - 1 and good.endswith("%08d.pth" % (bad_step - 1))
     model = flowmo_fast.load_checkpoint(good, which="model")
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -6,7 +6,7 @@ import math
 import pytest
 
 import flowmo_fast
-from flowmo_fast.checkpoint import read_checkpoint
+from flowmo_fast.formats.checkpoint import read_checkpoint
 from train import pretrain
 from train.step import learning_rate
 

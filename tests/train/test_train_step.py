@@ -8,11 +8,12 @@ import torch
 
 import flowmo_fast
 from flowmo_fast.distributed import Processes
-from flowmo_fast.fast import blocks_compiled
-from train import loop
-from train.checkpointing import Progress
+from flowmo_fast.flowmo.graphed_sampler import blocks_compiled
+from train import tokenizer as tokenizer_trainer
 from train.objective import FlowMoObjective
+from train.start import StartPoint
 from train.step import build_optimizer, compile_for_training, compiles, train_step
+from train.train_state import Progress
 
 CPU = torch.device("cpu")
 
@@ -30,8 +31,8 @@ def test_compile_is_on_for_cuda_and_off_for_cpu_unless_set():
 @pytest.mark.parametrize("setting, expected", [("null", False), ("true", True)])
 def test_the_flag_reaches_the_blocks_of_the_trained_model(setting, expected):
     procs = Processes(0, 1, 0, CPU)
-    start = loop.StartPoint("", None, Progress(), resuming=False)
-    trainee = loop.build_trainee(tiny(f"trainer.compile={setting}"), procs, start)
+    start = StartPoint("", None, Progress(), resuming=False)
+    trainee = tokenizer_trainer.build_trainee(tiny(f"trainer.compile={setting}"), procs, start)
     assert blocks_compiled(trainee.model) == expected
 
 

@@ -11,12 +11,12 @@ import torch
 
 import flowmo_fast
 from flowmo_fast.config import load_config
-from train import checkpointing, cli, posttrain
+from train import cli, posttrain, train_state
 from train.ema import EMA
-from train.step import build_optimizer
 from train.metrics import flowmo_flops_per_step
 from train.norms import WeightNormFixer, weights_to_fix
 from train.perceptual import ResNetLogitLoss
+from train.step import build_optimizer
 
 
 def test_upstream_command_line_parses():
@@ -51,19 +51,19 @@ def test_posttrain_starts_from_the_checkpoint_config(tiny_checkpoint, tmp_path, 
 
 def test_retention_keeps_newest_two_and_multiples(tmp_path):
     for step in (5, 10, 15, 20, 25, 30, 35):
-        path = checkpointing.checkpoint_path(str(tmp_path), step)
+        path = train_state.checkpoint_path(str(tmp_path), step)
         (tmp_path / "checkpoints").mkdir(exist_ok=True)
         open(path, "wb").close()
-    checkpointing.prune(str(tmp_path), keep_every=10)
-    assert [checkpointing.step_of(p) for p in checkpointing.list_checkpoints(str(tmp_path))] == [10, 20, 30, 35]
+    train_state.prune(str(tmp_path), keep_every=10)
+    assert [train_state.step_of(p) for p in train_state.list_checkpoints(str(tmp_path))] == [10, 20, 30, 35]
 
 
 def test_rng_states_round_trip():
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
-    state = checkpointing.capture_rng()
+    state = train_state.capture_rng()
     first = (torch.rand(3), np.random.rand(3), random.random())
     torch.manual_seed(9), np.random.seed(9), random.seed(9)
-    checkpointing.restore_rng(state)
+    train_state.restore_rng(state)
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from flowmo_fast.checkpoint import read_checkpoint
+from flowmo_fast.formats.checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from flowmo_fast import flow
-from flowmo_fast.fast import GraphedSampler, blocks_compiled, compile_blocks
-from flowmo_fast.sampling import UPSTREAM
+from flowmo_fast.flowmo import flow, sampler
+from flowmo_fast.flowmo.graphed_sampler import GraphedSampler, blocks_compiled, compile_blocks
+from flowmo_fast.sampler_settings import UPSTREAM
 
 
 @pytest.mark.compile
@@ -120,7 +120,7 @@ class GraphRequest:
 
 class FakeCuda:
     """torch.cuda as GraphedSampler uses it, faked on the CPU: a current device (`torch.cuda.device`), streams
-    that know their device, graphs that record and replay (FakeGraph); `flow.sample` is `fake_sample`."""
+    that know their device, graphs that record and replay (FakeGraph); `sampler.sample` is `fake_sample`."""
 
     def __init__(self, monkeypatch, current: str = "cuda:0"):
         self.current = torch.device(current)
@@ -131,7 +131,7 @@ class FakeCuda:
         for name in ("device", "Stream", "current_stream", "stream", "graph"):
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
         monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-        monkeypatch.setattr(flow, "sample", self.sample)
+        monkeypatch.setattr(sampler, "sample", self.sample)
 
     @contextlib.contextmanager
     def device(self, device):

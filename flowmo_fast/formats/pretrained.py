@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Optional, Union
 
-from flowmo_fast.checkpoint import load_checkpoint
+from flowmo_fast.formats.checkpoint import load_checkpoint
 
 HF_REPO = "ksarge/FlowMo"
 PUBLISHED = {"flowmo_lo": "flowmo_lo.pth", "flowmo_hi": "flowmo_hi.pth"}  # name -> file in HF_REPO

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from flowmo_fast import flow
-from flowmo_fast.attention import Attention
 from flowmo_fast.autocast import autocast_dtype, autocast_for
 from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS, Config, rope_axes
-from flowmo_fast.fast import GraphedSampler, cast_matmul_weights
-from flowmo_fast.mmdit import MMDiT, MMDiTParams
-from flowmo_fast.noise import image_noise, normal, row_generator
-from flowmo_fast.quantizers import Generators, QuantizerOutput, build_quantizer
-from flowmo_fast.sampling import SamplingOptions
+from flowmo_fast.flowmo import sampler
+from flowmo_fast.flowmo.attention import Attention
+from flowmo_fast.flowmo.graphed_sampler import GraphedSampler, cast_matmul_weights
+from flowmo_fast.flowmo.llm_infill import LLMInfiller
+from flowmo_fast.flowmo.mmdit import MMDiT, MMDiTParams
+from flowmo_fast.flowmo.quantizers import Generators, QuantizerOutput, build_quantizer
+from flowmo_fast.noise import image_noise, normal, row_generator, uniform
+from flowmo_fast.sampler_settings import SamplingOptions
 from flowmo_kernels import BACKENDS, KernelOps, check_lfq_bits, get_ops
 
-if TYPE_CHECKING:
-    from flowmo_fast.llm_infill import LLMInfiller
+GUIDANCE_DROPOUT = 0.1  # upstream: the fraction of training samples whose code is dropped
+
+
+def guidance_dropout(code_with_mask: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Training's classifier-free guidance: the whole code (mask channel included) zeroed for a random
+    GUIDANCE_DROPOUT fraction of the samples."""
+    b = code_with_mask.shape[0]
+    keep = uniform((b,), generator, code_with_mask.device) > GUIDANCE_DROPOUT
+    return code_with_mask * keep[:, None, None].to(code_with_mask.dtype)
 
 
 @dataclass
@@ -42,7 +50,7 @@ class RowReconstruction:
 
 
 class FlowMo(nn.Module):
-    def __init__(self, config: Config, infiller: Optional["LLMInfiller"] = None):
+    def __init__(self, config: Config, infiller: Optional[LLMInfiller] = None):
         """`infiller`: for `model.quantization_type=qwen2.5-coder-0.5b[_span_P]`, an LLM already loaded (else
         it is loaded from `model.llm_path`); it is never part of the state dict."""
         super().__init__()
@@ -69,7 +77,7 @@ class FlowMo(nn.Module):
         self.quantizer = build_quantizer(m, infiller)
         self.kernels = m.kernels
         self.attention = Attention(m.attention)
-        self.cuda_graphs = True  # sample_images on CUDA replays a captured graph (flowmo_fast.fast)
+        self.cuda_graphs = True  # sample_images on CUDA replays a captured graph (flowmo_fast.flowmo.graphed_sampler)
         self._graphed_sampler = None
         for name in self.dead_parameter_names():  # loaded and saved, never used: no gradient, DDP-safe
             self.get_parameter(name).requires_grad_(False)
@@ -177,7 +185,7 @@ class FlowMo(nn.Module):
         code_with_mask = self.with_mask(quantized.quantized)
         decoder_code = code_with_mask
         if self.config.model.enable_cfg and enable_cfg:
-            decoder_code = flow.guidance_dropout(code_with_mask, generator)
+            decoder_code = guidance_dropout(code_with_mask, generator)
         velocity = self.decode(noised_images, decoder_code, timesteps)
         return ModelOutput(velocity, code, quantized, code_with_mask)
 
@@ -210,7 +218,7 @@ class FlowMo(nn.Module):
                     self._graphed_sampler = GraphedSampler(self)
                 out = self._graphed_sampler(noise.to(quantized.device), code, null_code, options)
             else:
-                out = flow.sample(self, noise.to(quantized.device), code, null_code, options)
+                out = sampler.sample(self, noise.to(quantized.device), code, null_code, options)
         return out.clamp(-1, 1).float()
 
     @torch.no_grad()

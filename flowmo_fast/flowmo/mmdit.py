@@ -8,8 +8,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from flowmo_fast.attention import sdpa
-from flowmo_fast.layers import DoubleStreamBlock, LastLayer, MLPEmbedder, check_choice, timestep_embedding
+from flowmo_fast.flowmo.attention import sdpa
+from flowmo_fast.flowmo.layers import DoubleStreamBlock, LastLayer, MLPEmbedder, check_choice, timestep_embedding
 from flowmo_kernels import KernelOps
 from flowmo_kernels.rope import rope_tables
 

@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from flowmo_fast.config import DataConfig
-from flowmo_fast.images import fit_square, shrink_to, uint8_to_model_range
+from flowmo_fast.formats.images import fit_square, shrink_to, uint8_to_model_range
 
 # Colour photographs shipped inside the scikit-image wheel (skimage/data), used when no data is given.
 SAMPLE_PHOTOS = (

@@ -24,11 +24,18 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-from flowmo_fast.checkpoint import (  # noqa: F401 (the run's checkpoint files, shared with eval.watch)
-    WHICH, CheckpointError, atomic_save, check_state_dict, checkpoint_path, list_checkpoints, read_checkpoint,
-    select_state_dict, step_of,
-)
 from flowmo_fast.distributed import Processes, gather_objects
+from flowmo_fast.formats.checkpoint import (  # noqa: F401 (the run's checkpoint files, shared with eval.watch)
+    WHICH,
+    CheckpointError,
+    atomic_save,
+    check_state_dict,
+    checkpoint_path,
+    list_checkpoints,
+    read_checkpoint,
+    select_state_dict,
+    step_of,
+)
 from train import parallel
 from train.ema import EMA
 
@@ -41,7 +48,7 @@ WHOLE_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class Trainee(Protocol):
-    """What a checkpoint holds of a trainer (FlowMo's `train.loop.Trainee`, the token generator's): the model,
+    """What a checkpoint holds of a trainer (FlowMo's `train.tokenizer.Trainee`, the token generator's): the model,
     its EMA and optimizer; a `norms` attribute (WeightNormFixer or None) is saved when present."""
 
     model: nn.Module

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowmo_fast.fast import capture_graph
-from flowmo_fast.generator import MASK_SCHEDULES, MaskSchedule, TokenGenerator, mask_ratio, tokens_to_bits
+from flowmo_fast.fastpath import capture_graph
+from flowmo_fast.maskgit.model import MASK_SCHEDULES, MaskSchedule, TokenGenerator, mask_ratio, tokens_to_bits
 from flowmo_fast.noise import MAX_SEED
 
 CfgSchedule = Literal["constant", "linear", "pow_cosine"]

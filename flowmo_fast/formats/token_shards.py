@@ -29,9 +29,8 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
-from flowmo_fast.checkpoint import atomic_write
+from flowmo_fast.formats.checkpoint import atomic_write
 from flowmo_fast.llm_settings import is_llm_quantization
-from flowmo_fast.tokenizer import Tokenizer
 
 FORMAT = "flowmo-fast-tokens"
 VERSION = 1
@@ -74,9 +73,10 @@ class TokenSpec:
     def for_model(cls, model) -> "TokenSpec":
         m = model.config.model
         check_tokenizable(m)
-        if m.quantization_type == "lfq":
-            tok = Tokenizer(model)
-            return cls("ids", smallest_uint_dtype(tok.vocab_size).name, (tok.tokens_per_image,), tok.vocab_size)
+        if m.quantization_type == "lfq":  # as `Tokenizer`: code_length x groups ids of codebook_size_for_entropy bits
+            vocab_size = 2**m.codebook_size_for_entropy
+            tokens = m.code_length * m.context_dim // m.codebook_size_for_entropy
+            return cls("ids", smallest_uint_dtype(vocab_size).name, (tokens,), vocab_size)
         return cls("latents", "float16", (m.code_length, m.context_dim))
 
     @classmethod

@@ -7,10 +7,10 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from flowmo_fast.images import ImageLike, to_model_input
-from flowmo_fast.model import FlowMo, autocast_for
-from flowmo_fast.pretrained import from_pretrained
-from flowmo_fast.sampling import SamplingOptions
+from flowmo_fast.flowmo.model import FlowMo, autocast_for
+from flowmo_fast.formats.images import ImageLike, to_model_input
+from flowmo_fast.formats.pretrained import from_pretrained
+from flowmo_fast.sampler_settings import SamplingOptions
 from flowmo_kernels.lfq import lfq_indices
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from flowmo_fast.sampling import SamplingOptions
 from flowmo_fast.config import HIDDEN_PER_WIDTH, Config
-from flowmo_fast.mmdit import TIME_EMBED_DIM
+from flowmo_fast.flowmo.mmdit import TIME_EMBED_DIM
+from flowmo_fast.sampler_settings import SamplingOptions
 
 FORMULA = """\
 FLOPs per image (2 per multiply-add; matmuls only; D hidden, L = L_code + L_img tokens, L_img = HW/p^2):
@@ -75,7 +75,7 @@ def decoder_flops(config: Config, height: int, width: int) -> int:
 
 
 def decoder_passes(sampling: SamplingOptions) -> int:
-    """Decoder passes per image of the sampler: one per step, two on guided steps (`flow.sample`)."""
+    """Decoder passes per image of the sampler: one per step, two on guided steps (`sampler.sample`)."""
     return sampling.steps + sum(sampling.plan().guided)
 
 

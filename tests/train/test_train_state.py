@@ -1,4 +1,4 @@
-"""train.checkpointing with a trainer that is not FlowMo's: any model with its EMA and optimizer, any config with
+"""train.train_state with a trainer that is not FlowMo's: any model with its EMA and optimizer, any config with
 to_dict(), the trainer's own records; save then load_model + restore + load_rng gives the same state back."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowmo_fast.checkpoint import read_checkpoint
 from flowmo_fast.distributed import processes
-from train import checkpointing
-from train.checkpointing import Progress
+from flowmo_fast.formats.checkpoint import read_checkpoint
+from train import train_state
 from train.ema import EMA
+from train.train_state import Progress
 
 
 class Settings:
@@ -44,16 +44,16 @@ def test_a_trainer_of_its_own_saves_and_restores_every_part(tmp_path):
         for i in range(3):
             trained.step(i)
         progress = Progress(total_steps=3, data_position=15)
-        checkpointing.save(path, trained, progress, procs, Settings(), records=lambda: {"tokens": {"sha256": "x"}})
+        train_state.save(path, trained, progress, procs, Settings(), records=lambda: {"tokens": {"sha256": "x"}})
         after_save = (torch.randn(4), np.random.rand(), random.random())  # the streams a resumed run continues
 
         ckpt = read_checkpoint(path)
         assert ckpt["config"] == {"width": 3} and ckpt["tokens"] == {"sha256": "x"}
-        assert checkpointing.progress_of(ckpt, procs.world_size) == progress
+        assert train_state.progress_of(ckpt, procs.world_size) == progress
         fresh = Trainee(seed=1)
-        checkpointing.load_model(fresh.model, ckpt, path)
-        checkpointing.restore(fresh, ckpt, path)
-        checkpointing.load_rng(ckpt, procs)
+        train_state.load_model(fresh.model, ckpt, path)
+        train_state.restore(fresh, ckpt, path)
+        train_state.load_rng(ckpt, procs)
         again = (torch.randn(4), np.random.rand(), random.random())
         assert torch.equal(again[0], after_save[0]) and again[1:] == after_save[1:]
 

@@ -1,39 +1,21 @@
-"""The CUDA fast path of the sampler: regional torch.compile of the transformer blocks, and the whole
+"""The CUDA fast path of FlowMo's sampler: regional torch.compile of the transformer blocks, and the whole
 sampling loop captured as one CUDA graph per input shape and sampler setting, then replayed.
 
-On the CPU none of this applies: `flow.sample` runs eagerly (compile is optional there, via `compile_blocks`).
+On the CPU none of this applies: `sampler.sample` runs eagerly (compile is optional there, via `compile_blocks`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from flowmo_fast import flow
-from flowmo_fast.layers import DoubleStreamBlock
-from flowmo_fast.sampling import SamplingOptions
-
-
-# Every compiled block variant (encoder/decoder, last block or not, batch size, grad or not) is one dynamo
-# cache entry of the same code: dynamo's default of 8 is reached by a tiny model at two batch sizes, after
-# which it silently runs the block uncompiled.
-RECOMPILE_LIMIT = 64
-
-
-def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
-    """Let dynamo keep at least `limit` compiled variants per function (`cache_size_limit` before torch 2.6).
-
-    Process-wide on purpose, and only ever raised: dynamo reads the limit when a compiled function meets new
-    shapes, at any later call, not while `compile_blocks` runs. Scoped to the compile call (a
-    `torch._dynamo.config.patch` around it), a block called at 13 batch sizes still stops at 8 graphs and
-    falls back to eager (checked on torch 2.14); scoped to each call, it would have to wrap every forward."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), limit))
+from flowmo_fast.fastpath import capture_graph, raise_recompile_limit
+from flowmo_fast.flowmo import sampler
+from flowmo_fast.flowmo.layers import DoubleStreamBlock
+from flowmo_fast.sampler_settings import SamplingOptions
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> None:
@@ -69,7 +51,7 @@ class _Captured:
 
 
 class GraphedSampler:
-    """`flow.sample` with the loop replayed from a CUDA graph.
+    """`sampler.sample` with the loop replayed from a CUDA graph.
 
     The first call for a key (device, shapes, dtypes, sampling options, autocast) warms up once on a side
     stream of the input's device (compiling the blocks first if asked and not done yet) and captures there,
@@ -77,7 +59,7 @@ class GraphedSampler:
     into the static buffers and replay. Each key holds its own graph memory pool (a new batch size is a new
     capture). The graphs read the weights where they lay at capture: when any parameter moves (`.to()`,
     `.half()`, `load_state_dict(assign=True)`) or `model.kernels` changes, every capture is dropped and
-    redone. Outputs equal eager `flow.sample` up to the compiled kernels' rounding.
+    redone. Outputs equal eager `sampler.sample` up to the compiled kernels' rounding.
     """
 
     def __init__(self, model: nn.Module, compile: bool = True):
@@ -113,32 +95,6 @@ class GraphedSampler:
             compile_blocks(self.model, dynamic=False)
         static_z, static_code = z.clone(), code.clone()
         static_null = null_code.clone() if null_code is not None else None
-        run = lambda: flow.sample(self.model, static_z, static_code, static_null, options)  # noqa: E731
+        run = lambda: sampler.sample(self.model, static_z, static_code, static_null, options)  # noqa: E731
         graph, out = capture_graph(run, z.device, autocast)
         return _Captured(graph, static_z, static_code, static_null, out)
-
-
-def capture_graph(
-    run: Callable[[], Tensor], device: torch.device, autocast: bool
-) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-    """`run` (reading only static tensors) warmed up once on a side stream of `device`, then captured there into
-    a CUDA graph; returns the graph and the output tensor its replays write. With `autocast`, both run under
-    bf16 autocast without its weight-cast cache (cached casts would escape the graph)."""
-    amp = (
-        torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-        if autocast
-        else contextlib.nullcontext()
-    )
-    # Streams, the capture and its memory pool belong to the current device, not the tensors': make it current.
-    with torch.cuda.device(device):
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), amp:  # warm-up: compile, autotune, pick attention backends
-            run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls of other threads (a pin-memory DataLoader's cudaHostAlloc and
-        # cudaEventQuery) during the capture neither fail it nor are captured
-        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"), amp:
-            out = run()
-    return graph, out

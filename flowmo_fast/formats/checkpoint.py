@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from flowmo_fast.config import HIDDEN_PER_WIDTH, Config, config_from_dict, load_config
-from flowmo_fast.llm_infill import LLMInfiller, find_llm, llm_config_hash
+from flowmo_fast.flowmo.llm_infill import LLMInfiller, find_llm, llm_config_hash
+from flowmo_fast.flowmo.model import FlowMo
 from flowmo_fast.llm_settings import LLM_QUANTIZATION, is_llm_quantization
-from flowmo_fast.model import FlowMo
 
 Which = Literal["ema", "model"]  # a checkpoint's EMA or raw weights
 WHICH: dict[Which, str] = {"ema": "model_ema_state_dict", "model": "model_state_dict"}

@@ -1,4 +1,5 @@
-"""Rectified flow: training time schedules, the loss, the evaluation sampler and post-training's chain.
+"""Rectified flow in training: time schedules, the loss, and post-training's differentiable chain (the
+evaluation sampler is `flowmo_fast.flowmo.sampler`; `sample` and `guidance_dropout` are importable from here too).
 
 Convention (upstream): z_t = (1 - t) x + t z1 with data x at t = 0 and noise z1 at t = 1; the decoder
 predicts v = z1 - x, and sampling integrates from t = 1 down to 0.
@@ -7,20 +8,19 @@ predicts v = z1 - x, and sampling integrates from t = 1 down to 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
+from flowmo_fast.flowmo.model import ModelOutput, guidance_dropout
+from flowmo_fast.flowmo.sampler import sample
 from flowmo_fast.noise import normal, uniform
-from flowmo_fast.sampling import SamplingOptions
 
-if TYPE_CHECKING:
-    from flowmo_fast.model import ModelOutput
+__all__ = ["FlowLoss", "guidance_dropout", "posttrain_chain", "rectified_flow_loss", "sample", "sample_times"]
 
 TRAIN_SCHEDULES = ("lognormal", "fat_lognormal", "uniform")
-GUIDANCE_DROPOUT = 0.1  # upstream: the fraction of training samples whose code is dropped
 
 
 def sample_times(schedule: str, batch: int, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -45,7 +45,7 @@ class FlowLoss:
     x_pred: Tensor  # the one-step estimate of x, z_t - t v  [B, 3, H, W]
     t: Tensor  # [B]
     noise: Tensor  # z1 [B, 3, H, W]
-    model: "ModelOutput"  # the model's forward: velocity, code, quantizer output
+    model: ModelOutput  # the model's forward: velocity, code, quantizer output
 
 
 def rectified_flow_loss(
@@ -75,37 +75,6 @@ def rectified_flow_loss(
         noise=noise,
         model=out,
     )
-
-
-def guidance_dropout(code_with_mask: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Training's classifier-free guidance: the whole code (mask channel included) zeroed for a random
-    GUIDANCE_DROPOUT fraction of the samples."""
-    b = code_with_mask.shape[0]
-    keep = uniform((b,), generator, code_with_mask.device) > GUIDANCE_DROPOUT
-    return code_with_mask * keep[:, None, None].to(code_with_mask.dtype)
-
-
-def sample(model, z: Tensor, code_with_mask: Tensor, null_code: Optional[Tensor], options: SamplingOptions) -> Tensor:
-    """Euler sampler from noise z [B, 3, H, W]; returns the final sample (not clipped).
-
-    With a `null_code`, steps inside the guidance interval run the conditional and unconditional passes
-    as one decoder call on a doubled batch, and use v = v_u + cfg (v_c - v_u). The plan (times, step sizes,
-    guided steps) is computed once, on the host, so the loop never waits on the device. Times and step sizes
-    enter as Python floats: no host-to-device copy (a CUDA-graph capture forbids one), and a step size stays
-    exact float32 against a bf16 velocity (as upstream's host scalars do; a device tensor would be rounded).
-    """
-    plan = options.plan()
-    b = z.shape[0]
-    both_codes = torch.cat([code_with_mask, null_code]) if null_code is not None else None
-    for t_i, dt_i, guided_i in zip(plan.times, plan.step_sizes, plan.guided):
-        t = torch.full((b,), t_i, dtype=torch.float32, device=z.device)
-        if guided_i and null_code is not None:
-            v_c, v_u = model.decode(torch.cat([z, z]), both_codes, torch.cat([t, t])).chunk(2)
-            v = v_u + options.cfg * (v_c - v_u)
-        else:
-            v = model.decode(z, code_with_mask, t)
-        z = z - dt_i * v
-    return z
 
 
 def posttrain_chain(

@@ -28,19 +28,22 @@ import importlib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from flowmo_fast.autocast import autocast_dtype, autocast_for
+from flowmo_fast.config import ModelConfig, check_llm_settings
 from flowmo_fast.llm_settings import (
-    DEFAULT_LLM_PATH, LLM_QUANTIZATION, QWEN_CODER_FIM_IDS, FimIds, LLMQuantization, check_llm_settings, parse_fim_ids,
+    DEFAULT_LLM_PATH,
+    LLM_QUANTIZATION,
+    QWEN_CODER_FIM_IDS,
+    FimIds,
+    LLMQuantization,
+    parse_fim_ids,
     parse_llm_quantization,
 )
-
-if TYPE_CHECKING:
-    from flowmo_fast.config import ModelConfig
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
 N_MARKERS = 3  # prefix, suffix and middle markers: the LLM input is code_length + 3 long

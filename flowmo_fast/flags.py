@@ -8,12 +8,11 @@ import argparse
 import contextlib
 from typing import Callable, Iterator
 
-from flowmo_fast.checkpoint import CheckpointError
-from flowmo_fast.config import parse_cfg_interval, parse_schedule
-from flowmo_fast.data import ImageSource
 from flowmo_fast.distributed import DEVICE_CHOICES, spare_cpus
+from flowmo_fast.formats.checkpoint import CheckpointError
+from flowmo_fast.formats.data import ImageSource
 from flowmo_fast.noise import MAX_SEED
-from flowmo_fast.sampling import UPSTREAM, SamplingOverrides
+from flowmo_fast.sampler_settings import UPSTREAM, SamplingOverrides, parse_cfg_interval, parse_schedule
 
 
 def positive_int(text: str) -> int:
@@ -87,7 +86,7 @@ def default_workers() -> int:
 @contextlib.contextmanager
 def one_line_errors(command: str, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """A user's mistake (a missing file, an unusable checkpoint, a bad setting) ends the command with one line
-    naming the problem, exit status 1, instead of a traceback. Data errors (`flowmo_fast.data.DataError`) are
+    naming the problem, exit status 1, instead of a traceback. Data errors (`flowmo_fast.formats.data.DataError`) are
     ValueErrors; a path that is the wrong kind of thing (a file for a folder, a folder for a file, unwritable)
     is one too. `also`: the command's own error types for a user's mistake."""
     try:

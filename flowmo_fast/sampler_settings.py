@@ -1,20 +1,65 @@
-"""What sampler settings are used, in one place: `SamplingOptions` (steps, guidance scale, time schedule, guidance
-interval) and the plan of one sampling run computed from it (times, step sizes, guided steps).
+"""FlowMo's sampler settings, in one place, as three types with one job each:
+- `SamplingConfig`: the config section `eval.sampling` (upstream's keys, as stored in every checkpoint);
+- `SamplingOptions`: what the sampler runs with (steps, guidance scale, time schedule, guidance interval), and
+  the plan of one sampling run computed from it (times, step sizes, guided steps);
+- `SamplingOverrides`: the settings a user gave (a command's flags), over a checkpoint's own options.
 
-The defaults are upstream's `eval.sampling` (flowmo_fast/config.py `SamplingConfig`): 25 steps, cfg 1.5, schedule
-pow_0.25, guidance for EDM sigmas in (0.17, 1.02). A model samples with its own config's settings unless given
-others: `SamplingOverrides`, the settings a user gave (a command's flags), over the model's.
+The defaults are upstream's `eval.sampling`: 25 steps, cfg 1.5, schedule pow_0.25, guidance for EDM sigmas in
+(0.17, 1.02). A model samples with its own config's settings unless given others.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
-from flowmo_fast.config import SamplingConfig, parse_cfg_interval, parse_schedule
+
+@dataclass
+class SamplingConfig:
+    sample_steps: int = 25
+    schedule: str = "pow_0.25"
+    cfg: float = 1.5
+    mode: str = "rf"
+    cfg_interval: Optional[str] = "(.17,1.02)"  # EDM sigmas (lo, hi); None = guide at every step
+
+
+
+def parse_cfg_interval(interval) -> Optional[tuple[float, float]]:
+    """"(.17,1.02)", ".17,1.02" or a pair -> (lo, hi) as EDM sigmas; None stays None."""
+    if interval is None:
+        return None
+    if isinstance(interval, str):
+        text = interval.strip()
+        if text.lower() in ("", "none", "null"):
+            return None
+        try:
+            interval = ast.literal_eval(text if text.startswith("(") else f"({text})")
+        except (ValueError, SyntaxError):
+            interval = None
+    if not (isinstance(interval, (tuple, list)) and len(interval) == 2):
+        raise ValueError(f"cfg_interval {interval!r}: expected two numbers 'lo,hi' such as '.17,1.02'")
+    lo, hi = float(interval[0]), float(interval[1])
+    if lo > hi:
+        raise ValueError(f"cfg_interval ({lo}, {hi}): lo must not exceed hi")
+    return lo, hi
+
+
+def parse_schedule(schedule: str) -> Optional[float]:
+    """Sampler schedule: "linear" -> None, "pow_P" -> P (> 0)."""
+    if schedule == "linear":
+        return None
+    if schedule.startswith("pow_"):
+        try:
+            p = float(schedule[4:])
+        except ValueError:
+            p = 0.0
+        if p > 0:
+            return p
+    raise ValueError(f"sampler schedule {schedule!r}: allowed are 'linear' and 'pow_P' with P > 0 (e.g. 'pow_0.25')")
 
 
 @dataclass(frozen=True)

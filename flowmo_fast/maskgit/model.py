@@ -21,8 +21,9 @@ probability `class_dropout`. Masking is per group: a mask ratio r per image draw
 ceil(r * code_length * groups) groups chosen at random. Every random draw of `loss` comes from the global torch
 RNG, so a trainer that saves and restores that RNG resumes exactly.
 
-Presets (`preset_config`) set only the transformer's size; what it is built for (code_length, groups, bits,
-num_classes) comes from the token shards. `load_generator(path)` reads a checkpoint (the layout is below).
+What it is built for (code_length, groups, bits, num_classes) comes from the token shards; its size and training
+recipe from a preset of the trainer (`train.generator_config.PRESETS`: tiny, B 114M, L 303M parameters for
+FlowMo-Lo tokens; the defaults here are tiny's). `load_generator(path)` reads a checkpoint (the layout is below).
 """
 
 from __future__ import annotations
@@ -31,27 +32,18 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowmo_fast.checkpoint import CheckpointError, WHICH, check_state_dict, read_checkpoint
-from flowmo_fast.config import _parse_value
-from flowmo_fast.fast import raise_recompile_limit
+from flowmo_fast.fastpath import raise_recompile_limit
+from flowmo_fast.formats.checkpoint import WHICH, CheckpointError, check_state_dict, read_checkpoint
 from flowmo_kernels.lfq import indices_to_codes, lfq_indices
 
 MaskSchedule = Literal["cosine", "arccos"]
 MASK_SCHEDULES = ("cosine", "arccos")
-
-# Transformer sizes: (width, depth, heads). Parameters for FlowMo-Lo tokens (2 x 512-way heads, 1000 classes):
-# B 114M, L 303M (MaskBit's generator is 1024 wide x 24 deep).
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(width=64, depth=2, heads=4),
-    "B": dict(width=768, depth=16, heads=12),
-    "L": dict(width=1024, depth=24, heads=16),
-}
 
 
 @dataclass(frozen=True)
@@ -74,16 +66,16 @@ class GeneratorConfig:
     def __post_init__(self) -> None:
         for key in ("code_length", "groups", "bits", "width", "depth", "heads"):
             if getattr(self, key) < 1:
-                raise ValueError(f"generator {key}={getattr(self, key)}: must be a positive integer")
+                raise ValueError(f"model.{key}={getattr(self, key)}: must be a positive integer")
         if self.num_classes < 0:
-            raise ValueError(f"generator num_classes={self.num_classes}: must be 0 (unconditional) or more")
+            raise ValueError(f"model.num_classes={self.num_classes}: must be 0 (unconditional) or more")
         if self.width % self.heads:
-            raise ValueError(f"generator width={self.width} must be a multiple of heads={self.heads}")
+            raise ValueError(f"model.width={self.width} must be a multiple of model.heads={self.heads}")
         if self.mask_schedule not in MASK_SCHEDULES:
-            raise ValueError(f"generator mask_schedule={self.mask_schedule!r}; allowed: {', '.join(MASK_SCHEDULES)}")
+            raise ValueError(f"model.mask_schedule={self.mask_schedule!r}; allowed: {', '.join(MASK_SCHEDULES)}")
         for key in ("class_dropout", "label_smoothing"):
             if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"generator {key}={getattr(self, key)}: must lie in [0, 1)")
+                raise ValueError(f"model.{key}={getattr(self, key)}: must lie in [0, 1)")
 
     @property
     def context_dim(self) -> int:
@@ -112,31 +104,6 @@ class GeneratorConfig:
         if unknown:
             raise ValueError(f"unknown generator config keys {unknown}; allowed: {', '.join(sorted(names))}")
         return cls(**d)
-
-    def override(self, items: Iterable[str]) -> "GeneratorConfig":
-        """A copy with dotlist items `key=value` (keys of this dataclass, no section prefix) applied."""
-        hints = {f.name: f.type for f in dataclasses.fields(self)}
-        changes = {}
-        for item in items:
-            key, sep, raw = item.partition("=")
-            key = key.strip()
-            if not sep or key not in hints:
-                raise ValueError(f"generator override {item!r}: expected key=value with key one of {', '.join(hints)}")
-            hint = {"int": int, "float": float, "MaskSchedule": str}[hints[key]]
-            changes[key] = _parse_value(key, raw.strip(), hint)
-        return dataclasses.replace(self, **changes)
-
-
-def preset_config(
-    preset: str, code_length: int, context_dim: int, bits: int, num_classes: int = 0, **changes: Any
-) -> GeneratorConfig:
-    """The preset's transformer size for tokens of `code_length` x `context_dim` bits in groups of `bits`."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown generator preset {preset!r}; allowed: {', '.join(PRESETS)}")
-    if bits < 1 or context_dim % bits:
-        raise ValueError(f"codebook_size_for_entropy={bits} must divide context_dim={context_dim}")
-    return GeneratorConfig(code_length, context_dim // bits, bits, num_classes, **{**PRESETS[preset], **changes})
-
 
 # ---- ids <-> groups <-> bits, in the tokenizer's layout ----------------------------------------------------
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmo_fast.config import ModelConfig
-from flowmo_fast.llm_infill import LLMInfiller, check_llm_fits, gather_span, span_starts
+from flowmo_fast.flowmo.llm_infill import LLMInfiller, check_llm_fits, gather_span, span_starts
 from flowmo_fast.llm_settings import is_llm_quantization, parse_llm_quantization
 from flowmo_fast.noise import POSTERIOR_NOISE, SPAN_START, normal
 from flowmo_kernels import KernelOps
@@ -126,7 +126,7 @@ class NoQuantizer(Quantizer):
 class LLMQuantizer(Quantizer):
     """`qwen2.5-coder-0.5b[_span_P]`: no quantization and zero loss; code[s:s+n] (n = int(P * T), s drawn per
     sample) is replaced by the frozen LLM's infilling, gradients flowing through the LLM into the code
-    (flowmo_fast.llm_infill). The LLM is loaded from `model.llm_path` unless given, and never in the state dict.
+    (flowmo_fast.flowmo.llm_infill). The LLM is loaded from `model.llm_path` unless given, and never in the state dict.
 
     `per_sample["infill_mse"]`: mean over the span of (infilled - the encoder's own code there)^2, per sample;
     in train mode its batch mean is logged too (`breakdown`)."""
