@@ -1,4 +1,9 @@
-"""flowmo-fast: a fast, faithful PyTorch implementation of FlowMo (arXiv 2503.11056)."""
+"""flowmo-fast: a fast, faithful PyTorch implementation of FlowMo (arXiv 2503.11056).
+
+The rooms: `flowmo_fast.flowmo` (the FlowMo network and its sampler), `flowmo_fast.maskgit` (the token generator),
+`flowmo_fast.formats` (what lives on disk); at the top the settings (`config`, `sampler_settings`, `overrides`), the
+helpers both models share, `codec` (`Tokenizer`) and the commands `python -m flowmo_fast.tokenize` / `detokenize`.
+The public API is below."""
 
 from flowmo_fast.codec import Tokenizer
 from flowmo_fast.config import Config, load_config
