@@ -107,9 +107,9 @@ def test_the_objective_gives_the_labels_to_a_class_conditional_generator_only():
         torch.manual_seed(0)
         model = TokenGenerator(GeneratorConfig(4, 2, 9, num_classes=num_classes, class_dropout=0.0))
         seen = []
-        model.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+        model.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args[1]))  # the classes [B]
         loss, logged = generator.GeneratorObjective(model)(TokenBatch(ids, labels))
-        assert torch.equal(seen[0], expected), num_classes
+        assert torch.equal(seen[0], expected), (num_classes, seen[0])
         assert loss.isfinite() and set(logged) == {"total_loss", "masked_token_accuracy"}
 
 
