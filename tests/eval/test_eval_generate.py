@@ -100,6 +100,7 @@ def test_rows_are_token_shards_of_each_class(generated, generator_checkpoint):
     manifest = shards.manifest
     assert manifest["checkpoint"]["sha256"] == file_sha256(manifest["checkpoint"]["path"])  # the tokenizer's
     assert manifest["generation"]["options"]["steps"] == 8 and manifest["generation"]["classes"] == [0, 1]
+    assert manifest["generation"]["seed"] == 0
 
 
 def test_a_rerun_writes_nothing_and_a_lost_shard_is_redone(random_rows, random_checkpoint, tmp_path):
@@ -192,6 +193,8 @@ def test_mistakes_end_in_one_line(generated, generator_checkpoint, tiny_checkpoi
                                                                 tmp_path / "c", "--device", "cpu"])
     assert "not found" in one_line_exit(["--generator", tmp_path / "missing.pth", "--out", tmp_path / "d"])
     assert "other settings" in one_line_exit(["--generator", ckpt, "--out", generated, *ARGS, "--cfg", "2"])
+    # another seed is other samples: a rerun must not report the first seed's rows as done (they hold seed 0's)
+    assert "other settings" in one_line_exit(["--generator", ckpt, "--out", generated, *ARGS, "--seed", "1"])
     assert "without checkpoints" in one_line_exit(["--generator", tmp_path, "--out", tmp_path / "e"])
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from torch_fidelity.metric_prc import calculate_precision_recall_full
 
 from eval import gfid
-from eval.fidelity import FidelityInception, inception_score, precision_recall
+from eval.fidelity import FidelityInception, inception_score, pool_statistics, precision_recall
 from eval.image_sets import NpzImages
 from eval.metrics import feature_statistics
 
@@ -91,6 +91,37 @@ def test_reference_statistics_are_cached_by_content(
         run(tmp_path / "samples.npz", changed, tmp_path, inception_weights, cache)
 
 
+def test_statistics_are_cached_per_side(pictures, inception_weights, cache, tmp_path):
+    """One folder of 64-px images as the reference of 32-px samples, then of 64-px samples (the folder's own
+    images): the second must not reuse the statistics of the images cropped to 32 px. Against its own images at
+    64 px FID is 0 and precision and recall are 1."""
+    folder = tmp_path / "reference64"
+    folder.mkdir()
+    large = np.stack([np.asarray(Image.fromarray(p).resize((64, 64), Image.BILINEAR)) for p in pictures])
+    for i, p in enumerate(large):
+        Image.fromarray(p).save(folder / f"{i:02d}.png")
+    np.savez(tmp_path / "small.npz", arr_0=pictures)
+    np.savez(tmp_path / "large.npz", arr_0=large)
+    small = run(tmp_path / "small.npz", folder, tmp_path, inception_weights, cache)
+    result = run(tmp_path / "large.npz", folder, tmp_path, inception_weights, cache)
+    m = result["metrics"]
+    assert abs(m["fid"]) < 1e-6 and m["precision"] == 1.0 and m["recall"] == 1.0, m
+    assert (small["reference"]["side"], result["reference"]["side"]) == (32, 64)
+    assert result["reference"]["cache"] != small["reference"]["cache"]
+
+
+def test_fid_against_given_statistics_uses_the_references_mean_and_covariance():
+    """FID of features with mean mu and covariance S against given (mu, 4 S): tr(S) + tr(4 S) - 2 tr(2 S) = tr(S);
+    against (mu + d, S): |d|^2. (The samples' own S in place of the reference's would give 0 and |d|^2.)"""
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randn(64, 6, generator=g) @ torch.randn(6, 6, generator=g)  # [64, 6], correlated
+    mu, sigma = pool_statistics(samples)
+    images = torch.zeros(4, 6)  # the batch's image features: not what FID uses when it has mu / sigma
+    assert gfid.ReferenceStatistics(images, (mu, 4 * sigma)).fid(samples) == pytest.approx(np.trace(sigma), rel=1e-6)
+    d = np.arange(6.0)
+    assert gfid.ReferenceStatistics(images, (mu + d, sigma)).fid(samples) == pytest.approx(d @ d, rel=1e-6)
+
+
 def test_an_adm_reference_batch_gives_fid_from_its_mu_sigma_and_precision_recall_from_its_images(
     pictures, inception_weights, cache, tmp_path
 ):
@@ -162,6 +193,12 @@ def test_inception_score_known_answers():
     assert inception_score(confident, splits=1).mean == pytest.approx(10.0, rel=1e-6)
     assert inception_score(torch.zeros(40, 1008)).mean == pytest.approx(1.0)  # no idea: IS 1
     assert inception_score(confident[:3]).splits == 3  # fewer images than splits
+    # 20 images of 20 classes, 10 splits (the ADM suite's) of 2: each split sees 2 classes once each, IS 2 (5: 4)
+    distinct = torch.full((20, 1008), -30.0)
+    distinct[torch.arange(20), torch.arange(20)] = 30.0
+    score = inception_score(distinct)
+    assert score.mean == pytest.approx(2.0, rel=1e-6) and score.splits == 10
+    assert score.std == pytest.approx(0.0, abs=1e-6)  # every split alike
 
 
 def test_gfid_mistakes_end_in_one_line(pictures, reference_folder, inception_weights, cache, tmp_path):

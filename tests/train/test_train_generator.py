@@ -16,10 +16,10 @@ from train_helpers import assert_same_training_state, check, log_lines, run_comm
 
 from flowmo_fast.formats.checkpoint import read_checkpoint
 from flowmo_fast.formats.token_shards import TokenSpec
-from flowmo_fast.maskgit.model import load_generator
+from flowmo_fast.maskgit.model import GeneratorConfig, TokenGenerator, load_generator
 from train import generator, train_state
 from train.generator_config import make_config
-from train.generator_data import TokenLayout
+from train.generator_data import TokenBatch, TokenLayout
 
 TINY = ["--preset", "tiny", "data.batch_size=8", "trainer.log_every=5"]
 
@@ -96,6 +96,21 @@ def test_a_stopped_and_resumed_run_equals_the_straight_run(straight, tokens, tmp
     assert code == 0, stdout[-3000:]
     assert f"resuming from {tmp_path / 'b' / 'checkpoints' / ('%08d.pth' % step)} (step {step})" in stdout
     assert_same_training_state(tmp_path / "b" / "checkpoints" / "00000040.pth", reference_dir / "checkpoints" / "00000040.pth")
+
+
+def test_the_objective_gives_the_labels_to_a_class_conditional_generator_only():
+    """A class-conditional generator (no label dropout) sees each row's class; one trained without classes on
+    labelled shards sees the null class. Loss and accuracy would fall without the labels too (visible groups give
+    the class away), so this is checked where the classes enter the network."""
+    ids, labels = torch.randint(0, 512, (6, 8)), torch.tensor([0, 1, 2, 2, 1, 0])
+    for num_classes, expected in ((3, labels), (0, torch.zeros(6, dtype=torch.long))):
+        torch.manual_seed(0)
+        model = TokenGenerator(GeneratorConfig(4, 2, 9, num_classes=num_classes, class_dropout=0.0))
+        seen = []
+        model.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args[1]))  # the classes [B]
+        loss, logged = generator.GeneratorObjective(model)(TokenBatch(ids, labels))
+        assert torch.equal(seen[0], expected), (num_classes, seen[0])
+        assert loss.isfinite() and set(logged) == {"total_loss", "masked_token_accuracy"}
 
 
 def one_line_error(argv: list) -> str:
