@@ -36,7 +36,7 @@ from flowmo_fast import flags
 from flowmo_fast.detokenize import DetokenizeSettings, load_matching_model, png_path, rows_to_code, save_png
 from flowmo_fast.distributed import Processes, barrier, gather_objects, on_rank0, processes
 from flowmo_fast.flowmo.model import autocast_for
-from flowmo_fast.formats.checkpoint import atomic_write, file_sha256, list_checkpoints
+from flowmo_fast.formats.checkpoint import atomic_write, file_sha256
 from flowmo_fast.formats.images import to_uint8
 from flowmo_fast.formats.pretrained import resolve_checkpoint
 from flowmo_fast.formats.token_shards import (
@@ -48,7 +48,8 @@ from flowmo_fast.formats.token_shards import (
     shard_ranges,
     write_shard,
 )
-from flowmo_fast.maskgit.model import LoadedGenerator, load_generator
+from flowmo_fast.maskgit.model import LoadedGenerator
+from flowmo_fast.maskgit.pretrained import from_pretrained
 from flowmo_fast.maskgit.sampling import GenerationOptions, GraphedGenerator, generate, sample_keys
 from flowmo_fast.noise import image_noise
 from flowmo_fast.sampler_settings import SamplingOverrides
@@ -64,7 +65,7 @@ DEFAULTS = GenerationOptions()
 class GenerateSettings:
     """One eval.generate run (the command's flags)."""
 
-    generator_ckpt: str  # a generator checkpoint file, or a run folder (its newest checkpoint)
+    generator_ckpt: str  # a checkpoint file, a run folder (its newest checkpoint), a model folder or hub id
     out: str
     which: str = "ema"
     per_class: int = 50
@@ -91,17 +92,6 @@ class Plan:
 
 def log(message: str) -> None:
     print(f"generate: {message}", file=sys.stderr, flush=True)
-
-
-def generator_path(path: str) -> str:
-    """A checkpoint file as it is; a run folder (or its checkpoints folder): its newest checkpoint."""
-    if not os.path.isdir(path):
-        return path
-    run = os.path.dirname(path.rstrip(os.sep)) if os.path.basename(path.rstrip(os.sep)) == "checkpoints" else path
-    found = list_checkpoints(run)
-    if not found:
-        raise FileNotFoundError(f"{path} is a folder without checkpoints/<step>.pth: give a generator checkpoint file")
-    return found[-1]
 
 
 def pick_classes(wanted: Optional[Sequence[str]], names: Optional[list]) -> list[int]:
@@ -231,8 +221,8 @@ def write_samples(out: str) -> str:
 def run(settings: GenerateSettings) -> None:
     s = settings
     with processes(s.device, timeout=BARRIER_TIMEOUT) as procs:
-        path = generator_path(s.generator_ckpt)
-        loaded = load_generator(path, s.which, procs.device)
+        loaded = from_pretrained(s.generator_ckpt, s.which, procs.device)  # a file, run, model folder or hub id
+        path = loaded.path
         names = loaded.source.class_names
         plan = make_plan(pick_classes(s.classes, names), s.per_class, names)
         spec = TokenSpec.from_dict(loaded.source.tokens)
@@ -272,7 +262,8 @@ def run(settings: GenerateSettings) -> None:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--generator", required=True, help="generator checkpoint (train.generator), or its run folder")
+    p.add_argument("--generator", required=True, help="generator checkpoint (train.generator), its run folder, a "
+                   "model folder of save_pretrained, or a Hugging Face repository user/repo holding one")
     p.add_argument("--which", default="ema", choices=("ema", "model"), help="EMA or raw weights (default: ema)")
     p.add_argument("--out", required=True, help="output folder (created; reused by a rerun)")
     p.add_argument("--per-class", type=flags.positive_int, default=50, help="samples per class (default 50)")

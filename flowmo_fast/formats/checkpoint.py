@@ -200,8 +200,13 @@ def load_checkpoint(
     path = os.fspath(path)
     ckpt = read_checkpoint(path)
     state_dict = select_state_dict(ckpt, which, path)
-    config = checkpoint_config(ckpt, state_dict, overrides or ())
-    infiller = load_llm_for(ckpt, config, path)  # real weights: built outside the meta device
+    return model_from_state(ckpt, checkpoint_config(ckpt, state_dict, overrides or ()), state_dict, path, device)
+
+
+def model_from_state(records: Mapping, config: Config, state_dict: Mapping[str, Tensor], path: str, device: Any):
+    """The FlowMo of `config` with `state_dict` (checked: keys and shapes), in eval mode on `device`, cast for
+    inference; `records`: what the file keeps beside the weights (the LLM of the LLM type, checked)."""
+    infiller = load_llm_for(records, config, path)  # real weights: built outside the meta device
     with torch.device("meta"):
         model = FlowMo(config, infiller)
     check_state_dict(model, state_dict, path)

@@ -286,12 +286,18 @@ class TokenSource:
     tokens: dict
     class_names: Optional[list]
 
+    def to_record(self) -> dict:
+        """The checkpoint's "tokens" record (what `generator_records` reads back)."""
+        return {"checkpoint": self.checkpoint, "config": self.tokenizer_config, "tokens": self.tokens,
+                "class_names": self.class_names}
+
 
 @dataclass(frozen=True)
 class LoadedGenerator:
     model: TokenGenerator
     source: TokenSource
     total_steps: int
+    path: str = ""  # the file the weights came from: a checkpoint, or a model folder's model.safetensors
 
 
 def load_generator(path: str, which: str = "ema", device: Any = "cpu") -> LoadedGenerator:
@@ -305,20 +311,6 @@ def load_generator(path: str, which: str = "ema", device: Any = "cpu") -> Loaded
     """
     path = os.fspath(path)
     ckpt = read_checkpoint(path)
-    config, source = _generator_records(ckpt, path)
-    key = WHICH[which] if which in WHICH else None
-    if key is None or key not in ckpt:
-        raise CheckpointError(f"{path} has no {key or which!r} weights; a generator checkpoint holds "
-                              f"{', '.join(WHICH.values())}")
-    with torch.device("meta"):
-        model = TokenGenerator(config)
-    check_state_dict(model, ckpt[key], path)
-    model.load_state_dict(ckpt[key], strict=True, assign=True)
-    model = model.to(device=device, dtype=torch.float32).eval()
-    return LoadedGenerator(model, source, int(ckpt.get("total_steps", 0)))
-
-
-def _generator_records(ckpt: Mapping, path: str) -> tuple[GeneratorConfig, TokenSource]:
     sections, tokens = ckpt.get("config"), ckpt.get("tokens")
     if not (isinstance(sections, Mapping) and isinstance(sections.get("model"), Mapping) and "groups" in
             sections["model"] and isinstance(tokens, Mapping)):
@@ -326,8 +318,29 @@ def _generator_records(ckpt: Mapping, path: str) -> tuple[GeneratorConfig, Token
             f"{path} is not a token generator checkpoint (no generator config and token record): give a "
             "checkpoint of train.generator (results/NAME/checkpoints/*.pth)"
         )
+    config, source = generator_records(sections["model"], tokens, path)
+    key = WHICH[which] if which in WHICH else None
+    if key is None or key not in ckpt:
+        raise CheckpointError(f"{path} has no {key or which!r} weights; a generator checkpoint holds "
+                              f"{', '.join(WHICH.values())}")
+    model = generator_from_state(config, ckpt[key], path, device)
+    return LoadedGenerator(model, source, int(ckpt.get("total_steps", 0)), path)
+
+
+def generator_from_state(config: GeneratorConfig, state_dict: Mapping[str, Tensor], path: str,
+                         device: Any) -> TokenGenerator:
+    """The generator of `config` with `state_dict` (keys and shapes checked), float32, eval mode, on `device`."""
+    with torch.device("meta"):
+        model = TokenGenerator(config)
+    check_state_dict(model, state_dict, path)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=torch.float32).eval()
+
+
+def generator_records(model: Mapping, tokens: Mapping, path: str) -> tuple[GeneratorConfig, TokenSource]:
+    """The generator's config and token record, as a checkpoint or a model folder's config.json holds them."""
     try:
-        config = GeneratorConfig.from_dict(sections["model"])
+        config = GeneratorConfig.from_dict(model)
         source = TokenSource(dict(tokens["checkpoint"]), dict(tokens["config"]), dict(tokens["tokens"]),
                              tokens.get("class_names"))
     except (KeyError, TypeError, ValueError) as e:
