@@ -26,7 +26,8 @@ setup(
         "tensorboard>=2.12",
         "matplotlib>=3.5",  # eval.watch's curves.png
         "tqdm>=4.60",
-        "huggingface_hub>=0.23",  # flowmo_fast.from_pretrained("flowmo_lo" | "flowmo_hi")
+        "huggingface_hub>=0.23",  # from_pretrained("flowmo_lo" | "user/repo"), push_to_hub, model cards
+        "safetensors>=0.4",  # model folders of save_pretrained (flowmo_fast.formats.model_folder)
     ],
     extras_require={
         "test": [

@@ -35,9 +35,12 @@ class Tokenizer:
 
     @classmethod
     def from_checkpoint(
-        cls, name_or_path: str, which: str = "ema", device: Any = "cpu", overrides: Optional[Iterable[str]] = None
+        cls, name_or_path: str, which: Optional[str] = None, device: Any = "cpu",
+        overrides: Optional[Iterable[str]] = None,
     ) -> "Tokenizer":
-        """A published checkpoint by name ("flowmo_lo", "flowmo_hi") or a checkpoint file (`from_pretrained`)."""
+        """A published checkpoint by name ("flowmo_lo", "flowmo_hi"), a checkpoint file, a model folder of
+        save_pretrained or a Hugging Face repository holding one (`from_pretrained`; which=None: a checkpoint's
+        EMA weights, the weights a folder holds)."""
         return cls(from_pretrained(name_or_path, which=which, device=device, overrides=overrides))
 
     @property
