@@ -79,11 +79,12 @@ def make_image_tar():
     return write_image_tar
 
 
-def seed_hf_cache(cache: Path, files: dict, revision: str = "0123456789abcdef0123456789abcdef01234567") -> None:
-    """Put {file name: local file} into a Hugging Face hub cache as the files of ksarge/FlowMo at `revision`
-    (main), in huggingface_hub's documented layout: blobs/<sha256>, snapshots/<revision>/<name> -> blob,
-    refs/main = revision."""
-    repo = Path(cache) / "models--ksarge--FlowMo"
+def seed_hf_cache(cache: Path, files: dict, revision: str = "0123456789abcdef0123456789abcdef01234567",
+                  repo_id: str = "ksarge/FlowMo") -> None:
+    """Put {file name: local file} into a Hugging Face hub cache as the files of the model repository `repo_id`
+    at `revision` (main), in huggingface_hub's documented layout: models--<user>--<repo>/blobs/<sha256>,
+    snapshots/<revision>/<name> -> blob, refs/main = revision."""
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / revision
     snapshot.mkdir(parents=True)
     (repo / "blobs").mkdir()
@@ -93,6 +94,12 @@ def seed_hf_cache(cache: Path, files: dict, revision: str = "0123456789abcdef012
         shutil.copyfile(source, blob)
         (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
     (repo / "refs" / "main").write_text(revision)
+
+
+@pytest.fixture(scope="session")
+def seed_hub():
+    """`seed_hf_cache(cache, {name: file}, revision, repo_id)`, for tests that seed repositories of their own."""
+    return seed_hf_cache
 
 
 @pytest.fixture(scope="session")
@@ -116,6 +123,50 @@ def published_cache(seeded_hf_home, monkeypatch) -> Path:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read at import: this process's copy
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+@pytest.fixture(scope="session")
+def tokenizer_run_checkpoint(tmp_path_factory, parity) -> Path:
+    """RUN/checkpoints/00000007.pth of the tiny preset (EMA: the fixture's weights; raw: those perturbed), and
+    eval.watch's RUN/eval/history.jsonl with one line for it (rfid 1.25, psnr 20.5) and one for another file."""
+    from sharing_helpers import tokenizer_run
+
+    run = tmp_path_factory.mktemp("tokenizer") / "run"
+    path = tokenizer_run(run, fixture_state_dict(parity["manifest"], parity["seed"]))
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    lines = [{"step": 5, "sha256": "0" * 64, "status": "ok", "which": "ema", "metrics": {"rfid": 9.75},
+              "num_images": 50, "data": {"dataset": "50 images"}},
+             {"step": 7, "sha256": sha256, "status": "ok", "which": "ema", "metrics": {"rfid": 1.25, "psnr": 20.5},
+              "num_images": 50, "data": {"dataset": "50 images from val.tar"}}]
+    (run / "eval").mkdir()
+    (run / "eval" / "history.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_folder(tokenizer_run_checkpoint, tmp_path_factory) -> Path:
+    """save_pretrained of `tokenizer_run_checkpoint` (its EMA weights, its card from the checkpoint and history)."""
+    folder = tmp_path_factory.mktemp("shared") / "tiny-flowmo"
+    flowmo_fast.save_pretrained(tokenizer_run_checkpoint, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def generator_run_checkpoint(tmp_path_factory, tiny_checkpoint) -> Path:
+    """RUN/checkpoints/00000150.pth of a tiny random token generator (EMA and raw weights differ) for the tiny
+    FlowMo's tokens, in train.generator's layout."""
+    from sharing_helpers import generator_run
+
+    return generator_run(tmp_path_factory.mktemp("generator") / "run", tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def generator_folder(generator_run_checkpoint, tmp_path_factory) -> Path:
+    from flowmo_fast.maskgit import save_pretrained
+
+    folder = tmp_path_factory.mktemp("shared") / "tiny-maskgit"
+    save_pretrained(generator_run_checkpoint, folder)
+    return folder
 
 
 @pytest.fixture()

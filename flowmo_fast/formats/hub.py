@@ -24,9 +24,10 @@ def fetch_command(repo_id: str, filename: Optional[str] = None) -> str:
     return f"hf download {repo_id}" + (f" {filename}" if filename else "")
 
 
-def hub_file(repo_id: str, filename: str) -> str:
+def hub_file(repo_id: str, filename: str, command: Optional[str] = None) -> str:
     """The local path of `filename` of `repo_id` in the Hugging Face cache, downloaded on first use
-    (`hf_hub_download`). Errors name the repository, the file and the command that fetches it."""
+    (`hf_hub_download`). Errors name the repository, the file and the command that fetches it (`command`;
+    None: `hf download REPO FILE`)."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -36,13 +37,14 @@ def hub_file(repo_id: str, filename: str) -> str:
         RevisionNotFoundError,
     )
 
+    command = command or fetch_command(repo_id, filename)
     try:
         return hf_hub_download(repo_id, filename)
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face Hub could not be reached"
         raise FileNotFoundError(
             f"{filename} (from {repo_id}) is not in the Hugging Face cache {constants.HF_HUB_CACHE} and {why}: "
-            f"fetch it with `{fetch_command(repo_id, filename)}` where the Hub is reachable (into the same cache), "
+            f"fetch it with `{command}` where the Hub is reachable (into the same cache), "
             "or pass the path of a downloaded copy"
         ) from None
     except EntryNotFoundError:
@@ -57,14 +59,14 @@ def hub_file(repo_id: str, filename: str) -> str:
     except HfHubHTTPError as e:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FileNotFoundError(
-            f"{filename} could not be fetched from {repo_id} ({first_line}): try `{fetch_command(repo_id, filename)}`, "
+            f"{filename} could not be fetched from {repo_id} ({first_line}): try `{command}`, "
             "or pass the path of a downloaded copy"
         ) from None
 
 
 def hub_folder(repo_id: str, filenames: Sequence[str]) -> str:
     """The snapshot folder of `repo_id` in the Hugging Face cache holding `filenames` (each fetched once)."""
-    paths = [hub_file(repo_id, name) for name in filenames]
+    paths = [hub_file(repo_id, name, fetch_command(repo_id)) for name in filenames]
     return os.path.dirname(paths[0])
 
 

@@ -141,5 +141,5 @@ def check_which(weights: Weights, which: Optional[str]) -> None:
     if which is not None and weights.which is not None and which != weights.which:
         raise CheckpointError(
             f"{weights.path} holds the {weights.which} weights only (a model folder keeps one set), not {which}: "
-            f"ask for which={weights.which!r} (or leave which out)"
+            f"ask for which={weights.which!r} (--which {weights.which}), or leave which out"
         )

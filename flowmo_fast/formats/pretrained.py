@@ -22,7 +22,7 @@ import os
 import tempfile
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from flowmo_fast.config import PRESETS, Config, DataConfig, config_from_dict, load_config
+from flowmo_fast.config import PRESETS, Config, DataConfig, TrainerConfig, config_from_dict, load_config
 from flowmo_fast.formats.checkpoint import (
     CHECKPOINT_DIR,
     CheckpointError,
@@ -201,7 +201,8 @@ def recipe_lines(config: Config, world_size: Optional[int]) -> tuple[str, ...]:
         f"preset: `{preset}` (its model section)" if preset else "preset: none (a model section of its own)",
         f"batch: {config.data.batch_size} images per process x opt.n_grad_acc={o.n_grad_acc}{per_step}",
         f"optimizer: AdamW, lr {o.lr:g}, betas ({o.beta1:g}, {o.beta2:g}), weight decay {o.weight_decay:g}; "
-        f"warm-up {o.warmup_steps} steps, decay {o.lr_decay}; trainer.max_steps={t.max_steps}",
+        f"warm-up {o.warmup_steps} steps, decay {o.lr_decay}; "
+        + (f"trainer.max_steps={t.max_steps}" if t.max_steps != TrainerConfig.max_steps else "no trainer.max_steps"),
         f"objective: rectified flow (time schedule {o.schedule}), LPIPS weight {o.lpips_weight:g}, "
         + ("post-training through the sampler" if m.posttrain_sample else "pre-training"),
         f"EMA decay {m.ema_decay:g}; bf16 autocast {'on' if t.enable_bfloat16 else 'off'}",
