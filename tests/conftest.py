@@ -128,16 +128,16 @@ def published_cache(seeded_hf_home, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_run_checkpoint(tmp_path_factory, parity) -> Path:
     """RUN/checkpoints/00000007.pth of the tiny preset (EMA: the fixture's weights; raw: those perturbed), and
-    eval.watch's RUN/eval/history.jsonl with one line for it (rfid 1.25, psnr 20.5) and one for another file."""
+    eval.watch's RUN/eval/history.jsonl with one line for it (rfid 1.25, psnr 20.5), then one for another file."""
     from sharing_helpers import tokenizer_run
 
     run = tmp_path_factory.mktemp("tokenizer") / "run"
     path = tokenizer_run(run, fixture_state_dict(parity["manifest"], parity["seed"]))
     sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    lines = [{"step": 5, "sha256": "0" * 64, "status": "ok", "which": "ema", "metrics": {"rfid": 9.75},
-              "num_images": 50, "data": {"dataset": "50 images"}},
-             {"step": 7, "sha256": sha256, "status": "ok", "which": "ema", "metrics": {"rfid": 1.25, "psnr": 20.5},
-              "num_images": 50, "data": {"dataset": "50 images from val.tar"}}]
+    lines = [{"step": 7, "sha256": sha256, "status": "ok", "which": "ema", "metrics": {"rfid": 1.25, "psnr": 20.5},
+              "num_images": 50, "data": {"dataset": "50 images from val.tar"}},
+             {"step": 9, "sha256": "0" * 64, "status": "ok", "which": "ema", "metrics": {"rfid": 9.75},
+              "num_images": 50, "data": {"dataset": "50 images"}}]  # a later evaluation, of another file
     (run / "eval").mkdir()
     (run / "eval" / "history.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path

@@ -81,6 +81,6 @@ def test_a_repo_not_in_the_cache_offline_fails_naming_it_and_the_fetch_command(o
 
 @pytest.mark.parametrize("name, hub", [("me/repo", True), ("org-x/model.v2_1", True), ("flowmo_lo", False),
                                        ("/abs/path", False), ("a/b/c", False), ("results/../x", False),
-                                       ("./x", False), ("me/", False)])
+                                       ("./x", False), ("me/", False), ("me/re..po", False)])
 def test_what_reads_as_a_repo_id(name, hub):
     assert is_hub_id(name) is hub
