@@ -55,3 +55,16 @@ def test_readme_layout_lists_every_subpackage_and_command():
                 if f"`{path.relative_to(root).as_posix()}`" not in layout:
                     missing.append(path.relative_to(root).as_posix())
     assert missing == [], f"not in the README's Layout section: {missing}"
+
+
+def test_readme_sharing_example_runs(tokenizer_run_checkpoint, generator_run_checkpoint, tmp_path, monkeypatch, capsys):
+    """The "Sharing models" example, on the tiny tokenizer's checkpoint and the tiny generator's run folder."""
+    text = README.read_text()
+    code = re.search(r"```python\n(.*?)```", text[text.index("## Sharing models\n"):], re.S).group(1)
+    code, n = re.subn(r'^CKPT = .*$', f"CKPT = {str(tokenizer_run_checkpoint)!r}", code, flags=re.M)
+    code, m = re.subn(r'^GEN = .*$', f"GEN = {str(generator_run_checkpoint.parent.parent)!r}", code, flags=re.M)
+    assert n == m == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.split() == ["512", "512", "150"]
+    assert sorted(p.name for p in (tmp_path / "my-flowmo").iterdir()) == ["README.md", "config.json", "model.safetensors"]
