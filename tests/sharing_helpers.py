@@ -21,7 +21,7 @@ def perturbed(state: dict, seed: int, scale: float = 0.05) -> dict:
 
 
 def tokenizer_run(run: Path, weights: dict, step: int = 7) -> Path:
-    """run/checkpoints/<step>.pth of the tiny preset: EMA = `weights`, raw = `weights` perturbed (the outputs differ)."""
+    """run/checkpoints/<step>.pth of the tiny preset: EMA = `weights`, raw = `weights` perturbed (outputs differ)."""
     config = flowmo_fast.load_config(preset="tiny")
     ema, raw = flowmo_fast.FlowMo(config), flowmo_fast.FlowMo(config)
     ema.load_state_dict(weights)

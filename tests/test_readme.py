@@ -67,4 +67,5 @@ def test_readme_sharing_example_runs(tokenizer_run_checkpoint, generator_run_che
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.split() == ["512", "512", "150"]
-    assert sorted(p.name for p in (tmp_path / "my-flowmo").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    files = sorted(p.name for p in (tmp_path / "my-flowmo").iterdir())
+    assert files == ["README.md", "config.json", "model.safetensors"]

@@ -54,7 +54,8 @@ def test_gfid_of_samples_it_made_goes_on_the_card(generator_run_checkpoint, tmp_
             "reference": {"kind": "adm", "path": "/data/VIRTUAL_imagenet256_labeled.npz", "num_images": 10000}}
     (samples / "gfid.json").write_text(json.dumps(gfid))
     facts = card_facts(generator_run_checkpoint, evaluations=[samples / "gfid.json"])
-    assert [(m.name, m.value, m.images) for m in facts.metrics] == [("fid", 4.3, 50000), ("inception_score", 274.0, 50000)]
+    got = [(m.name, m.value, m.images) for m in facts.metrics]
+    assert got == [("fid", 4.3, 50000), ("inception_score", 274.0, 50000)]
     save_pretrained(generator_run_checkpoint, tmp_path / "folder", card=facts)
     text = (tmp_path / "folder" / "README.md").read_text()
     assert "| fid | 4.3 | 50000 | adm VIRTUAL_imagenet256_labeled.npz (10000 images) | `eval.gfid gfid.json` |" in text

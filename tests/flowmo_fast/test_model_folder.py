@@ -53,10 +53,12 @@ def test_a_truncated_or_missing_config(folder):
     text = path.read_text()
     path.write_text(text[: len(text) // 2])
     message = refusal(flowmo_fast.from_pretrained, folder)
-    assert message.startswith(f"{path} is not valid JSON (") and message.endswith(f"a truncated or damaged file; {AGAIN}")
+    assert message.startswith(f"{path} is not valid JSON (")
+    assert message.endswith(f"a truncated or damaged file; {AGAIN}")
     path.unlink()
     assert refusal(flowmo_fast.from_pretrained, folder) == (
-        f"{path} is missing: a model folder of save_pretrained holds config.json, model.safetensors, README.md; {AGAIN}")
+        f"{path} is missing: a model folder of save_pretrained holds config.json, model.safetensors, README.md; "
+        + AGAIN)
 
 
 def test_a_config_of_something_else(folder):

@@ -69,7 +69,8 @@ def test_the_card_says_what_it_is_how_it_was_trained_and_its_metrics(tokenizer_f
 def test_an_evaluation_of_other_weights_is_refused(tokenizer_run_checkpoint, tmp_path):
     other = tmp_path / "metrics.json"
     other.write_text(json.dumps({"metrics": {"rfid": 3.0}, "checkpoint": {"sha256": "f" * 64, "which": "ema"}}))
-    with pytest.raises(ValueError, match=r"metrics.json measured other weights than these \(sha256 [0-9a-f]{12}, ema\)"):
+    with pytest.raises(ValueError, match=r"metrics.json measured other weights than these \(sha256 [0-9a-f]{12}, "
+                                         r"ema\)"):
         flowmo_fast.card_facts(tokenizer_run_checkpoint, evaluations=[other])
 
 
@@ -88,7 +89,7 @@ def test_weights_cast_for_inference_are_refused(tiny_model, tmp_path):
 
 
 def test_commands_take_checkpoint_files_and_say_so_of_a_folder(tokenizer_folder):
-    with pytest.raises(flowmo_fast.CheckpointError, match="is a model folder of save_pretrained, not a checkpoint file"):
+    with pytest.raises(flowmo_fast.CheckpointError, match="is a model folder of save_pretrained, not a checkpoint"):
         resolve_checkpoint(tokenizer_folder)
     with pytest.raises(FileNotFoundError, match=r"checkpoint not found: me/repo .*loads in Python, with "
                                                 r"flowmo_fast.from_pretrained"):
