@@ -125,3 +125,24 @@ def test_saving_again_replaces_every_file(tokenizer_folder, tiny_model, tmp_path
     assert torch.equal(flowmo_fast.from_pretrained(folder).state_dict()["decoder.img_in.weight"],
                        tiny_model.state_dict()["decoder.img_in.weight"])
     assert "saved from memory" in (folder / "README.md").read_text() and not list(folder.glob(".tmp-*"))
+
+
+def test_a_folder_of_the_llm_type_records_its_llm_and_refuses_another(tiny_llm_folder, tmp_path):
+    """The frozen LLM is never saved; the folder records it (as checkpoints do) and loading checks it."""
+    from llm_helpers import llm_overrides, save_tiny_qwen2
+
+    torch.manual_seed(0)
+    model = flowmo_fast.FlowMo(flowmo_fast.load_config(llm_overrides(tiny_llm_folder), preset="tiny")).eval()
+    flowmo_fast.save_pretrained(model, tmp_path / "llm")
+    with safe_open(tmp_path / "llm" / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(model.state_dict())
+        assert json.loads(f.metadata()["flowmo_fast.records"])["llm"]["llm_path"] == str(tiny_llm_folder)
+    code = torch.randn(2, 16, model.config.model.context_dim)
+    with torch.no_grad():
+        want = model.quantize(code, torch.Generator().manual_seed(1)).quantized
+        got = flowmo_fast.from_pretrained(tmp_path / "llm").quantize(code, torch.Generator().manual_seed(1)).quantized
+    assert torch.equal(got, want)
+    other = save_tiny_qwen2(tmp_path / "deeper", num_hidden_layers=3)
+    with pytest.raises(flowmo_fast.CheckpointError, match=r"model.safetensors was trained with the LLM .* but "
+                                                          r"model.llm_path='.*deeper' is a different architecture"):
+        flowmo_fast.from_pretrained(tmp_path / "llm", overrides=[f"model.llm_path={other}"])
