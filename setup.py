@@ -27,6 +27,7 @@ setup(
         "matplotlib>=3.5",  # eval.watch's curves.png
         "tqdm>=4.60",
         "huggingface_hub>=0.23",  # flowmo_fast.from_pretrained("flowmo_lo" | "flowmo_hi")
+        "webdataset>=0.2.5",  # --data shards/train-{000000..000099}.tar (flowmo_fast.formats.image_shards)
     ],
     extras_require={
         "test": [
