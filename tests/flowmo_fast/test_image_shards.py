@@ -183,9 +183,9 @@ def test_loader_workers_read_every_sample_once(shards):
 
 
 def test_a_loader_started_at_a_position_continues_the_stream_exactly(shards):
-    ds = ImageShardsDataset(shards, 16, random_crop=True)
-    straight = [b for _, b in zip(range(5), make_loader(ds, 2, seed=4))]
-    resumed = [b for _, b in zip(range(2), make_loader(ds, 2, seed=4, start=3 * 2))]
+    """A resumed run opens the shards again: the same rows, so batches and random crops continue exactly."""
+    straight = [b for _, b in zip(range(5), make_loader(ImageShardsDataset(shards, 16, True), 2, seed=4))]
+    resumed = [b for _, b in zip(range(2), make_loader(ImageShardsDataset(shards, 16, True), 2, seed=4, start=3 * 2))]
     for a, b in zip(straight[3:], resumed):
         assert a.names == b.names and torch.equal(a.images, b.images)
 
