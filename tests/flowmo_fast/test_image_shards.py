@@ -69,7 +69,8 @@ def test_rows_are_samples_in_shard_then_member_order_with_their_classes(shards):
 
 
 def test_every_sample_with_a_cls_gives_numbered_classes(tmp_path):
-    pattern = write_shards(tmp_path, [{"__key__": f"k{i}", "png": png(i), "cls": c} for i, c in enumerate([3, 0, 3])], 2)
+    samples = [{"__key__": f"k{i}", "png": png(i), "cls": c} for i, c in enumerate([3, 0, 3])]
+    pattern = write_shards(tmp_path, samples, 2)
     ds = ImageShardsDataset(pattern, 16)
     assert ds.labels == [3, 0, 3] and ds.class_names == ["0", "1", "2", "3"]
 
