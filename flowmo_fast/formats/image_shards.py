@@ -42,11 +42,12 @@ PROGRESS_FROM = 64  # shards: index with a progress bar from this many on
 
 def names_shards(data: str) -> bool:
     """Whether `--data` / `data.data_dir` names WebDataset shards (a brace pattern, a .tar file, or a folder with
-    .tar files directly in it) rather than an image folder."""
+    .tar files directly in it) rather than an image folder. An existing folder is what it holds, braces in its
+    name or not."""
     suffixes = (SHARD_SUFFIX, *COMPRESSED_SUFFIXES)
-    if "{" in data or data.endswith(suffixes):
-        return True
-    return os.path.isdir(data) and any(f.endswith(suffixes) for f in os.listdir(data))
+    if os.path.isdir(data):
+        return any(f.endswith(suffixes) for f in os.listdir(data))
+    return "{" in data or data.endswith(suffixes)
 
 
 def shard_paths(spec: str) -> list[str]:
