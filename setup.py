@@ -28,6 +28,7 @@ setup(
         "tqdm>=4.60",
         "huggingface_hub>=0.23",  # from_pretrained("flowmo_lo" | "user/repo"), push_to_hub, model cards
         "safetensors>=0.4",  # model folders of save_pretrained (flowmo_fast.formats.model_folder)
+        "webdataset>=0.2.5",  # --data shards/train-{000000..000099}.tar (flowmo_fast.formats.image_shards)
     ],
     extras_require={
         "test": [

@@ -1,9 +1,9 @@
 """The image sets eval.gfid reads, each as uint8 batches [B, 3, H, W]: generated samples (an ADM-style npz whose
 `arr_0` holds uint8 [N, H, W, 3], or a folder of images) and references (an ADM reference batch such as
-`VIRTUAL_imagenet256_labeled.npz`, an image folder, or the ImageNet tar with upstream's index), with the
-content hash that names a reference in the statistics cache.
+`VIRTUAL_imagenet256_labeled.npz`, an image folder, WebDataset shards, or the ImageNet tar with upstream's index),
+with the content hash that names a reference in the statistics cache.
 
-Folders and the tar are read by flowmo_fast's data sets: every image centre-cropped to a square of the given
+Folders, shards and the tar are read by flowmo_fast's data sets: every image centre-cropped to a square of the given
 side (folders of generated samples are read at their own size, so square samples pass through unchanged).
 """
 
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from flowmo_fast.formats.checkpoint import file_sha256
 from flowmo_fast.formats.data import DataError, ImageDataset, ImageFolderDataset, ImageSource, collate_images
+from flowmo_fast.formats.image_shards import names_shards, shard_paths
 
 IMAGES_KEY = "arr_0"
 
@@ -142,7 +143,8 @@ def open_samples(path: str, num_workers: int = 0) -> ImageSet:
 @dataclass(frozen=True)
 class Reference:
     """What samples are compared with: an ADM reference batch (kind "adm-npz": its `mu` / `sigma` give FID, its
-    images precision and recall), an image folder, or the ImageNet tar with upstream's index ("imagenet-tar")."""
+    images precision and recall), an image folder, WebDataset shards (a brace pattern or a folder of .tar files),
+    or the ImageNet tar with upstream's index ("imagenet-tar")."""
 
     kind: str
     path: str
@@ -154,6 +156,8 @@ class Reference:
             raise ValueError(f"--reference-index goes with an ImageNet .tar as --reference, not {path}")
         if path.endswith(".npz") and os.path.isfile(path):
             return cls("adm-npz", path)
+        if "{" in path or (os.path.isdir(path) and names_shards(path)):  # a lone .tar is ImageNet's, with its index
+            return cls("shards", path)
         if os.path.isdir(path):
             return cls("folder", path)
         if path.endswith(".tar") and os.path.isfile(path):
@@ -176,14 +180,20 @@ class Reference:
             return NpzImages(self.path)
         if self.kind == "folder":
             source = ImageSource(folder=self.path)
+        elif self.kind == "shards":
+            source = ImageSource(shards=self.path)
         else:
             source = ImageSource(tar=self.path, index=self.index)
         return DatasetImages(source.open(side), num_workers)
 
     def content_sha256(self) -> str:
-        """Hash of what the reference holds: the file; a folder's image names and bytes; the tar and its index."""
+        """Hash of what the reference holds: the file; a folder's image names and bytes; the shards' names and
+        bytes; the tar and its index."""
         if self.kind == "adm-npz":
             return file_sha256(self.path)
+        if self.kind == "shards":
+            lines = [f"{os.path.basename(p)}\n{file_sha256(p)}\n" for p in shard_paths(self.path)]
+            return hashlib.sha256("".join(lines).encode()).hexdigest()
         if self.kind == "imagenet-tar":
             return hashlib.sha256(f"{file_sha256(self.path)} {file_sha256(self.index)}".encode()).hexdigest()
         digest = hashlib.sha256()

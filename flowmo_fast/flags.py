@@ -101,23 +101,27 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    """--data / --imagenet-tar + --imagenet-index; neither: the bundled sample photos."""
+    """--data (an image folder or WebDataset shards) / --imagenet-tar + --imagenet-index; neither: the bundled
+    sample photos."""
     data = parser.add_argument_group("data (default: the bundled scikit-image sample photos)")
-    data.add_argument("--data", metavar="DIR", help="an image folder (searched recursively; sub-folders are classes)")
+    data.add_argument("--data", metavar="DIR|SHARDS",
+                      help="an image folder (searched recursively; sub-folders are classes), or WebDataset shards: a "
+                           "brace pattern 'shards/train-{000000..000099}.tar', a .tar file or a folder of .tar files "
+                           "(a sample's .cls is its class)")
     data.add_argument("--imagenet-tar", metavar="T", help="ImageNet tar file, with --imagenet-index")
     data.add_argument("--imagenet-index", metavar="J", help="upstream's JSON index of the tar")
 
 
 def check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.data and (args.imagenet_tar or args.imagenet_index):
-        parser.error("give either --data DIR or --imagenet-tar T --imagenet-index J, not both")
+        parser.error("give either --data DIR|SHARDS or --imagenet-tar T --imagenet-index J, not both")
     if bool(args.imagenet_tar) != bool(args.imagenet_index):
         parser.error("--imagenet-tar and --imagenet-index go together (the tar and upstream's JSON index of it)")
 
 
 def image_source(args: argparse.Namespace) -> ImageSource:
     """The images `add_data_flags` names."""
-    return ImageSource(folder=args.data, tar=args.imagenet_tar, index=args.imagenet_index)
+    return ImageSource.from_data(args.data, tar=args.imagenet_tar, index=args.imagenet_index)
 
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:

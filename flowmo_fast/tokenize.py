@@ -1,6 +1,7 @@
 r"""Tokenize a whole data set into token shards (see `flowmo_fast.formats.token_shards` for the folder layout).
 
     python -m flowmo_fast.tokenize --ckpt flowmo_lo.pth --data DIR --out tokens/
+    python -m flowmo_fast.tokenize --ckpt flowmo_lo.pth --data 'shards/train-{000000..000099}.tar' --out tokens/
     torchrun --nproc-per-node=8 -m flowmo_fast.tokenize --ckpt flowmo_hi.pth \
         --imagenet-tar ILSVRC2012_img_train.tar --imagenet-index imagenet_train_index_overall.json --out tokens/
 
@@ -12,8 +13,10 @@ the mean is deterministic, so reruns and any number of processes give the same b
 adds exp(logvar / 2) noise to it).
 
 Class labels: an image folder laid out as torchvision's ImageFolder (one sub-folder per class, every image in
-one) or an ImageNet tar (synsets in the names, or the index's "label") records each row's class (labels.npy) and
-the sorted class names (the manifest's "classes"); other data sets have no classes (unconditional generation).
+one), WebDataset shards whose every sample has a .cls, or an ImageNet tar (synsets in the names, or the index's
+"label") records each row's class (labels.npy) and the sorted class names (the manifest's "classes"; for shards
+the numbers "0", "1", ...); other data sets have no classes (unconditional generation). Shards give the same
+rows as a folder of the same images in the same order (rows: shard order, then member order).
 --flip adds each image's mirror image as the row right after its own.
 
 Each process (torchrun rank) encodes a disjoint set of the unfinished shards; rank 0 then writes the index

@@ -94,7 +94,8 @@ def build_data(config: Config, procs: Processes, progress: Progress) -> Data:
         start=progress.data_position, num_workers=loader_workers(config.data.num_workers, procs),
         pin_memory=procs.device.type == "cuda",
     )
-    grid_images = first_valid_images(build_dataset(config.data, "val"), GRID_IMAGES).to(procs.device)
+    grid_set = dataset.centre_cropped() if config.data.data_dir else build_dataset(config.data, "val")
+    grid_images = first_valid_images(grid_set, GRID_IMAGES).to(procs.device)
     return Data(dataset, iter(loader), grid_images)
 
 

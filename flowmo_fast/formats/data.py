@@ -1,5 +1,6 @@
 """Image data sets for training and tokenizing: ImageNet tar files with upstream's index, image folders,
-and the sample photos that ship with scikit-image (the default when no data is given).
+WebDataset tar shards (`flowmo_fast.formats.image_shards` indexes them), and the sample photos that ship with
+scikit-image (the default when no data is given).
 
 Every data set yields dicts {"image": float32 [3, size, size] in [-1, 1], "index": row, "name": str,
 "label": int (-1 if unknown), "valid": bool}. An image that fails to decode gives `valid=False` and a zero
@@ -13,6 +14,7 @@ seed, so random crops do not depend on workers, prefetching or restarts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import json
@@ -30,6 +32,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from flowmo_fast.config import DataConfig
+from flowmo_fast.formats.data_errors import DataError, nothing_decodes  # noqa: F401 (imported from here as well)
+from flowmo_fast.formats.image_shards import ShardIndex, index_shards, names_shards
 from flowmo_fast.formats.images import fit_square, shrink_to, uint8_to_model_range
 
 # Colour photographs shipped inside the scikit-image wheel (skimage/data), used when no data is given.
@@ -47,18 +51,6 @@ SAMPLE_PHOTOS = (
 SYNSET = re.compile(r"n\d{8}")
 
 Key = Union[int, tuple]  # a row, or (row, crop seed) as yielded by ShardedBatchSampler
-
-
-class DataError(ValueError):
-    """Data a command cannot use (no image files, none that decode, a bad index); the message names the data
-    and the fix."""
-
-
-def nothing_decodes(description: str, tried: int) -> DataError:
-    return DataError(
-        f"none of the {tried} images tried of {description} decode: check that they are image files PIL can read "
-        "(not truncated, not renamed other files), or point the command at another folder"
-    )
 
 
 class ImageDataset(Dataset):
@@ -110,6 +102,12 @@ class ImageDataset(Dataset):
     def describe(self) -> str:
         return f"{len(self)} images"
 
+    def centre_cropped(self) -> "ImageDataset":
+        """The same rows with centre crops (a train set's grid images), without listing or indexing them again."""
+        twin = copy.copy(self)
+        twin.random_crop = False
+        return twin
+
 
 def classes_of(keys: Sequence[Optional[str]]) -> tuple[list[int], Optional[list[str]]]:
     """Per-row class keys (None: unknown) -> (label = rank of the key among the sorted keys, -1 where None;
@@ -125,14 +123,21 @@ def _synset_labels(names: Sequence[str]) -> tuple[list[int], Optional[list[str]]
     return classes_of([m.group(0) if (m := SYNSET.search(n)) else None for n in names])
 
 
+def numbered_classes(labels: Sequence[Optional[int]], where: str) -> tuple[list[int], Optional[list[str]]]:
+    """Class numbers the data gives (an index's "label", a shard sample's .cls; None: none given) -> (labels, -1
+    where none is given; the class names "0", "1", ... up to the largest, or None unless every row has one)."""
+    given = [label for label in labels if label is not None]
+    if min(given, default=0) < 0:
+        raise DataError(f"{where} gives negative labels (smallest {min(given)}); labels are 0, 1, ... per class")
+    names = [str(k) for k in range(max(given) + 1)] if given and len(given) == len(labels) else None
+    return [-1 if label is None else label for label in labels], names
+
+
 def _index_labels(index: Sequence[dict]) -> tuple[list[int], Optional[list[str]]]:
     """The index's own integer "label" of every entry (class names: the numbers, as text), else synsets."""
     if not all("label" in e for e in index):
         return _synset_labels([e["name"] for e in index])
-    labels = [int(e["label"]) for e in index]
-    if min(labels, default=0) < 0:
-        raise DataError(f"the index gives negative labels (smallest {min(labels)}); labels are 0, 1, ... per class")
-    return labels, [str(k) for k in range(max(labels) + 1)] if labels else None
+    return numbered_classes([int(e["label"]) for e in index], "the index")
 
 
 class IndexedTarDataset(ImageDataset):
@@ -221,6 +226,31 @@ class ImageFolderDataset(ImageDataset):
         return f"{len(self)} images under {self.root}"
 
 
+class ImageShardsDataset(ImageDataset):
+    """WebDataset tar shards (a brace pattern, a .tar file or a folder of them): one row per sample with an
+    image, in shard order then member order (`flowmo_fast.formats.image_shards`). Label: the sample's .cls; the
+    data set has classes ("0", "1", ... up to the largest) when every sample has one."""
+
+    def __init__(self, shards: str, size: int, random_crop: bool = False):
+        extensions = image_extensions()
+        self.index: ShardIndex = index_shards(shards, lambda suffix: f".{suffix}" in extensions)
+        labels, class_names = numbered_classes(self.index.labels, f"the .cls entries of {shards}")
+        super().__init__(self.index.names, labels, size, random_crop, class_names)
+        self.shards = shards
+
+    def read_bytes(self, i: int) -> bytes:
+        return self.index.read(i)
+
+    def describe(self) -> str:
+        index, notes = self.index, []
+        if index.without_image:
+            notes.append(f"{index.without_image} samples without an image left out")
+        if index.truncated:
+            notes.append(f"{len(index.truncated)} truncated shard(s), e.g. {index.truncated[0]}")
+        notes = f" ({'; '.join(notes)})" if notes else ""
+        return f"{len(self)} images in {len(index.paths)} WebDataset shard(s) {self.shards}{notes}"
+
+
 def skimage_data_dir() -> str:
     try:
         import skimage.data
@@ -278,11 +308,14 @@ def bundled_photos_dir(cache_dir: Optional[str] = None) -> str:
 
 def open_dataset(
     size: int, random_crop: bool = False, folder: Optional[str] = None, tar: Optional[str] = None,
-    index: Optional[str] = None,
+    index: Optional[str] = None, shards: Optional[str] = None,
 ) -> ImageDataset:
-    """An image folder, an ImageNet tar with upstream's JSON index of it, or (neither) the bundled sample photos."""
+    """An image folder, WebDataset shards, an ImageNet tar with upstream's JSON index of it, or (none) the bundled
+    sample photos."""
     if folder:
         return ImageFolderDataset(folder, size, random_crop)
+    if shards:
+        return ImageShardsDataset(shards, size, random_crop)
     if tar or index:
         return IndexedTarDataset(tar, index, size, random_crop)
     return SamplePhotosDataset(size, random_crop)
@@ -290,28 +323,38 @@ def open_dataset(
 
 @dataclass(frozen=True)
 class ImageSource:
-    """The images a command reads (its --data / --imagenet-tar + --imagenet-index flags): an image folder, an
-    ImageNet tar with upstream's JSON index of it, or (neither) the bundled sample photos."""
+    """The images a command reads (its --data / --imagenet-tar + --imagenet-index flags): an image folder,
+    WebDataset shards, an ImageNet tar with upstream's JSON index of it, or (none) the bundled sample photos."""
 
     folder: Optional[str] = None
     tar: Optional[str] = None
     index: Optional[str] = None
+    shards: Optional[str] = None  # a brace pattern, a .tar file or a folder of .tar files
+
+    @classmethod
+    def from_data(cls, data: Optional[str], tar: Optional[str] = None, index: Optional[str] = None) -> "ImageSource":
+        """--data / data.data_dir (WebDataset shards when it names them, else an image folder) and the ImageNet tar."""
+        if data and names_shards(data):
+            return cls(tar=tar, index=index, shards=data)
+        return cls(folder=data or None, tar=tar, index=index)
 
     def open(self, size: int, random_crop: bool = False) -> ImageDataset:
-        return open_dataset(size, random_crop, folder=self.folder, tar=self.tar, index=self.index)
+        return open_dataset(size, random_crop, folder=self.folder, tar=self.tar, index=self.index, shards=self.shards)
 
 
 def build_dataset(data_config, split: str) -> ImageDataset:
     """The data set a config names, for split "train" (random crops) or "val" (centre crops):
-    `data.data_dir` if set (an image folder); else the ImageNet tar + index of the split if both exist;
-    else, when the tar paths are left at their defaults, the bundled sample photos."""
+    `data.data_dir` if set (an image folder or WebDataset shards); else the ImageNet tar + index of the split if
+    both exist; else, when the tar paths are left at their defaults, the bundled sample photos."""
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; allowed: train, val")
     size, random_crop = data_config.image_size, split == "train"
     tar_key, index_key = f"imagenet_{split}_tar", f"imagenet_{split}_index"
     tar, index = getattr(data_config, tar_key), getattr(data_config, index_key)
-    if data_config.data_dir or (os.path.isfile(tar) and os.path.isfile(index)):
-        return open_dataset(size, random_crop, folder=data_config.data_dir, tar=tar, index=index)
+    if data_config.data_dir:
+        return ImageSource.from_data(data_config.data_dir).open(size, random_crop)
+    if os.path.isfile(tar) and os.path.isfile(index):
+        return open_dataset(size, random_crop, tar=tar, index=index)
     defaults = DataConfig()
     if tar == getattr(defaults, tar_key) and index == getattr(defaults, index_key):
         return open_dataset(size, random_crop)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shard_helpers import folder_as_shards
 
 import flowmo_fast
 from flowmo_fast import Tokenizer, detokenize, tokenize
@@ -241,6 +242,20 @@ def test_imagenet_tar_with_upstreams_index(tiny_checkpoint, image_folder, tmp_pa
     assert sorted(dataset.labels) == [0, 1, 2]  # one synset per image
 
 
+def test_shards_give_the_ids_and_labels_of_the_same_images_in_a_folder(folder_tokens, tiny_checkpoint, image_folder,
+                                                                      tmp_path):
+    """The folder's images as WebDataset shards (4 a shard, a .cls each): the same rows, bit for bit, and each
+    row's class, named by number."""
+    pattern = folder_as_shards(image_folder, tmp_path / "shards", per_shard=4)
+    out = tmp_path / "tokens"
+    run_tokenize(tiny_checkpoint, out, "--data", pattern, "--shard-size", 3, "--batch-size", 2)
+    tokens, folder = TokenShards(str(out)), TokenShards(str(folder_tokens))
+    assert np.array_equal(tokens.read(), folder.read())
+    assert np.array_equal(tokens.labels, folder.labels) and sorted(set(tokens.labels)) == [0, 1]
+    assert tokens.class_names == ["0", "1"] and folder.class_names == ["cats", "dogs"]
+    assert [s["name"].split("/")[0] for s in tokens.sources()] == ["train-000000.tar"] * 4 + ["train-000001.tar"] * 3
+
+
 def test_an_undecodable_image_is_listed_not_fatal(tiny_checkpoint, image_folder, folder_tokens, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(image_folder, data)
@@ -322,6 +337,9 @@ def test_tokenize_mistakes_end_in_one_line(tiny_checkpoint, undecodable_folder, 
     (tmp_path / "empty").mkdir()
     message = one_line_exit(tokenize.cli, ["--ckpt", tiny_checkpoint, *common, "--data", tmp_path / "empty"])
     assert f"no image files under {tmp_path / 'empty'}" in message
+    missing = tmp_path / "shards" / "train-{000000..000009}.tar"
+    message = one_line_exit(tokenize.cli, ["--ckpt", tiny_checkpoint, *common, "--data", missing])
+    assert message.startswith(f"tokenize: error: 10 of the 10 shards of {missing} not found")
     message = one_line_exit(tokenize.cli, ["--ckpt", "flowmo_hi", *common])
     assert "hf download ksarge/FlowMo flowmo_hi.pth" in message
 
