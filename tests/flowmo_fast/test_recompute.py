@@ -53,7 +53,8 @@ def assert_same_gradients(model, loss_fn) -> None:
 def block_calls(model: torch.nn.Module, block_type: type, loss_fn, checkpointed: bool) -> int:
     """How many times the blocks run in one forward + backward."""
     calls = []  # a pre-hook: the recompute stops early (non-reentrant), so a block's post-hooks do not rerun
-    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in model.modules() if isinstance(m, block_type)]
+    blocks = [m for m in model.modules() if isinstance(m, block_type)]
+    hooks = [block.register_forward_pre_hook(lambda *_: calls.append(1)) for block in blocks]
     model.activation_checkpointing = checkpointed
     loss_fn().backward()
     for hook in hooks:
