@@ -193,13 +193,15 @@ def activations_per_image(config: Config, placement: Placement) -> float:
     enc_width = HIDDEN_PER_WIDTH * (m.enc_mup_width if m.enc_mup_width is not None else m.mup_width)
     dec_width = HIDDEN_PER_WIDTH * m.mup_width
     decoder = tower_bytes(saved.decoder, dec_width, m.dec_depth, tokens, image_tokens, saved.stream, checkpointed)
-    towers = [decoder, TowerBytes(saved.readout * image_tokens * dec_width)]
+    readout = TowerBytes(saved.readout * image_tokens * dec_width)
+    towers = [decoder, readout]
     if placement.encoder_trained:
         towers.append(tower_bytes(saved.encoder, enc_width, m.enc_depth, tokens, m.code_length, saved.stream,
                                   checkpointed))
         towers.append(TowerBytes(saved.code_readout * m.code_length * enc_width))
-    if m.posttrain_sample:  # the k passes' inputs, and one pass (and its readout) recomputed at a time in backward
-        towers += [decoder, towers[1], TowerBytes(m.posttrain_sample_k * CHAIN_BYTES_PER_PIXEL * size * size)]
+    if m.posttrain_sample and config.opt.lpips_weight:  # the chain (it feeds the perceptual loss only): its k
+        # passes' inputs, and one pass (with its readout) recomputed at a time in backward
+        towers += [decoder, readout, TowerBytes(m.posttrain_sample_k * CHAIN_BYTES_PER_PIXEL * size * size)]
     total = sum(t.kept for t in towers) + max(t.recomputed for t in towers) + saved.pixel * size * size
     if config.opt.lpips_weight:
         total += saved.lpips * size * size if config.opt.lpips_mode == "vgg" else saved.resnet

@@ -1,6 +1,8 @@
 """The training loop of `train.pretrain` and `train.posttrain` (upstream `flowmo/train.py`). A run is set up by
-named parts (start point, data, model and optimizer, RNG), then `train` steps through it with logging,
-progress grids and checkpoints: the step loop of train.loop, with `TokenizerSteps` as FlowMo's part of it.
+named parts (start point, the memory fit, data, model and optimizer, RNG), then `train` steps through it with
+logging, progress grids and checkpoints: the step loop of train.loop, with `TokenizerSteps` as FlowMo's part of it.
+The memory fit (`fit_memory`, train.memory): the estimate of a micro-batch's memory per GPU, and `opt.n_grad_acc`
+raised until it fits a limit (`trainer.memory_gib`, else the GPU's free memory).
 
 Each step: one batch per rank, split into `opt.n_grad_acc` micro-batches (gradients reduced on the last),
 bf16 autocast on CUDA, Adam step, weight norms reset to their initial values, EMA every 10 steps.
@@ -83,8 +85,8 @@ def memory_limit(config: Config, procs: Processes) -> tuple[Optional[int], str]:
     return min_across_ranks(reported, procs), f"free on {procs.device}"
 
 
-def encoder_frozen_at_start(config: Config, progress: Progress) -> bool:
-    """Whether the encoder is frozen by the first step (`freeze_encoder_if_due`)."""
+def encoder_frozen_now(config: Config, progress: Progress) -> bool:
+    """Whether the encoder is frozen, or freezes before the next step (`freeze_encoder_if_due`)."""
     opt = config.opt
     return progress.encoder_frozen or opt.freeze_encoder or progress.total_steps >= opt.freeze_encoder_after
 
@@ -94,9 +96,10 @@ def fit_memory(config: Config, procs: Processes, progress: Progress) -> Config:
     and with a memory limit opt.n_grad_acc raised, when needed, until data.batch_size's micro-batches fit
     (memory.DoesNotFit when not even one image does). Returns the config to train with."""
     bf16 = config.trainer.enable_bfloat16 and autocast_dtype(procs.device) is not None
-    trained = not encoder_frozen_at_start(config, progress)
+    trained = not encoder_frozen_now(config, progress)
     placement = memory.Placement(procs.world_size, bf16, encoder_trained=trained)
-    head = f"memory per process, estimated ({'bf16 autocast' if bf16 else 'float32'}):"
+    unseen = ", the frozen LLM not counted" if is_llm_quantization(config.model.quantization_type) else ""
+    head = f"memory per process, estimated ({'bf16 autocast' if bf16 else 'float32'}{unseen}):"
     limit, source = memory_limit(config, procs)
     if limit is None:
         estimate = memory.estimate_memory(config, config.data.batch_size // config.opt.n_grad_acc, placement)
@@ -189,7 +192,7 @@ def build_metrics(config: Config, procs: Processes, log_dir: str, progress: Prog
 def freeze_encoder_if_due(trainee: Trainee, config: Config, procs: Processes, progress: Progress,
                           metrics: MetricLogger) -> None:
     """Upstream's `opt.freeze_encoder` / `opt.freeze_encoder_after`: freeze once, then rebuild the optimizer."""
-    if progress.encoder_frozen or not encoder_frozen_at_start(config, progress):
+    if progress.encoder_frozen or not encoder_frozen_now(config, progress):
         return
     metrics.write(f"freezing the encoder and rebuilding the optimizer at step {progress.total_steps}")
     trainee.model.encoder.requires_grad_(False)

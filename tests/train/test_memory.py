@@ -20,7 +20,7 @@ from flowmo_fast.flowmo.mmdit import position_ids
 from flowmo_fast.formats.checkpoint import read_checkpoint
 from flowmo_kernels.rope import rope_tables
 from train import memory, pretrain
-from train.tokenizer import fit_memory
+from train.tokenizer import fit_memory, memory_limit
 from train.train_state import Progress
 
 ONE = Processes(0, 1, 0, torch.device("cpu"))
@@ -83,6 +83,7 @@ def test_block_constants_are_the_bytes_autograd_keeps(bf16):
         assert one == pytest.approx(per.block(80, tokens, 1) / 80, rel=0.01), (tower, kept)
 
 
+@pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")  # lpips's torchvision call
 def test_perceptual_constants_are_the_bytes_autograd_keeps():
     lpips = pytest.importorskip("lpips")
     import torchvision
@@ -233,3 +234,26 @@ def test_memory_limit_key_is_checked():
         with pytest.raises(ValueError, match=f"trainer.memory_gib={float(value)}: must be a positive number of GiB"):
             flowmo_fast.load_config(["trainer.memory_gib=" + value])
     assert flowmo_fast.load_config(["trainer.memory_gib=24"]).trainer.memory_gib == 24.0
+
+
+def test_the_limit_is_the_key_else_what_the_gpu_has_free(monkeypatch):
+    """On CUDA (faked: no GPU here) the limit is the free memory plus what this process already holds."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * memory.GIB, 24 * memory.GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: memory.GIB)
+    gpu = Processes(0, 1, 0, torch.device("cuda", 0))
+    assert memory_limit(flowmo_fast.load_config(), gpu) == (21 * memory.GIB, "free on cuda:0")
+    given = flowmo_fast.load_config(["trainer.memory_gib=8"])
+    assert memory_limit(given, gpu) == (8 * memory.GIB, "trainer.memory_gib")
+    assert memory_limit(flowmo_fast.load_config(), ONE) == (None, "")
+
+
+def test_post_training_chain_counts_only_where_it_runs():
+    """The chain feeds the perceptual loss alone (FlowMoObjective.prediction): with opt.lpips_weight=0 it never
+    runs; with it, one more decoder pass is recomputed in backward (eager: more than the training pass's decoder)."""
+    def per_image(*overrides: str) -> float:
+        config = flowmo_fast.load_config(preset="flowmo_lo", overrides=["opt.lpips_mode=resnet", *overrides])
+        return memory.activations_per_image(config, memory.Placement())
+
+    assert per_image("model.posttrain_sample=true", "opt.lpips_weight=0") == per_image("opt.lpips_weight=0")
+    extra = per_image("model.posttrain_sample=true", "opt.lpips_weight=0.01") - per_image("opt.lpips_weight=0.01")
+    assert 0.5 * per_image("opt.lpips_weight=0") < extra < per_image("opt.lpips_weight=0")
