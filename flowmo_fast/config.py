@@ -90,6 +90,8 @@ class TrainerConfig:
     sample_every: int = 5000  # ours: write a PNG grid of reconstructions every N steps
     fsdp: bool = False  # ours: FSDP2 instead of DDP
     compile: Optional[bool] = None  # ours: torch.compile the transformer blocks; None: on CUDA only
+    activation_checkpointing: bool = False  # ours: recompute each transformer block in backward (less memory)
+    memory_gib: Optional[float] = None  # ours: GiB per process that opt.n_grad_acc is fitted to (None: the GPU's)
 
 
 @dataclass
@@ -287,6 +289,7 @@ def validate(config: Config) -> None:
             f"allowed: multiples of {config.opt.n_grad_acc}"
         )
     check_lr_schedule(config)
+    check_memory_limit(config.trainer.memory_gib)
     parse_schedule(config.eval.sampling.schedule)
     parse_cfg_interval(config.eval.sampling.cfg_interval)
     check_upstream_keys(config)
@@ -302,6 +305,13 @@ def check_lr_schedule(config: Config) -> None:
             f"opt.lr_decay={opt.lr_decay} decays the learning rate to 0 at trainer.max_steps, which is unset: "
             "set trainer.max_steps=N (or opt.lr_decay=none)"
         )
+
+
+def check_memory_limit(memory_gib: Optional[float]) -> None:
+    """trainer.memory_gib: unset, or a positive number of GiB."""
+    if memory_gib is not None and not memory_gib > 0:
+        raise ValueError(f"trainer.memory_gib={memory_gib}: must be a positive number of GiB (2^30 bytes) per process, "
+                         "or unset (null: the GPU's own)")
 
 
 def check_upstream_keys(config: Config) -> None:

@@ -101,6 +101,7 @@ def build_trainee(config: GeneratorTrainingConfig, procs: Processes, start: Star
         train_state.load_model(model, start.ckpt, start.path)
     if compiles(config, procs.device):
         model.compile_blocks()
+    model.activation_checkpointing = config.trainer.activation_checkpointing
     objective = GeneratorObjective(model)
     wrapped = parallel.wrap(objective, model, config, procs, units=list(model.blocks))
     optimizer = build_optimizer(model, config, weight_decay_groups(model, config.opt.weight_decay))

@@ -52,6 +52,7 @@ class GeneratorTrainerConfig:
     fsdp: bool = False
     compile: Optional[bool] = None  # torch.compile each transformer block; None: on CUDA only
     ema_decay: float = 0.9999
+    activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from flowmo_fast.formats.data import DataError
 from flowmo_fast.formats.pretrained import resolve_checkpoint
 from train import train_state
 from train.loop import NonFiniteLoss, say
+from train.memory import DoesNotFit
 from train.train_state import Progress
 
 
@@ -45,7 +46,7 @@ def in_processes(train: Callable[[Processes], int]) -> int:
         except NonFiniteLoss as e:
             say(procs, f"error: {e}")
             return 1
-        except (FileNotFoundError, CheckpointError, DataError) as e:  # a missing or unusable input: say which
+        except (FileNotFoundError, CheckpointError, DataError, DoesNotFit) as e:  # an input it cannot use: say which
             say(procs, f"error: {e}")
             return 2
 
@@ -86,11 +87,16 @@ def prepare(experiment: Experiment, config, procs: Processes) -> str:
     if procs.device.type == "cuda":
         torch.set_float32_matmul_precision("medium")
         torch.backends.cudnn.benchmark = True
+    save_config(log_dir, config, procs)
+    say(procs, f"{procs.world_size} process(es) on {procs.device.type}; experiment folder {log_dir}")
+    return log_dir
+
+
+def save_config(log_dir: str, config, procs: Processes) -> None:
+    """Rank 0 writes the config the run trains with (`config.to_dict()`, any trainer's) as log_dir/config.json."""
     if procs.is_main:
         with open(os.path.join(log_dir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
-    say(procs, f"{procs.world_size} process(es) on {procs.device.type}; experiment folder {log_dir}")
-    return log_dir
 
 
 def say_size(procs: Processes, name: str, model: torch.nn.Module, config) -> None:

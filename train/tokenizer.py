@@ -1,6 +1,8 @@
 """The training loop of `train.pretrain` and `train.posttrain` (upstream `flowmo/train.py`). A run is set up by
-named parts (start point, data, model and optimizer, RNG), then `train` steps through it with logging,
-progress grids and checkpoints: the step loop of train.loop, with `TokenizerSteps` as FlowMo's part of it.
+named parts (start point, the memory fit, data, model and optimizer, RNG), then `train` steps through it with
+logging, progress grids and checkpoints: the step loop of train.loop, with `TokenizerSteps` as FlowMo's part of it.
+The memory fit (`fit_memory`, train.memory): the estimate of a micro-batch's memory per GPU, and `opt.n_grad_acc`
+raised until it fits a limit (`trainer.memory_gib`, else the GPU's free memory).
 
 Each step: one batch per rank, split into `opt.n_grad_acc` micro-batches (gradients reduced on the last),
 bf16 autocast on CUDA, Adam step, weight norms reset to their initial values, EMA every 10 steps.
@@ -8,21 +10,23 @@ bf16 autocast on CUDA, Adam step, weight norms reset to their initial values, EM
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
 
+from flowmo_fast.autocast import autocast_dtype
 from flowmo_fast.config import Config
-from flowmo_fast.distributed import Processes, spare_cpus
+from flowmo_fast.distributed import Processes, min_across_ranks, spare_cpus
 from flowmo_fast.flowmo.llm_infill import find_llm
 from flowmo_fast.flowmo.model import FlowMo
 from flowmo_fast.formats.checkpoint import check_llm_record, model_records
 from flowmo_fast.formats.data import DataError, ImageBatch, ImageDataset, build_dataset, first_valid_images, make_loader
 from flowmo_fast.formats.images import GRID_IMAGES
 from flowmo_fast.llm_settings import is_llm_quantization
-from train import parallel, train_state
+from train import memory, parallel, train_state
 from train.ema import EMA
 from train.loop import Drawn, LogExtra, StepHooks, finished, run_steps, say
 from train.metrics import MetricLogger, flowmo_flops_per_step, peak_flops
@@ -30,7 +34,7 @@ from train.norms import WeightNormFixer
 from train.objective import FlowMoObjective
 from train.perceptual import build_perceptual_loss
 from train.samples import save_grid
-from train.start import Experiment, StartPoint, find_start, in_processes, prepare, say_size, seed_rngs
+from train.start import Experiment, StartPoint, find_start, in_processes, prepare, save_config, say_size, seed_rngs
 from train.step import build_optimizer, compile_for_training
 from train.train_state import Progress
 
@@ -68,6 +72,46 @@ def next_images(batches: Iterator[ImageBatch], minimum: int, config: Config, dat
                 f"{drawn} images drawn from {dataset.describe()} without a batch of {minimum} that decode "
                 f"({skipped} failed): check that the files are images PIL can read, or train on another folder"
             )
+
+
+def memory_limit(config: Config, procs: Processes) -> tuple[Optional[int], str]:
+    """(bytes, where it came from): trainer.memory_gib, else what the GPU reports (the least over the processes,
+    so all of them pick the same opt.n_grad_acc); (None, "") on the CPU without the key."""
+    if config.trainer.memory_gib is not None:
+        return int(config.trainer.memory_gib * memory.GIB), "trainer.memory_gib"
+    reported = memory.device_memory(procs.device)
+    if reported is None:
+        return None, ""
+    return min_across_ranks(reported, procs), f"free on {procs.device}"
+
+
+def encoder_frozen_now(config: Config, progress: Progress) -> bool:
+    """Whether the encoder is frozen, or freezes before the next step (`freeze_encoder_if_due`)."""
+    opt = config.opt
+    return progress.encoder_frozen or opt.freeze_encoder or progress.total_steps >= opt.freeze_encoder_after
+
+
+def fit_memory(config: Config, procs: Processes, progress: Progress) -> Config:
+    """Before the first step: the estimate of what a micro-batch needs per process (train.memory) in one line,
+    and with a memory limit opt.n_grad_acc raised, when needed, until data.batch_size's micro-batches fit
+    (memory.DoesNotFit when not even one image does). Returns the config to train with."""
+    bf16 = config.trainer.enable_bfloat16 and autocast_dtype(procs.device) is not None
+    trained = not encoder_frozen_now(config, progress)
+    placement = memory.Placement(procs.world_size, bf16, encoder_trained=trained)
+    unseen = ", the frozen LLM not counted" if is_llm_quantization(config.model.quantization_type) else ""
+    head = f"memory per process, estimated ({'bf16 autocast' if bf16 else 'float32'}{unseen}):"
+    limit, source = memory_limit(config, procs)
+    if limit is None:
+        estimate = memory.estimate_memory(config, config.data.batch_size // config.opt.n_grad_acc, placement)
+        say(procs, f"{head} {estimate.describe()} GiB; no limit given (trainer.memory_gib=N fits opt.n_grad_acc "
+            "to N GiB)")
+        return config
+    fit = memory.fit_grad_acc(config, limit, placement)
+    n = config.opt.n_grad_acc
+    change = f"opt.n_grad_acc={n}" if fit.n_grad_acc == n else f"opt.n_grad_acc {n} -> {fit.n_grad_acc}"
+    say(procs, f"{head} {fit.estimate.describe()} GiB; fits {memory.gib(limit)} GiB ({source}) with {change} "
+        f"(data.batch_size={config.data.batch_size})")
+    return dataclasses.replace(config, opt=dataclasses.replace(config.opt, n_grad_acc=fit.n_grad_acc))
 
 
 @dataclass
@@ -125,6 +169,7 @@ def build_trainee(config: Config, procs: Processes, start: StartPoint) -> Traine
     if start.progress.encoder_frozen:
         model.encoder.requires_grad_(False)
     compile_for_training(model, config, procs.device)
+    model.activation_checkpointing = config.trainer.activation_checkpointing  # around the compiled blocks
     objective = FlowMoObjective(model, build_perceptual_loss(config.opt, procs.device))
     norms = WeightNormFixer(model, config.model.fix_norm_mode) if config.model.fix_initial_norms else None
     trainee = Trainee(model, objective, parallel.wrap(objective, model, config, procs),
@@ -148,9 +193,7 @@ def build_metrics(config: Config, procs: Processes, log_dir: str, progress: Prog
 def freeze_encoder_if_due(trainee: Trainee, config: Config, procs: Processes, progress: Progress,
                           metrics: MetricLogger) -> None:
     """Upstream's `opt.freeze_encoder` / `opt.freeze_encoder_after`: freeze once, then rebuild the optimizer."""
-    if progress.encoder_frozen or not (
-        config.opt.freeze_encoder or progress.total_steps >= config.opt.freeze_encoder_after
-    ):
+    if progress.encoder_frozen or not encoder_frozen_now(config, progress):
         return
     metrics.write(f"freezing the encoder and rebuilding the optimizer at step {progress.total_steps}")
     trainee.model.encoder.requires_grad_(False)
@@ -207,6 +250,10 @@ def train(experiment: Experiment, config: Config, procs: Processes) -> int:
     progress = start.progress
     if finished(progress, config, procs):
         return 0
+    fitted = fit_memory(config, procs, progress)
+    if fitted != config:
+        config = fitted
+        save_config(log_dir, config, procs)
     data = build_data(config, procs, progress)
     trainee = build_trainee(config, procs, start)
     metrics = build_metrics(config, procs, log_dir, progress)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from flowmo_fast.flowmo.attention import sdpa
 from flowmo_fast.flowmo.layers import DoubleStreamBlock, LastLayer, MLPEmbedder, check_choice, timestep_embedding
+from flowmo_fast.recompute import run_block
 from flowmo_kernels import KernelOps
 from flowmo_kernels.rope import rope_tables
 
@@ -62,7 +63,8 @@ class MMDiT(nn.Module):
 
     `output="img"` returns the image readout [B, C, H, W] (the decoder's velocity); `output="txt"` the
     code readout [B, L_code, context_dim] (the encoder's code). The stream not returned is not computed
-    after the last attention.
+    after the last attention. `activation_checkpointing` (the trainer's `trainer.activation_checkpointing`): each
+    block's activations are recomputed in backward (flowmo_fast.recompute).
     """
 
     def __init__(self, params: MMDiTParams):
@@ -81,6 +83,7 @@ class MMDiT(nn.Module):
         )
         self.final_layer_img = LastLayer(hidden, params.patch_dim)
         self.final_layer_txt = LastLayer(hidden, params.context_dim)
+        self.activation_checkpointing = False
 
     def forward(
         self,
@@ -102,7 +105,8 @@ class MMDiT(nn.Module):
 
         last = len(self.double_blocks) - 1
         for i, block in enumerate(self.double_blocks):
-            img, txt = block(img, txt, vec, rope, ops, attention, keep=output if i == last else "both")
+            keep = output if i == last else "both"
+            img, txt = run_block(block, self.activation_checkpointing, img, txt, vec, rope, ops, attention, keep=keep)
 
         if output == "txt":
             return self.final_layer_txt(txt, vec, ops)

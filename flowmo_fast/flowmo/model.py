@@ -115,6 +115,17 @@ class FlowMo(nn.Module):
         self._kernels = name
 
     @property
+    def activation_checkpointing(self) -> bool:
+        """Whether both towers recompute each block's activations in backward (`trainer.activation_checkpointing`;
+        the same gradients, less memory, one more forward of every block). Post-training's chain, which already
+        checkpoints each decoder pass, then checkpoints the blocks inside those passes too."""
+        return self.encoder.activation_checkpointing and self.decoder.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, enabled: bool) -> None:
+        self.encoder.activation_checkpointing = self.decoder.activation_checkpointing = bool(enabled)
+
+    @property
     def lfq_bits(self) -> int:
         """Bits per LFQ code group (0 for the other quantizers): decides which LFQ `kernels=auto` can run."""
         m = self.config.model

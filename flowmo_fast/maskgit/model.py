@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from flowmo_fast.fastpath import raise_recompile_limit
 from flowmo_fast.formats.checkpoint import WHICH, CheckpointError, check_state_dict, read_checkpoint
+from flowmo_fast.recompute import run_block
 from flowmo_kernels.lfq import indices_to_codes, lfq_indices
 
 MaskSchedule = Literal["cosine", "arccos"]
@@ -176,7 +177,8 @@ def mask_ratio(u: Tensor, schedule: MaskSchedule) -> Tensor:
 
 class TokenGenerator(nn.Module):
     """`forward(bits [B, T, G, bits] with masked groups zeroed, classes [B]) -> logits [B, T, G, 2^bits]`;
-    `loss(ids, labels)` for training."""
+    `loss(ids, labels)` for training. `activation_checkpointing` (the trainer's `trainer.activation_checkpointing`):
+    each block's activations are recomputed in backward (flowmo_fast.recompute)."""
 
     def __init__(self, config: GeneratorConfig):
         super().__init__()
@@ -188,6 +190,7 @@ class TokenGenerator(nn.Module):
         self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.width)
         self.head = nn.Linear(c.width, c.groups * c.vocab_size)  # one 2^bits-way head per group
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -205,7 +208,7 @@ class TokenGenerator(nn.Module):
         x = self.bits_in(bits.reshape(b, c.code_length, c.context_dim))  # [B, T, D]
         x = torch.cat([self.class_embed(classes)[:, None], x], dim=1) + self.pos_embed  # [B, T + 1, D]
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, self.activation_checkpointing, x)
         logits = self.head(self.norm(x[:, 1:]))  # [B, T, G * V]
         return logits.unflatten(-1, (c.groups, c.vocab_size))
 
