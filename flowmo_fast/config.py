@@ -90,6 +90,7 @@ class TrainerConfig:
     sample_every: int = 5000  # ours: write a PNG grid of reconstructions every N steps
     fsdp: bool = False  # ours: FSDP2 instead of DDP
     compile: Optional[bool] = None  # ours: torch.compile the transformer blocks; None: on CUDA only
+    max_grad_norm: Optional[float] = None  # ours: clip the gradients' global L2 norm to this; None: off (upstream)
 
 
 @dataclass
@@ -287,6 +288,7 @@ def validate(config: Config) -> None:
             f"allowed: multiples of {config.opt.n_grad_acc}"
         )
     check_lr_schedule(config)
+    check_grad_clipping(config)
     parse_schedule(config.eval.sampling.schedule)
     parse_cfg_interval(config.eval.sampling.cfg_interval)
     check_upstream_keys(config)
@@ -302,6 +304,13 @@ def check_lr_schedule(config: Config) -> None:
             f"opt.lr_decay={opt.lr_decay} decays the learning rate to 0 at trainer.max_steps, which is unset: "
             "set trainer.max_steps=N (or opt.lr_decay=none)"
         )
+
+
+def check_grad_clipping(config: Config) -> None:
+    """trainer.max_grad_norm: None (no clipping) or a positive norm (both trainers)."""
+    norm = config.trainer.max_grad_norm
+    if norm is not None and not norm > 0:
+        raise ValueError(f"trainer.max_grad_norm={norm}: must be a positive number (clip to it), or None (no clipping)")
 
 
 def check_upstream_keys(config: Config) -> None:

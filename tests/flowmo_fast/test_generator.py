@@ -246,3 +246,30 @@ def test_the_sampling_loop_never_reads_a_tensor_on_the_host():
         model = TokenGenerator(GeneratorConfig(8, 2, 9, num_classes=2)).eval()
         keys, labels = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
     assert generate(model, labels, keys, GenerationOptions(steps=4, cfg=2.0)).shape == (3, 16)
+
+
+# ---- the training recipe: dropout ---------------------------------------------------------------------------------
+
+
+def test_dropout_acts_in_training_only_and_each_key_has_an_effect():
+    ids, labels = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0, 1])
+    bits = tokens_to_bits(ids_to_groups(ids, 2), 9)
+    plain = tiny()
+    with torch.no_grad():
+        reference = plain.eval()(bits, labels)
+    for key in ("dropout", "attention_dropout"):
+        model = tiny(**{key: 0.3})
+        model.load_state_dict(plain.state_dict())
+        with torch.no_grad():
+            assert torch.equal(model.eval()(bits, labels), reference), key  # eval: no dropout
+            model.train()
+            torch.manual_seed(1)
+            first, second = model(bits, labels), model(bits, labels)
+        assert not torch.allclose(first, second, atol=1e-3) and not torch.allclose(first, reference, atol=1e-3), key
+    model = tiny().train()  # dropout 0 (tiny's, the default): training draws nothing, the forward is eval's
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        assert torch.equal(model(bits, labels), reference)
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(ValueError, match=r"model.attention_dropout=1.0: must lie in \[0, 1\)"):
+        tiny(attention_dropout=1.0)

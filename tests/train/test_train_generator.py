@@ -172,6 +172,11 @@ def test_presets_and_overrides_build_the_generator_for_the_shards():
     assert (model.width, model.depth, model.heads) == (1024, 12, 16)  # L's width, the override's depth
     assert config.opt.lr == 2e-4 and config.trainer.max_steps == 1000 and config.data.batch_size == 32
     assert (config.opt.warmup_steps, config.opt.lr_decay, config.opt.weight_decay) == (5000, "cosine", 0.045)
+    for preset in ("B", "L"):  # MaskBit's dropout and clipping; tiny (tests, the CPU demo) trains without dropout
+        recipe = make_config(preset, lo_imagenet, [])
+        assert (recipe.model.dropout, recipe.model.attention_dropout, recipe.trainer.max_grad_norm) == (0.1, 0.1, 1.0)
+    tiny = make_config("tiny", lo_imagenet, []).model
+    assert (tiny.dropout, tiny.attention_dropout) == (0.0, 0.0)
     unlabelled = TokenLayout(code_length=256, context_dim=56, bits=14, num_classes=0)  # FlowMo-Hi, no classes
     assert make_config("B", unlabelled, ["model.num_classes=0"]).model.groups == 4  # unconditional on request
     with pytest.raises(ValueError, match="preset B is class-conditional"):
