@@ -341,7 +341,12 @@ def run(settings: GenerateSettings) -> None:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__,
+    return build_parser().parse_args(argv)
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The command's flags (eval.sweep takes them as its parent parser, add_help=False)."""
+    p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generator", required=True, help="generator checkpoint (train.generator), or its run folder")
     p.add_argument("--which", default="ema", choices=("ema", "model"), help="EMA or raw weights (default: ema)")
@@ -361,12 +366,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     d.add_argument("--decode-batch-size", type=flags.positive_int, default=16, help="images per decoder call")
     flags.add_device_flag(p)
     p.add_argument("--no-graph", action="store_true", help="on CUDA, run the sampling loop eagerly (no CUDA graph)")
-    return p.parse_args(argv)
+    return p
 
 
-def add_generation_flags(p: argparse.ArgumentParser, leave_out: Sequence[str] = ()):
-    """A flag for every `GenerationOptions` field (dest: the field's name) but those in `leave_out`, each with its
-    default; returns the group."""
+def add_generation_flags(p: argparse.ArgumentParser):
+    """A flag for every `GenerationOptions` field (dest: the field's name), each with its default; returns the
+    group."""
     g = p.add_argument_group(
         "generator sampler (MaskGiT decoding); defaults: MaskBit's tuned 18-bit configuration "
         "(configs/generator/maskbit_generator_18bit.yaml) in our guidance convention uncond + cfg (cond - uncond), "
@@ -389,8 +394,6 @@ def add_generation_flags(p: argparse.ArgumentParser, leave_out: Sequence[str] = 
                          "each step (default %(default)s, MaskBit's)"),
     }
     for field in dataclasses.fields(GenerationOptions):
-        if field.name in leave_out:
-            continue
         spec = dict(table[field.name])  # a field without a flag fails here: every setting has one
         flag = spec.pop("flag", "--" + field.name.replace("_", "-"))
         g.add_argument(flag, dest=field.name, default=getattr(DEFAULTS, field.name), **spec)
@@ -398,7 +401,8 @@ def add_generation_flags(p: argparse.ArgumentParser, leave_out: Sequence[str] = 
 
 
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
-    """The `GenerationOptions` of the flags `add_generation_flags` added (defaults for those left out)."""
+    """The `GenerationOptions` of the flags `add_generation_flags` added (the defaults for any a parser dropped:
+    eval.sweep replaces --cfg and --temperature with its grid)."""
     names = [f.name for f in dataclasses.fields(GenerationOptions) if hasattr(args, f.name)]
     return DEFAULTS.replace(**{name: getattr(args, name) for name in names})
 

@@ -258,14 +258,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> GfidSettings:
                         a.device, a.inception_weights, a.neighbours)
 
 
+def measure(settings: GfidSettings) -> dict:
+    """`evaluate`, its result written to `settings.out_path()` and its summary line printed."""
+    result = evaluate(settings)
+    out = settings.out_path()
+    atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(summary_line(result, out), flush=True)
+    return result
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     settings = parse_args(argv)
     with flags.one_line_errors("eval.gfid", also=(weights.WeightsUnavailable,)):
-        result = evaluate(settings)
-        out = settings.out_path()
-        atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
-    print(summary_line(result, out), flush=True)
-    return result
+        return measure(settings)
 
 
 if __name__ == "__main__":

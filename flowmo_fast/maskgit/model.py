@@ -18,7 +18,9 @@ Output: one softmax head of 2^bits classes per group (one Linear to groups x 2^b
 label smoothing on the masked groups only. A class token (num_classes + 1 entries: the last is the null class of
 classifier-free guidance) is prepended to the sequence; in training labels are replaced by the null class with
 probability `class_dropout`. Masking is per group: a mask ratio r per image drawn on the `mask_schedule`, then
-ceil(r * code_length * groups) groups chosen at random. Every random draw of `loss` comes from the global torch
+ceil(r * code_length * groups) groups chosen at random. In training, dropout (`dropout`: the embedded input and each
+attention and MLP output; `attention_dropout`: the attention probabilities) at MaskBit's places; 0.1 in the paper
+presets, 0 by default. Every random draw of `loss` (masks, label dropout, dropout) comes from the global torch
 RNG, so a trainer that saves and restores that RNG resumes exactly.
 
 What it is built for (code_length, groups, bits, num_classes) comes from the token shards; its size and training
