@@ -24,7 +24,7 @@ from train.generator_data import TokenLayout
 
 CLASSES = 1000
 FULL_BATCH = 64  # rows of a training step, and images of generate + decode
-FULL_OPTIONS = GenerationOptions()  # eval.generate's defaults: 64 steps, cfg on the power-cosine ramp
+FULL_OPTIONS = GenerationOptions().fitted(512)  # eval.generate's defaults: 64 steps (512 and 1024 groups)
 DRY_OPTIONS = GenerationOptions(steps=4)
 
 

@@ -7,6 +7,11 @@ a reference's Inception statistics, Inception Score, and k-NN precision and reca
   `InceptionPool3` instead feeds float images resized as pytorch-fid does: rFID as upstream measures it.)
   The weight file is pytorch-fid's, located as eval.rfid does (`eval.weights.INCEPTION`).
 - FID: `eval.metrics.frechet_distance` of the 2048-d pool features' mean and covariance.
+- sFID (Nash et al. 2021, as ADM's evaluator computes it): the same distance on spatial features, the output of
+  the TF graph's node `mixed_6/conv` (the 1x1 branch of the fourth 17x17 block, torch-fidelity's
+  `Mixed_6d.branch1x1`: convolution, batch norm, ReLU) at 17 x 17, its first 7 of 192 channels, flattened in TF's
+  channels-last order (height, width, channel): 2023 numbers per image, the layout of a reference batch's
+  `mu_s` / `sigma_s`.
 - Inception Score: torch-fidelity's (`isc_features_to_metric`: the unbiased logits, samples shuffled with its
   fixed seed, mean and standard deviation over splits).
 - Precision: the fraction of samples that lie inside the reference manifold, the union of balls around each
@@ -29,31 +34,43 @@ from eval.metrics import feature_statistics, fid_inception
 
 EVALUATOR = f"torch-fidelity {torch_fidelity.__version__} inception-v3-compat"
 IS_SPLITS = 10  # as torch-fidelity and the ADM suite (50,000 samples: 10 splits of 5,000)
+SPATIAL_LAYER = "Mixed_6d.branch1x1"  # the TF graph's mixed_6/conv, ADM's FID_SPATIAL_NAME
+SPATIAL_CHANNELS = 7  # ADM's evaluator keeps spatial[..., :7]
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
 NEIGHBOURS = 3  # k of the k-NN manifolds
 DISTANCE_BLOCK = 1024  # rows of a distance block: 1024 x 50,000 float32 = 200 MB
 
 
 class FidelityInception(nn.Module):
-    """uint8 images [B, 3, H, W] -> (pool features [B, 2048], unbiased logits [B, 1008]), float32."""
+    """uint8 images [B, 3, H, W] -> (pool features [B, 2048], unbiased logits [B, 1008], spatial features
+    [B, 2023]), float32; the spatial ones are read from the forward pass on the way (a hook on SPATIAL_LAYER)."""
 
     def __init__(self, weights_path: str):
         super().__init__()
         self.net = fid_inception(weights_path, ("2048", "logits_unbiased"))
+        self.seen: list[Tensor] = []
+        self.net.get_submodule(SPATIAL_LAYER).register_forward_hook(lambda module, args, out: self.seen.append(out))
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        self.seen.clear()
         pool, logits = self.net(images)
-        return pool, logits
+        (spatial,) = self.seen  # [B, 192, 17, 17]
+        self.seen.clear()
+        spatial = spatial[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1).float()  # [B, 17 * 17 * 7], TF's order
+        return pool, logits, spatial
 
 
 @dataclass(frozen=True)
 class Features:
-    """Inception outputs of a set of images: pool [N, 2048] and unbiased logits [N, 1008], float32 on the CPU."""
+    """Inception outputs of a set of images: pool [N, 2048], unbiased logits [N, 1008] and spatial [N, 2023],
+    float32 on the CPU."""
 
     pool: Tensor
     logits: Tensor
+    spatial: Tensor
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -61,14 +78,12 @@ class Features:
 
 def extract(net: FidelityInception, batches: Iterable[Tensor], device: torch.device) -> Features:
     """Features of every uint8 batch [B, 3, H, W], in order."""
-    pools, logits = [], []
+    parts: list[tuple[Tensor, ...]] = []
     for images in batches:
-        p, lg = net(images.to(device, non_blocking=True))
-        pools.append(p.cpu())
-        logits.append(lg.cpu())
-    if not pools:
-        return Features(torch.zeros(0, 2048), torch.zeros(0, 1008))
-    return Features(torch.cat(pools), torch.cat(logits))
+        parts.append(tuple(t.cpu() for t in net(images.to(device, non_blocking=True))))
+    if not parts:
+        return Features(torch.zeros(0, 2048), torch.zeros(0, 1008), torch.zeros(0, SPATIAL_DIM))
+    return Features(*(torch.cat(column) for column in zip(*parts)))
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,6 @@ def precision_recall(reference: Tensor, samples: Tensor, k: int = NEIGHBOURS, de
     return PrecisionRecall(precision, recall, k)
 
 
-def pool_statistics(pool: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Mean [2048] and covariance [2048, 2048] (float64) of pool features, as FID uses them."""
-    return feature_statistics(pool.double().numpy())
+def statistics_of(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and covariance [D, D] (float64) of features [N, D] (pool: FID; spatial: sFID)."""
+    return feature_statistics(features.double().numpy())

@@ -6,8 +6,18 @@ r"""Generate images with a token generator (train.generator): token rows first, 
 
 Writes into --out token shards in tokenize's format (manifest.json, index.jsonl, shard-*.npy/json, the class
 of each row), so `python -m flowmo_fast.detokenize --tokens OUT` decodes them too; with --tokenizer also
-OUT/images/00000000.png, ... (one per row) and OUT/samples.npz (ADM's layout: `arr_0` uint8 [N, H, W, 3],
-`arr_1` the class of each row for a class-conditional generator) for eval.gfid.
+OUT/images/00000000.png, ... (one per row) and OUT/samples.npz for eval.gfid and ADM's evaluator, in ADM's layout
+and order: `arr_0` uint8 [N, H, W, 3] in a shuffled order (seeded by --seed), `arr_1` the class of each of those
+images for a class-conditional generator, `rows` the row (PNG) each one is. Shuffled, because ADM's evaluator
+scores the Inception Score over consecutive 5,000-image splits as stored: rows in class order would give each
+split a tenth of the classes and an IS far too low. The file is written one image at a time (50,000 images of
+256 px are 9.8 GB: never held in memory).
+
+The sampler's defaults are MaskBit's tuned 18-bit configuration in our guidance convention (flowmo_fast.maskgit.
+sampling.GenerationOptions: its guidance 5.7 is our --cfg 6.7); without --steps the step count fits the image
+(64 for 512 groups and more, ceil(groups / 8) for fewer), said in the log. Every batch of a process has the
+same size (a short last batch is padded with copies of its last sample, dropped after), so a CUDA graph or a
+compiled kernel made for the first batch serves every call, generation and decoding alike.
 
 Rows are --per-class samples of each class of --classes (default: every class), class by class; an
 unconditional generator makes --per-class samples in all. Sample (class, index) draws from its own stream of
@@ -22,9 +32,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -48,9 +60,17 @@ from flowmo_fast.formats.token_shards import (
     shard_ranges,
     write_shard,
 )
-from flowmo_fast.maskgit.model import LoadedGenerator
+from flowmo_fast.maskgit.model import MASK_SCHEDULES, LoadedGenerator
 from flowmo_fast.maskgit.pretrained import from_pretrained
-from flowmo_fast.maskgit.sampling import GenerationOptions, GraphedGenerator, generate, sample_keys
+from flowmo_fast.maskgit.sampling import (
+    CFG_SCHEDULES,
+    MASKBIT_GROUPS_PER_STEP,
+    MASKBIT_STEPS,
+    GenerationOptions,
+    GraphedGenerator,
+    generate,
+    sample_keys,
+)
 from flowmo_fast.noise import image_noise
 from flowmo_fast.sampler_settings import SamplingOverrides
 from flowmo_fast.tokenize import finish, prepare
@@ -59,6 +79,7 @@ BARRIER_TIMEOUT = datetime.timedelta(hours=6)
 IMAGES = "images"
 SAMPLES = "samples.npz"
 DEFAULTS = GenerationOptions()
+ORDER_STREAM = 5  # the shuffle of samples.npz: np.random.default_rng([seed, ORDER_STREAM]), beside the noise streams
 
 
 @dataclass(frozen=True)
@@ -145,34 +166,44 @@ def check_same_generation(out: str, planned: dict) -> None:
 
 
 def make_sampler(loaded: LoadedGenerator, device: torch.device, graph: bool):
-    """(labels, keys, options) -> ids: a CUDA graph per shape on CUDA (bf16 autocast), `generate` elsewhere."""
+    """(labels, keys, options) -> ids, under the same autocast on every path (bf16 on CUDA, none elsewhere): a
+    CUDA graph per shape on CUDA unless `graph` is off, eager `generate` otherwise."""
     if device.type == "cuda" and graph:
-        graphed = GraphedGenerator(loaded.model)
+        run = GraphedGenerator(loaded.model)
+    else:
+        run = functools.partial(generate, loaded.model)
 
-        def sample(labels, keys, options):
-            with autocast_for(device):
-                return graphed(labels, keys, options)
+    def sample(labels, keys, options):
+        with autocast_for(device):
+            return run(labels, keys, options)
 
-        return sample
-    return lambda labels, keys, options: generate(loaded.model, labels, keys, options)
+    return sample
+
+
+def padded(items: list, size: int) -> list:
+    """`items` filled up to `size` with copies of its last one: a short last batch at the size of the others."""
+    return items + items[-1:] * (size - len(items))
 
 
 def generate_shards(s: GenerateSettings, loaded: LoadedGenerator, plan: Plan, spec: TokenSpec,
                     shards: list[tuple[int, range]], device: torch.device, progress: bool, desc: str) -> int:
-    """Make and write each (k, rows) shard, in batches of --batch-size. Returns rows made."""
+    """Make and write each (k, rows) shard, in batches of --batch-size (every call at one size: a short batch is
+    padded, the padding's rows dropped; a sample depends only on its key). Returns rows made."""
     sample = make_sampler(loaded, device, s.graph)
     conditional = loaded.source.class_names is not None
     total = sum(len(items) for _, items in shards)
+    size = min(s.batch_size, total)
     with tqdm(total=total, unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         for k, items in shards:
             parts = []
             for start in range(items.start, items.stop, s.batch_size):
-                rows = range(start, min(start + s.batch_size, items.stop))
+                rows = padded(list(range(start, min(start + s.batch_size, items.stop))), size)
+                count = min(s.batch_size, items.stop - start)
                 labels = [plan.labels[r] for r in rows]
                 keys = sample_keys(s.seed, labels, [plan.indices[r] for r in rows], device)
                 label_tensor = torch.tensor(labels, device=device) if conditional else None
-                parts.append(sample(label_tensor, keys, s.options).cpu().numpy().astype(spec.dtype))
-                bar.update(len(rows))
+                parts.append(sample(label_tensor, keys, s.options)[:count].cpu().numpy().astype(spec.dtype))
+                bar.update(count)
             sources = [{"index": r, "name": plan.names[r], **({"label": plan.labels[r]} if conditional else {})}
                        for r in items]
             write_shard(s.out, k, items, np.concatenate(parts), sources, [])
@@ -192,30 +223,69 @@ def decode_images(s: GenerateSettings, procs: Processes) -> int:
     os.makedirs(images, exist_ok=True)
     if procs.is_main:
         log(f"decoding with {s.tokenizer}: {sampling.steps} steps, cfg {sampling.cfg}, {size}x{size}")
+    batch = min(s.decode_batch_size, len(todo))  # every decoder call at this size: a short last batch is padded
     with tqdm(total=len(todo), unit="img", desc="decode", disable=not procs.is_main, dynamic_ncols=True) as bar:
         for i in range(0, len(todo), s.decode_batch_size):
             rows = todo[i : i + s.decode_batch_size]
-            code = rows_to_code(model, shards.spec, np.stack([shards[r] for r in rows]))
-            noise = image_noise(rows, s.seed, (3, size, size))
-            for row, image in zip(rows, to_uint8(model.sample_images(code, (size, size), sampling, noise=noise))):
+            filled = padded(rows, batch)
+            code = rows_to_code(model, shards.spec, np.stack([shards[r] for r in filled]))
+            noise = image_noise(filled, s.seed, (3, size, size))
+            decoded = model.sample_images(code, (size, size), sampling, noise=noise)[: len(rows)]
+            for row, image in zip(rows, to_uint8(decoded)):
                 save_png(image, png_path(images, row))
             bar.update(len(rows))
     return len(todo)
 
 
-def write_samples(out: str) -> str:
-    """OUT/samples.npz from the PNGs, in row order: arr_0 uint8 [N, H, W, 3] (+ arr_1 labels with classes)."""
+def sample_order(count: int, seed: int) -> np.ndarray:
+    """The order of samples.npz: position p holds row order[p] (a permutation of range(count) seeded by --seed)."""
+    return np.random.default_rng([seed, ORDER_STREAM]).permutation(count)
+
+
+def write_samples(out: str, seed: int) -> str:
+    """OUT/samples.npz from the PNGs in `sample_order`: arr_0 uint8 [N, H, W, 3], arr_1 their labels (with classes),
+    rows their rows. Streamed into the zip one image at a time: memory holds one picture, not N."""
     from PIL import Image
 
     shards = TokenShards(out)
-    pictures = np.stack([np.asarray(Image.open(png_path(os.path.join(out, IMAGES), r)).convert("RGB"))
-                         for r in range(len(shards))])
-    arrays = {"arr_0": pictures}
+    order = sample_order(len(shards), seed)
+    read = lambda r: np.asarray(Image.open(png_path(os.path.join(out, IMAGES), int(r))).convert("RGB"))  # noqa: E731
+    shape = read(order[0]).shape
+    arrays = {"rows": order.astype(np.int64)}
     if shards.manifest.get("classes") is not None:
-        arrays["arr_1"] = np.array([source["label"] for source in shards.sources()], dtype=np.int64)
+        arrays["arr_1"] = np.array([source["label"] for source in shards.sources()], dtype=np.int64)[order]
+
+    def write(f) -> None:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:  # np.savez's layout
+            with z.open("arr_0.npy", "w", force_zip64=True) as member:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": (len(order), *shape)}
+                np.lib.format.write_array_header_1_0(member, header)
+                for r in order:
+                    picture = read(r)
+                    if picture.shape != shape:
+                        raise ValueError(f"{png_path(os.path.join(out, IMAGES), int(r))} is {picture.shape[:2]}, the "
+                                         f"others {shape[:2]}: delete it and rerun to decode it again")
+                    member.write(memoryview(np.ascontiguousarray(picture)).cast("B"))  # no copy
+                    del picture  # before the next one is read: one picture in memory at a time
+            for key, array in arrays.items():
+                with z.open(f"{key}.npy", "w") as member:
+                    np.lib.format.write_array(member, array)
+
     path = os.path.join(out, SAMPLES)
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, write)
     return path
+
+
+def fit_steps(s: GenerateSettings, groups: int, announce: bool) -> GenerateSettings:
+    """The settings with the sampler's step count resolved for images of `groups` groups (no --steps: the
+    default rule, said in the log)."""
+    fitted = s.options.fitted(groups)
+    if s.options.steps is None and announce:
+        log(f"{fitted.steps} decoding steps for {groups} groups per image (no --steps: MaskBit's {MASKBIT_STEPS} "
+            f"for {MASKBIT_STEPS * MASKBIT_GROUPS_PER_STEP} groups and more; for fewer, ceil(groups / "
+            f"{MASKBIT_GROUPS_PER_STEP}): its {MASKBIT_GROUPS_PER_STEP} groups per step)")
+    return dataclasses.replace(s, options=fitted)
 
 
 def run(settings: GenerateSettings) -> None:
@@ -226,6 +296,7 @@ def run(settings: GenerateSettings) -> None:
         names = loaded.source.class_names
         plan = make_plan(pick_classes(s.classes, names), s.per_class, names)
         spec = TokenSpec.from_dict(loaded.source.tokens)
+        s = fit_steps(s, loaded.model.config.tokens_per_image, procs.is_main)
         s.options.plan(loaded.model.config.tokens_per_image)  # refuse impossible settings before any work
         ranges = shard_ranges(len(plan.names), s.shard_size)
 
@@ -254,13 +325,18 @@ def run(settings: GenerateSettings) -> None:
             if procs.is_main:
                 log(f"every image already decoded; {SAMPLES} unchanged")
             return
-        written = on_rank0(lambda: write_samples(s.out), procs)
+        written = on_rank0(lambda: write_samples(s.out, s.seed), procs)
         if procs.is_main:
             log(f"wrote {written}")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__,
+    return build_parser().parse_args(argv)
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The command's flags (eval.sweep takes them as its parent parser, add_help=False)."""
+    p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generator", required=True, help="generator checkpoint (train.generator), its run folder, a "
                    "model folder of save_pretrained, or a Hugging Face repository user/repo holding one")
@@ -269,14 +345,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--per-class", type=flags.positive_int, default=50, help="samples per class (default 50)")
     p.add_argument("--classes", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),
                    help="comma-separated class indices or names (default: every class)")
-    g = p.add_argument_group(f"generator sampler (MaskGiT decoding; defaults: {DEFAULTS})")
-    g.add_argument("--steps", type=flags.positive_int, default=DEFAULTS.steps, help="decoding steps")
-    g.add_argument("--cfg", type=float, default=DEFAULTS.cfg, help="guidance scale the ramp rises to (1: none)")
-    g.add_argument("--cfg-schedule", default=DEFAULTS.cfg_schedule, choices=("constant", "linear", "pow_cosine"))
-    g.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
-                   help="Gumbel temperature of the confidence, annealed linearly to 0")
+    g = add_generation_flags(p)
     g.add_argument("--seed", type=flags.seed, default=0,
-                   help="sample (class, i) draws from its own (seed, class, i) stream")
+                   help="sample (class, i) draws from its own (seed, class, i) stream; also orders samples.npz")
     p.add_argument("--batch-size", type=flags.positive_int, default=64, help="samples per generator call, per process")
     p.add_argument("--shard-size", type=flags.positive_int, default=4096, help="rows per shard file (default 4096)")
     d = p.add_argument_group("decoding (with --tokenizer; defaults: the tokenizer checkpoint's eval.sampling)")
@@ -286,12 +357,49 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     d.add_argument("--decode-batch-size", type=flags.positive_int, default=16, help="images per decoder call")
     flags.add_device_flag(p)
     p.add_argument("--no-graph", action="store_true", help="on CUDA, run the sampling loop eagerly (no CUDA graph)")
-    return p.parse_args(argv)
+    return p
+
+
+def add_generation_flags(p: argparse.ArgumentParser):
+    """A flag for every `GenerationOptions` field (dest: the field's name), each with its default; returns the
+    group."""
+    g = p.add_argument_group(
+        "generator sampler (MaskGiT decoding); defaults: MaskBit's tuned 18-bit configuration "
+        "(configs/generator/maskbit_generator_18bit.yaml) in our guidance convention uncond + cfg (cond - uncond), "
+        "so its guidance_scale 5.7 (cond + s (cond - uncond)) is --cfg 6.7")
+    table = {
+        "steps": dict(type=flags.positive_int, help=f"decoding steps (default: fit the image: {MASKBIT_STEPS} for "
+                      f"{MASKBIT_STEPS * MASKBIT_GROUPS_PER_STEP} groups per image and more, ceil(groups / "
+                      f"{MASKBIT_GROUPS_PER_STEP}) for fewer)"),
+        "cfg": dict(type=float, help="guidance scale the ramp rises to from 1 at step 0; 1: none (default %(default)s, "
+                    "MaskBit's 5.7 + 1)"),
+        "cfg_schedule": dict(choices=CFG_SCHEDULES, help="the guidance ramp (default %(default)s, MaskBit's "
+                             "power-cosine: 1 + (cfg - 1) (1 - cos(pi r^power)) / 2 at r = step / steps)"),
+        "cfg_power": dict(type=flags.positive_float, help="power of the pow_cosine ramp (default %(default)s, "
+                          "MaskBit's scale_pow)"),
+        "temperature": dict(type=float, help="Gumbel temperature of the confidence, annealed linearly to 0 "
+                            "(default %(default)s, MaskBit's randomize_temperature)"),
+        "softmax_temperature": dict(type=flags.positive_float, help="temperature of the softmax each new id is "
+                                    "drawn from (default %(default)s)"),
+        "schedule": dict(flag="--mask-schedule", choices=MASK_SCHEDULES, help="the fraction still masked after "
+                         "each step (default %(default)s, MaskBit's)"),
+    }
+    for field in dataclasses.fields(GenerationOptions):
+        spec = dict(table[field.name])  # a field without a flag fails here: every setting has one
+        flag = spec.pop("flag", "--" + field.name.replace("_", "-"))
+        g.add_argument(flag, dest=field.name, default=getattr(DEFAULTS, field.name), **spec)
+    return g
+
+
+def generation_options(args: argparse.Namespace) -> GenerationOptions:
+    """The `GenerationOptions` of the flags `add_generation_flags` added (the defaults for any a parser dropped:
+    eval.sweep replaces --cfg and --temperature with its grid)."""
+    names = [f.name for f in dataclasses.fields(GenerationOptions) if hasattr(args, f.name)]
+    return DEFAULTS.replace(**{name: getattr(args, name) for name in names})
 
 
 def settings_from(args: argparse.Namespace) -> GenerateSettings:
-    options = DEFAULTS.replace(steps=args.steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                               temperature=args.temperature)
+    options = generation_options(args)
     return GenerateSettings(
         generator_ckpt=args.generator, out=args.out, which=args.which, per_class=args.per_class, classes=args.classes,
         options=options, seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,

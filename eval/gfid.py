@@ -1,11 +1,13 @@
-"""`python -m eval.gfid --samples DIR_OR_NPZ --reference REF`: FID, Inception Score, precision and recall of
+"""`python -m eval.gfid --samples DIR_OR_NPZ --reference REF`: FID, sFID, Inception Score, precision and recall of
 generated images (eval.fidelity says how each is computed, with torch-fidelity's Inception).
 
-REF is an ADM reference batch (`VIRTUAL_imagenet256_labeled.npz`: its `mu` / `sigma` give FID, the Inception
-features of its `arr_0` images precision and recall), a folder of images, or the ImageNet tar with upstream's
-index (`--reference-index`); a folder's or the tar's images are centre-cropped to the samples' side. The
-reference's statistics (mean, covariance and pool features) are cached by the reference's content hash, the
-side, and the Inception weights, in --cache-dir, so only the samples are run through the network next time.
+REF is an ADM reference batch (`VIRTUAL_imagenet256_labeled.npz`: its `mu` / `sigma` give FID, its `mu_s` /
+`sigma_s` sFID, the Inception features of its `arr_0` images precision and recall; a statistic the file lacks
+comes from its images), a folder of images, or the ImageNet tar with upstream's index (`--reference-index`),
+whose images give every statistic; a folder's or the tar's images are centre-cropped to the samples' side. The
+reference's statistics (pool features, spatial mean and covariance, the file's own) are cached by the reference's
+content hash, the side, and the Inception weights, in --cache-dir, so only the samples are run through the
+network next time.
 
 Writes a JSON result (--out, default gfid.json beside the samples): the metrics, the sample count, the
 reference's identity (kind, path, sha256, images, where its FID statistics came from), the evaluator (torch-fidelity
@@ -31,15 +33,16 @@ from eval import weights
 from eval.fidelity import (
     EVALUATOR,
     NEIGHBOURS,
+    SPATIAL_DIM,
     Features,
     FidelityInception,
     extract,
     inception_score,
-    pool_statistics,
     precision_recall,
+    statistics_of,
 )
-from eval.image_sets import ImageSet, Reference, open_samples
-from eval.metrics import fid, frechet_distance
+from eval.image_sets import ImageSet, NpzImages, Reference, open_samples
+from eval.metrics import fid, fid_to_moments
 from flowmo_fast import flags
 from flowmo_fast.distributed import pick_device
 from flowmo_fast.formats.checkpoint import atomic_write, file_sha256
@@ -69,23 +72,52 @@ class GfidSettings:
         return self.cache_dir or os.path.join(cache_home, "flowmo_fast", "gfid")
 
 
+Moments = tuple[np.ndarray, np.ndarray]  # (mean [D], covariance [D, D]) float64
+STATISTICS_VERSION = 2  # of the cache files: 2 added the spatial moments (sFID)
+
+
 @dataclass(frozen=True)
 class ReferenceStatistics:
-    """What the samples are measured against: the pool features of the reference's images and, for an ADM
-    reference batch, its own mean and covariance (computed by ADM's evaluator over the whole training set)."""
+    """What the samples are measured against: the pool features of the reference's images, the spatial moments
+    (sFID), and an ADM reference batch's own moments where it has them (computed by ADM's evaluator over the whole
+    training set: `mu` / `sigma` replace the images' for FID, `mu_s` / `sigma_s` are `spatial`)."""
 
     pool: torch.Tensor  # [N, 2048] float32
-    given: Optional[tuple[np.ndarray, np.ndarray]] = None  # (mu [2048], sigma [2048, 2048]) float64 of the file
+    spatial: Moments  # (mu_s [2023], sigma_s [2023, 2023]): the file's, or of the images' spatial features
+    given: Optional[Moments] = None  # (mu [2048], sigma [2048, 2048]) of the file
+    spatial_given: bool = False  # whether `spatial` is the file's mu_s / sigma_s
 
     def describe(self, path: str) -> str:
         """Where the FID statistics come from."""
         return f"mu / sigma of {os.path.basename(path)}" if self.given else f"{len(self.pool)} images of the reference"
 
+    def describe_spatial(self, path: str) -> str:
+        """Where the sFID statistics come from."""
+        return f"mu_s / sigma_s of {os.path.basename(path)}" if self.spatial_given else \
+            f"{len(self.pool)} images of the reference"
+
     def fid(self, samples: torch.Tensor) -> float:
         """FID of sample pool features [n, 2048] against these statistics."""
         if self.given is None:  # both sides' features: eval.metrics.fid (fast and exact for n <= 2048 as well)
             return fid(self.pool.double().numpy(), samples.double().numpy())
-        return frechet_distance(*pool_statistics(samples), *self.given)
+        return fid_to_moments(samples.double().numpy(), *self.given)
+
+    def sfid(self, samples: torch.Tensor) -> float:
+        """sFID of sample spatial features [n, 2023] against the spatial moments (ADM's: moments on both sides)."""
+        return fid_to_moments(samples.double().numpy(), *self.spatial)
+
+
+def file_moments(images: NpzImages, mean_key: str, cov_key: str, dim: int) -> Optional[Moments]:
+    """An ADM batch's own moments under (mean_key, cov_key), float64, checked against the features' size; None
+    when the file lacks them."""
+    mean, cov = images.array(mean_key), images.array(cov_key)
+    if mean is None or cov is None:
+        return None
+    if mean.shape != (dim,) or cov.shape != (dim, dim):
+        raise ValueError(f"{images.path}: {mean_key} / {cov_key} have shapes {mean.shape} / {cov.shape}, expected "
+                         f"({dim},) / ({dim}, {dim}) as ADM's evaluator writes them: not a reference batch of this "
+                         "Inception network; use ADM's file, or a folder of the reference images")
+    return mean.astype(np.float64), cov.astype(np.float64)
 
 
 def check_count(count: int, settings: GfidSettings, what: str, skipped: int = 0) -> None:
@@ -116,23 +148,26 @@ def features_of(images: ImageSet, net: FidelityInception, settings: GfidSettings
 
 
 def cache_key(kind: str, content_sha256: str, side: Optional[int], weights_sha256: str) -> str:
-    """The statistics' identity: the reference's content, the crop side (folders, tar), the network."""
+    """The statistics' identity: the reference's content, the crop side (folders, tar), the network, and what the
+    cache file holds (STATISTICS_VERSION)."""
     record = {"kind": kind, "sha256": content_sha256, "side": side, "inception_sha256": weights_sha256,
-              "evaluator": EVALUATOR}
+              "evaluator": EVALUATOR, "statistics": STATISTICS_VERSION}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def compute_reference(
     reference: Reference, side: Optional[int], net, settings: GfidSettings, device
 ) -> ReferenceStatistics:
-    """Pool features of the reference's images, and an ADM batch's own mu / sigma if it has them."""
+    """Pool features and spatial moments of the reference's images; an ADM batch's own mu / sigma and
+    mu_s / sigma_s where it has them."""
     images = reference.images(side, settings.num_workers)
-    pool = features_of(images, net, settings, device, f"reference {reference.path}").pool
-    if reference.kind == "adm-npz":
-        mu, sigma = images.array("mu"), images.array("sigma")
-        if mu is not None and sigma is not None:
-            return ReferenceStatistics(pool, (mu.astype(np.float64), sigma.astype(np.float64)))
-    return ReferenceStatistics(pool)
+    given = spatial = None
+    if reference.kind == "adm-npz":  # checked before the images go through the network
+        given = file_moments(images, "mu", "sigma", 2048)
+        spatial = file_moments(images, "mu_s", "sigma_s", SPATIAL_DIM)
+    features = features_of(images, net, settings, device, f"reference {reference.path}")
+    own = spatial or statistics_of(features.spatial)
+    return ReferenceStatistics(features.pool, own, given, spatial is not None)
 
 
 def reference_statistics(reference: Reference, side: Optional[int], net, settings: GfidSettings, device,
@@ -143,10 +178,13 @@ def reference_statistics(reference: Reference, side: Optional[int], net, setting
     if os.path.isfile(path):
         with np.load(path) as z:
             given = (z["mu"], z["sigma"]) if "mu" in z.files else None
-            return ReferenceStatistics(torch.from_numpy(z["pool"]), given), path
+            spatial = (z["mu_s"], z["sigma_s"])
+            return ReferenceStatistics(torch.from_numpy(z["pool"]), spatial, given, bool(z["spatial_given"])), path
     stats = compute_reference(reference, side, net, settings, device)
     given = dict(zip(("mu", "sigma"), stats.given)) if stats.given else {}
-    atomic_write(path, lambda f: np.savez(f, pool=stats.pool.numpy(), **given))
+    mu_s, sigma_s = stats.spatial
+    atomic_write(path, lambda f: np.savez(f, pool=stats.pool.numpy(), mu_s=mu_s, sigma_s=sigma_s,
+                                          spatial_given=stats.spatial_given, **given))
     return stats, path
 
 
@@ -168,7 +206,7 @@ def evaluate(settings: GfidSettings) -> dict:
     score = inception_score(features.logits)
     pr = precision_recall(ref.pool, features.pool, s.neighbours, device=str(device))
     return {
-        "metrics": {"fid": ref.fid(features.pool), "inception_score": score.mean,
+        "metrics": {"fid": ref.fid(features.pool), "sfid": ref.sfid(features.spatial), "inception_score": score.mean,
                     "inception_score_std": score.std, "precision": pr.precision, "recall": pr.recall},
         "num_samples": len(features),
         "skipped_samples": {"count": len(samples.skipped), "names": samples.skipped[:20]},
@@ -177,7 +215,7 @@ def evaluate(settings: GfidSettings) -> dict:
             "kind": reference.kind, "path": os.path.abspath(reference.path),
             "index": os.path.abspath(reference.index) if reference.index else None,
             "sha256": reference_sha256, "num_images": len(ref.pool), "fid_statistics": ref.describe(reference.path),
-            "side": side, "cache": cache_file,
+            "sfid_statistics": ref.describe_spatial(reference.path), "side": side, "cache": cache_file,
         },
         "evaluator": {"name": "torch-fidelity", "version": torch_fidelity.__version__, "network": EVALUATOR,
                       "weights": os.path.abspath(weights_path), "weights_sha256": weights_sha256},
@@ -189,7 +227,8 @@ def evaluate(settings: GfidSettings) -> dict:
 
 def summary_line(result: dict, out: str) -> str:
     m, ref, ev = result["metrics"], result["reference"], result["evaluator"]
-    return (f"gFID {m['fid']:.4f}  IS {m['inception_score']:.2f} ± {m['inception_score_std']:.2f}  "
+    return (f"gFID {m['fid']:.4f}  sFID {m['sfid']:.4f}  "
+            f"IS {m['inception_score']:.2f} ± {m['inception_score_std']:.2f}  "
             f"precision {m['precision']:.4f}  recall {m['recall']:.4f} | {result['num_samples']} samples vs "
             f"{ref['kind']} {os.path.basename(ref['path'])} (sha256 {ref['sha256'][:12]}, {ref['num_images']} images), "
             f"{ev['name']} {ev['version']} -> {out}")
@@ -219,14 +258,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> GfidSettings:
                         a.device, a.inception_weights, a.neighbours)
 
 
+def measure(settings: GfidSettings) -> dict:
+    """`evaluate`, its result written to `settings.out_path()` and its summary line printed."""
+    result = evaluate(settings)
+    out = settings.out_path()
+    atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(summary_line(result, out), flush=True)
+    return result
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     settings = parse_args(argv)
     with flags.one_line_errors("eval.gfid", also=(weights.WeightsUnavailable,)):
-        result = evaluate(settings)
-        out = settings.out_path()
-        atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
-    print(summary_line(result, out), flush=True)
-    return result
+        return measure(settings)
 
 
 if __name__ == "__main__":

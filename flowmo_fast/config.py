@@ -92,6 +92,7 @@ class TrainerConfig:
     compile: Optional[bool] = None  # ours: torch.compile the transformer blocks; None: on CUDA only
     activation_checkpointing: bool = False  # ours: recompute each transformer block in backward (less memory)
     memory_gib: Optional[float] = None  # ours: GiB per process that opt.n_grad_acc is fitted to (None: the GPU's)
+    max_grad_norm: Optional[float] = None  # ours: clip the gradients' global L2 norm to this; None: off (upstream)
 
 
 @dataclass
@@ -290,6 +291,7 @@ def validate(config: Config) -> None:
         )
     check_lr_schedule(config)
     check_memory_limit(config.trainer.memory_gib)
+    check_grad_clipping(config)
     parse_schedule(config.eval.sampling.schedule)
     parse_cfg_interval(config.eval.sampling.cfg_interval)
     check_upstream_keys(config)
@@ -312,6 +314,13 @@ def check_memory_limit(memory_gib: Optional[float]) -> None:
     if memory_gib is not None and not memory_gib > 0:
         raise ValueError(f"trainer.memory_gib={memory_gib}: must be a positive number of GiB (2^30 bytes) per process, "
                          "or unset (null: the GPU's own)")
+
+
+def check_grad_clipping(config: Config) -> None:
+    """trainer.max_grad_norm: None (no clipping) or a positive norm (both trainers)."""
+    norm = config.trainer.max_grad_norm
+    if norm is not None and not norm > 0:
+        raise ValueError(f"trainer.max_grad_norm={norm}: must be a positive number (clip to it), or None (no clipping)")
 
 
 def check_upstream_keys(config: Config) -> None:

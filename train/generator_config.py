@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from flowmo_fast.config import ALLOWED, TrainerConfig, check_lr_schedule
+from flowmo_fast.config import ALLOWED, TrainerConfig, check_grad_clipping, check_lr_schedule
 from flowmo_fast.maskgit.model import GeneratorConfig
 from flowmo_fast.overrides import with_overrides, with_preset
 from train.generator_data import TokenLayout
@@ -53,6 +53,7 @@ class GeneratorTrainerConfig:
     compile: Optional[bool] = None  # torch.compile each transformer block; None: on CUDA only
     ema_decay: float = 0.9999
     activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory)
+    max_grad_norm: Optional[float] = 1.0  # clip the gradients' global L2 norm to this (MaskBit's 1.0); None: off
 
 
 @dataclass
@@ -71,6 +72,8 @@ class GeneratorTrainingConfig:
 # with it. Parameters for FlowMo-Lo tokens (2 x 512-way heads, 1000 classes): B 114M, L 303M (MaskBit's generator is
 # 1024 wide x 24 deep).
 PAPER_RECIPE = [
+    "model.dropout=0.1",  # MaskBit's and TiTok's 0.1: a 300-epoch run on fixed token rows overfits without it
+    "model.attention_dropout=0.1",
     "data.batch_size=32",  # x 8 GPUs = 256 rows per step, as MaskBit
     "opt.lr=1.0e-4",
     "opt.warmup_steps=5000",
@@ -134,6 +137,7 @@ def validate(config: GeneratorTrainingConfig, layout: TokenLayout) -> None:
     if config.data.batch_size % opt.n_grad_acc:
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by opt.n_grad_acc={opt.n_grad_acc}")
     check_lr_schedule(config)
+    check_grad_clipping(config)
     shards = dict(code_length=layout.code_length, groups=layout.context_dim // layout.bits, bits=layout.bits)
     for key in MODEL_FROM_SHARDS:
         if getattr(model, key) != shards[key]:

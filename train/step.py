@@ -1,5 +1,6 @@
-"""One training step (what `train.pretrain` / `train.posttrain` run each step, and what bench/gpu_report.py times):
-the optimizer, the compile switch `trainer.compile`, and the step itself."""
+"""One training step (what `train.pretrain` / `train.posttrain` / `train.generator` run each step, and what
+bench/gpu_report.py times): the optimizer, the compile switch `trainer.compile`, gradient clipping
+(`trainer.max_grad_norm`) and the step itself."""
 
 from __future__ import annotations
 
@@ -68,6 +69,15 @@ def total_norm(tensors) -> torch.Tensor:
     return parallel.full_tensor(torch.nn.utils.get_total_norm(list(tensors)))
 
 
+def clip_gradients(trained: list, max_norm: float) -> torch.Tensor:
+    """Scale the gradients of `trained` so their global L2 norm is at most `max_norm` (torch's clip_grad_norm_
+    rule: by max_norm / (norm + 1e-6) when above); returns the norm before clipping, whole (FSDP2: DTensor
+    gradients, one reduction), on the device: no host sync."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in trained])
+    torch.nn.utils.clip_grads_with_norm_(trained, max_norm, norm)
+    return parallel.full_tensor(norm)
+
+
 @dataclass(frozen=True)
 class StepTerms:
     """One optimizer step's numbers, means over its micro-batches (detached, on the device: no host sync)."""
@@ -78,7 +88,8 @@ class StepTerms:
 
 def train_step(wrapped, model, images, optimizer, config: Config, device) -> StepTerms:
     """One optimizer step on one batch (anything `tensor_split` cuts into `opt.n_grad_acc` micro-batches);
-    `wrapped(chunk)` -> (loss, named terms)."""
+    `wrapped(chunk)` -> (loss, named terms). With trainer.max_grad_norm the accumulated gradients are clipped to
+    that global norm before the optimizer step, and `debug/original_grad_norm` is their norm before clipping."""
     optimizer.zero_grad(set_to_none=True)
     n = config.opt.n_grad_acc
     total, terms = None, {}
@@ -91,9 +102,13 @@ def train_step(wrapped, model, images, optimizer, config: Config, device) -> Ste
         total = part if total is None else total + part
         for k, v in chunk_terms.items():
             terms[k] = terms[k] + v / n if k in terms else v / n
-    if config.opt.log_norms:
-        trained = [p for p in model.parameters() if p.grad is not None]
+    trained = [p for p in model.parameters() if p.grad is not None]
+    clip = config.trainer.max_grad_norm
+    if clip is not None:  # the norm before clipping: logged with or without opt.log_norms (computed anyway)
+        terms["debug/original_grad_norm"] = clip_gradients(trained, clip)
+    elif config.opt.log_norms:
         terms["debug/original_grad_norm"] = total_norm(p.grad for p in trained)
+    if config.opt.log_norms:
         terms["debug/param_norm"] = total_norm(trained)
     optimizer.step()
     return StepTerms(total, terms)

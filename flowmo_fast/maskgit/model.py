@@ -18,7 +18,9 @@ Output: one softmax head of 2^bits classes per group (one Linear to groups x 2^b
 label smoothing on the masked groups only. A class token (num_classes + 1 entries: the last is the null class of
 classifier-free guidance) is prepended to the sequence; in training labels are replaced by the null class with
 probability `class_dropout`. Masking is per group: a mask ratio r per image drawn on the `mask_schedule`, then
-ceil(r * code_length * groups) groups chosen at random. Every random draw of `loss` comes from the global torch
+ceil(r * code_length * groups) groups chosen at random. In training, dropout (`dropout`: the embedded input and each
+attention and MLP output; `attention_dropout`: the attention probabilities) at MaskBit's places; 0.1 in the paper
+presets, 0 by default. Every random draw of `loss` (masks, label dropout, dropout) comes from the global torch
 RNG, so a trainer that saves and restores that RNG resumes exactly.
 
 What it is built for (code_length, groups, bits, num_classes) comes from the token shards; its size and training
@@ -63,6 +65,8 @@ class GeneratorConfig:
     class_dropout: float = 0.1  # probability a label is replaced by the null class in training (CFG)
     label_smoothing: float = 0.1
     mask_schedule: MaskSchedule = "arccos"
+    dropout: float = 0.0  # in training: on the embedded input, and on each attention and MLP output (residual)
+    attention_dropout: float = 0.0  # in training: on the attention probabilities
 
     def __post_init__(self) -> None:
         for key in ("code_length", "groups", "bits", "width", "depth", "heads"):
@@ -74,7 +78,7 @@ class GeneratorConfig:
             raise ValueError(f"model.width={self.width} must be a multiple of model.heads={self.heads}")
         if self.mask_schedule not in MASK_SCHEDULES:
             raise ValueError(f"model.mask_schedule={self.mask_schedule!r}; allowed: {', '.join(MASK_SCHEDULES)}")
-        for key in ("class_dropout", "label_smoothing"):
+        for key in ("class_dropout", "label_smoothing", "dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"model.{key}={getattr(self, key)}: must lie in [0, 1)")
 
@@ -141,24 +145,34 @@ def bits_to_code(bits: Tensor) -> Tensor:
 # ---- the transformer -----------------------------------------------------------------------------------------
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: bidirectional self-attention, then a GELU MLP."""
+def train_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout in training only; at p = 0 no kernel and no RNG draw, so a model without dropout trains exactly as
+    before the keys existed."""
+    return F.dropout(x, p) if training and p > 0 else x
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+
+class Block(nn.Module):
+    """Pre-norm transformer block: bidirectional self-attention, then a GELU MLP; in training dropout on the
+    attention probabilities (`attention_dropout`) and on each branch's output before it joins the residual
+    (`dropout`), where MaskBit and TiTok have theirs."""
+
+    def __init__(self, c: GeneratorConfig):
         super().__init__()
-        self.heads = heads
+        width, self.heads = c.width, c.heads
+        self.dropout, self.attention_dropout = c.dropout, c.attention_dropout
         self.norm1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
+        hidden = int(width * c.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
 
     def forward(self, x: Tensor) -> Tensor:  # [B, L, D] -> [B, L, D]
         q, k, v = self.qkv(self.norm1(x)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, D/H]
-        x = x + self.proj(attn.transpose(1, 2).flatten(2))
-        return x + self.mlp(self.norm2(x))
+        p = self.attention_dropout if self.training else 0.0
+        attn = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # [B, H, L, D/H]
+        x = x + train_dropout(self.proj(attn.transpose(1, 2).flatten(2)), self.dropout, self.training)
+        return x + train_dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
 
 
 @dataclass(frozen=True)
@@ -187,7 +201,7 @@ class TokenGenerator(nn.Module):
         self.bits_in = nn.Linear(c.context_dim, c.width)
         self.class_embed = nn.Embedding(c.num_classes + 1, c.width)  # the last: the null class
         self.pos_embed = nn.Parameter(torch.zeros(1, c.code_length + 1, c.width))
-        self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth))
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.width)
         self.head = nn.Linear(c.width, c.groups * c.vocab_size)  # one 2^bits-way head per group
         self.activation_checkpointing = False
@@ -207,6 +221,7 @@ class TokenGenerator(nn.Module):
         b = bits.shape[0]
         x = self.bits_in(bits.reshape(b, c.code_length, c.context_dim))  # [B, T, D]
         x = torch.cat([self.class_embed(classes)[:, None], x], dim=1) + self.pos_embed  # [B, T + 1, D]
+        x = train_dropout(x, c.dropout, self.training)
         for block in self.blocks:
             x = run_block(block, self.activation_checkpointing, x)
         logits = self.head(self.norm(x[:, 1:]))  # [B, T, G * V]

@@ -37,21 +37,45 @@ GENERATION_STREAM = 3  # beside flowmo_fast.noise's streams 0-2, so a sample key
 _MASK32 = 0xFFFFFFFF
 
 
+MASKBIT_STEPS = 64  # MaskBit's tuned 18-bit configuration: 64 steps for 2 x 256 = 512 groups per image
+MASKBIT_GROUPS_PER_STEP = 8  # ... i.e. 8 groups revealed per step on average
+
+
+def default_steps(groups_per_image: int) -> int:
+    """The step count `steps=None` means: MaskBit's 64 for its 512 groups per image (FlowMo-Lo's) and for more;
+    for fewer groups as many steps as keep MaskBit's 8 groups per step, ceil(groups / 8) (a 32-group demo image:
+    4 steps), so the mask schedule still has several groups to reveal at each step."""
+    return max(1, min(MASKBIT_STEPS, math.ceil(groups_per_image / MASKBIT_GROUPS_PER_STEP)))
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
-    """The generator's sampler settings. Hashable (a CUDA-graph capture is keyed by it)."""
+    """The generator's sampler settings. Hashable (a CUDA-graph capture is keyed by it).
 
-    steps: int = 64  # MaskBit's, for FlowMo-Lo's 512 groups per image
-    cfg: float = 4.0  # the guidance scale the ramp rises to from 1 at step 0 (1: no guidance); untuned
+    The defaults are MaskBit's tuned configuration for 18-bit tokens in two 9-bit groups, FlowMo-Lo's layout
+    (`configs/generator/maskbit_generator_18bit.yaml`: num_steps 64, guidance_scale 5.7, guidance_annealing
+    "cosine" with scale_pow 2.5, randomize_temperature 8.5, softmax_temperature 1.0, arccos schedule), in our
+    guidance convention. MaskBit mixes `cond + s (cond - uncond)` with s = guidance_scale x ramp(r); we mix
+    `uncond + cfg_r (cond - uncond)` with cfg_r = 1 + (cfg - 1) x ramp(r): the same logits when cfg = s + 1, so
+    MaskBit's 5.7 is our cfg 6.7 (and its "no guidance", s = 0, our cfg 1). Its power-cosine ramp is
+    ramp(r) = (1 - cos(pi r^power)) / 2 with r = step / steps, our `pow_cosine` with cfg_power 2.5; its Gumbel
+    noise, randomize_temperature x (1 - (step + 1) / steps), our `temperature` 8.5 annealed the same way.
+    MaskBit's configurations for other token sizes tune guidance between 5.7 and 7.1 and the temperature between
+    7.5 and 10.5, and a generator trained on other tokens has its own best pair: tune cfg and temperature on a
+    few samples per class (`python -m eval.sweep`) before a 50,000-sample run."""
+
+    steps: Optional[int] = None  # None: `default_steps(groups per image)`, MaskBit's 64 for 512 groups
+    cfg: float = 6.7  # the guidance scale the ramp rises to from 1 at step 0 (1: no guidance); MaskBit's 5.7 + 1
     cfg_schedule: CfgSchedule = "pow_cosine"
-    cfg_power: float = 2.75  # pow_cosine: scale = 1 + (cfg - 1) (1 - cos(pi r^power)) / 2, r = step / steps
-    temperature: float = 4.5  # Gumbel noise on the confidence, annealed linearly to 0 (MaskGiT's choice temp.)
+    cfg_power: float = 2.5  # pow_cosine: scale = 1 + (cfg - 1) (1 - cos(pi r^power)) / 2, r = step / steps
+    temperature: float = 8.5  # Gumbel noise on the confidence, annealed linearly to 0 (MaskBit's randomize_temperature)
     softmax_temperature: float = 1.0  # of the categorical each new id is drawn from
     schedule: MaskSchedule = "arccos"  # the fraction still masked after each step
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ValueError(f"generation steps={self.steps!r}: must be a positive integer")
+        steps = self.steps
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"generation steps={self.steps!r}: must be a positive integer (or None: fit the image)")
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg schedule {self.cfg_schedule!r}; allowed: {', '.join(CFG_SCHEDULES)}")
         if self.schedule not in MASK_SCHEDULES:
@@ -67,8 +91,12 @@ class GenerationOptions:
     def replace(self, **changes) -> "GenerationOptions":
         return dataclasses.replace(self, **changes)
 
+    def fitted(self, groups_per_image: int) -> "GenerationOptions":
+        """These options with `steps` resolved for images of `groups_per_image` groups (None: `default_steps`)."""
+        return self if self.steps is not None else self.replace(steps=default_steps(groups_per_image))
+
     def plan(self, groups_per_image: int) -> "GenerationPlan":
-        return GenerationPlan.of(self, groups_per_image)
+        return GenerationPlan.of(self.fitted(groups_per_image), groups_per_image)
 
 
 @dataclass(frozen=True)
@@ -151,6 +179,7 @@ def generate(model: TokenGenerator, labels: Optional[Tensor], keys: Tensor, opti
     and sample `keys` [B] (`sample_keys`). Fixed step count, tensor ops only: no host sync in the loop."""
     c = model.config
     b, n = keys.shape[0], c.tokens_per_image
+    options = options.fitted(n)
     plan = options.plan(n)
     classes = model.classes_for(labels, b, keys.device)
     guide = labels is not None

@@ -1,5 +1,6 @@
 """eval.generate: token shards in tokenize's format from a generator checkpoint, the same from 1 or 2 processes,
-resumable, decoded into PNGs and an ADM-style samples.npz; its mistakes end in one line."""
+resumable, decoded into PNGs and an ADM-style samples.npz (shuffled, streamed); a flag for every sampler setting
+with MaskBit's defaults; one batch size per call; one autocast on every CUDA path; its mistakes end in one line."""
 
 from __future__ import annotations
 
@@ -12,35 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from generation_helpers import save_generator, tiny_generator
 
 import flowmo_fast
 from eval import generate
 from flowmo_fast import detokenize
-from flowmo_fast.formats.checkpoint import atomic_save, file_sha256
-from flowmo_fast.formats.token_shards import TokenShards, TokenSpec
+from flowmo_fast.formats.checkpoint import file_sha256
+from flowmo_fast.formats.token_shards import TokenShards
 from flowmo_fast.maskgit.model import GeneratorConfig, TokenGenerator
 
 REPO = Path(__file__).resolve().parents[2]
-CLASSES = ["cat", "dog"]
-
-
-def save_generator(model: TokenGenerator, tokenizer_path: Path, path: Path, classes=CLASSES) -> Path:
-    """`model` saved in train.generator's layout (what flowmo_fast.maskgit.model.load_generator reads), its tokens
-    made by the FlowMo checkpoint `tokenizer_path`."""
-    tokenizer = flowmo_fast.load_checkpoint(tokenizer_path)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tokens = {"checkpoint": {"path": str(tokenizer_path), "sha256": file_sha256(tokenizer_path), "which": "ema"},
-              "config": tokenizer.config.to_dict(), "tokens": TokenSpec.for_model(tokenizer).to_dict(),
-              "class_names": classes}
-    atomic_save({"total_steps": 150, "model_ema_state_dict": state, "model_state_dict": state,
-                 "config": {"model": model.config.to_dict()}, "tokens": tokens}, path)
-    return path
-
-
-def tiny_generator() -> TokenGenerator:
-    """For the tiny FlowMo's tokens: 16 positions x 2 groups of 9 bits, 2 classes."""
-    torch.manual_seed(0)
-    return TokenGenerator(GeneratorConfig(16, 2, 9, num_classes=2, label_smoothing=0.0))
 
 
 @pytest.fixture(scope="module")
@@ -156,23 +138,27 @@ def test_two_processes_write_the_same_bytes_as_one(random_rows, random_checkpoin
 def test_decoded_into_pngs_and_an_adm_npz(generated, generator_checkpoint, tiny_checkpoint, tmp_path):
     out = tmp_path / "decoded"
     generate.main(["--generator", str(generator_checkpoint[0]), "--out", str(out), *ARGS,
-                   "--tokenizer", str(tiny_checkpoint), "--decode-steps", "2", "--decode-batch-size", "4"])
+                   "--tokenizer", str(tiny_checkpoint), "--decode-steps", "2", "--decode-batch-size", "3"])
     assert sorted(os.listdir(out / "images")) == [f"{r:08d}.png" for r in range(6)]
     before = {**mtimes(out), **mtimes(out / "images")}
     generate.main(["--generator", str(generator_checkpoint[0]), "--out", str(out), *ARGS,
-                   "--tokenizer", str(tiny_checkpoint), "--decode-steps", "2", "--decode-batch-size", "4"])
+                   "--tokenizer", str(tiny_checkpoint), "--decode-steps", "2", "--decode-batch-size", "3"])
     assert {**mtimes(out), **mtimes(out / "images")} == before  # a rerun decodes and writes nothing
     with np.load(out / "samples.npz") as npz:
         assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (6, 32, 32, 3)
-        assert npz["arr_1"].tolist() == [0, 0, 0, 1, 1, 1]
-        # the PNGs are detokenize's of the same rows with the same seed and sampler (and batch: a float32 matrix
-        # product's rounding depends on the batch it runs in, which can move a pixel by one level)
+        rows = npz["rows"]  # ADM's order: shuffled (seeded), the labels in the same order
+        assert sorted(rows.tolist()) == list(range(6)) and rows.tolist() != list(range(6))
+        assert np.array_equal(rows, generate.sample_order(6, 0))
+        assert npz["arr_1"].tolist() == [[0, 0, 0, 1, 1, 1][r] for r in rows]
+        # the PNGs are detokenize's of the same rows with the same seed and sampler (and batches: a float32 matrix
+        # product's rounding depends on the batch it runs in, which can move a pixel by one level; 3 divides 6, so
+        # no batch is padded)
         detokenize.main(["--ckpt", str(tiny_checkpoint), "--tokens", str(generated), "--out", str(tmp_path / "d"),
-                         "--steps", "2", "--device", "cpu", "--batch-size", "4"])
+                         "--steps", "2", "--device", "cpu", "--batch-size", "3"])
         from PIL import Image
 
         again = np.stack([np.asarray(Image.open(tmp_path / "d" / f"{r:08d}.png")) for r in range(6)])
-        assert np.array_equal(npz["arr_0"], again)
+        assert np.array_equal(npz["arr_0"], again[rows])
 
 
 def one_line_exit(argv: list) -> str:
@@ -208,3 +194,140 @@ def test_an_unconditional_generator_makes_per_class_rows_in_all(tiny_checkpoint,
     assert [s["name"] for s in shards.sources()] == ["sample/000000", "sample/000001", "sample/000002"]
     assert all("label" not in s for s in shards.sources()) and not (tmp_path / "u" / "labels.npy").exists()
     assert "unconditional" in one_line_exit(["--generator", ckpt, "--out", tmp_path / "v", "--classes", "0", *ARGS])
+
+
+# ---- the sampler's flags and defaults -----------------------------------------------------------------------------
+
+
+def test_every_sampler_setting_has_a_flag_with_its_maskbit_default(capsys):
+    import dataclasses
+
+    from flowmo_fast.maskgit.sampling import GenerationOptions
+
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = (("--cfg", "6.7, MaskBit's 5.7 + 1"), ("--cfg-power", "2.5"), ("--temperature", "8.5"),
+                ("--softmax-temperature", "1.0"), ("--mask-schedule", "arccos"), ("--cfg-schedule", "pow_cosine"))
+    for flag, default in defaults:
+        assert flag in text and f"default {default}" in text, flag
+    assert "--steps" in text and "default: fit the image: 64 for 512 groups per image and more" in text
+    chosen = dict(steps=5, cfg=2.0, cfg_schedule="linear", cfg_power=1.5, temperature=3.0, softmax_temperature=0.5,
+                  schedule="cosine")
+    assert set(chosen) == {f.name for f in dataclasses.fields(GenerationOptions)}  # one of each, every field
+    flag = {"schedule": "--mask-schedule"}
+    argv = ["--generator", "g", "--out", "o"]
+    for name, value in chosen.items():
+        argv += [flag.get(name, "--" + name.replace("_", "-")), str(value)]
+    assert generate.settings_from(generate.parse_args(argv)).options == GenerationOptions(**chosen)
+    assert generate.settings_from(generate.parse_args(argv[:4])).options == GenerationOptions()
+
+
+def test_without_steps_the_count_fits_the_image_and_the_log_says_the_rule(random_checkpoint, tmp_path, capsys):
+    out = tmp_path / "fit"
+    generate.main(["--generator", str(random_checkpoint), "--out", str(out), "--per-class", "1", "--device", "cpu"])
+    log = capsys.readouterr().err
+    assert "4 decoding steps for 32 groups per image (no --steps: MaskBit's 64 for 512 groups" in log
+    assert TokenShards(str(out)).manifest["generation"]["options"]["steps"] == 4  # the resolved count is recorded
+
+
+# ---- CUDA paths, batch sizes, samples.npz -------------------------------------------------------------------------
+
+
+def test_the_eager_and_the_graphed_sampler_run_under_the_same_autocast(monkeypatch):
+    """--no-graph on CUDA must run under the bf16 autocast the graphed path runs under (a CPU build cannot enter
+    CUDA autocast, so the autocast context and both samplers are stand-ins that record what runs inside what)."""
+    import contextlib
+
+    from flowmo_fast.maskgit.model import LoadedGenerator
+
+    inside, seen = [], []
+
+    @contextlib.contextmanager
+    def autocast_for(device):
+        inside.append(torch.device(device))
+        yield
+        inside.pop()
+
+    class Graphed:
+        def __init__(self, model):
+            pass
+
+        def __call__(self, labels, keys, options):
+            seen.append(("graph", list(inside)))
+
+    monkeypatch.setattr(generate, "autocast_for", autocast_for)
+    monkeypatch.setattr(generate, "GraphedGenerator", Graphed)
+    monkeypatch.setattr(generate, "generate", lambda model, labels, keys, options: seen.append(("eager", list(inside))))
+    loaded = LoadedGenerator(tiny_generator(), None, 0)
+    cuda = torch.device("cuda", 0)
+    for graph in (True, False):
+        generate.make_sampler(loaded, cuda, graph)(None, torch.zeros(2, dtype=torch.long), None)
+    assert seen == [("graph", [cuda]), ("eager", [cuda])]
+
+
+def test_a_short_last_batch_is_padded_to_the_batch_size(random_rows, random_checkpoint, tiny_checkpoint, tmp_path,
+                                                        monkeypatch):
+    """6 rows in shards of 4 with batches of 3: without padding the generator sees 3, 1, 2 rows and the decoder
+    4, 2, each new size a new CUDA graph capture (or recompile) on a GPU. Padded: one size each, and the same rows
+    (a sample depends on its key alone) and pictures (to float32 rounding: a pixel level)."""
+    sizes = {"generate": [], "decode": []}
+    real_generate, real_decode = generate.generate, flowmo_fast.FlowMo.sample_images
+
+    def counted_generate(model, labels, keys, options):
+        sizes["generate"].append(len(keys))
+        return real_generate(model, labels, keys, options)
+
+    def counted_decode(self, code, *args, **kwargs):
+        sizes["decode"].append(len(code))
+        return real_decode(self, code, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate", counted_generate)
+    monkeypatch.setattr(flowmo_fast.FlowMo, "sample_images", counted_decode)
+    out = tmp_path / "padded"
+    generate.main(["--generator", str(random_checkpoint), "--out", str(out), *ARGS[:-4], "--batch-size", "3",
+                   "--device", "cpu", "--tokenizer", str(tiny_checkpoint), "--decode-steps", "2",
+                   "--decode-batch-size", "4"])
+    assert sizes == {"generate": [3, 3, 3], "decode": [4, 4]}
+    assert np.array_equal(TokenShards(str(out)).read(), TokenShards(str(random_rows)).read())  # made in batches of 2
+    monkeypatch.setattr(flowmo_fast.FlowMo, "sample_images", real_decode)
+    detokenize.main(["--ckpt", str(tiny_checkpoint), "--tokens", str(out), "--out", str(tmp_path / "d"), "--steps", "2",
+                     "--device", "cpu", "--batch-size", "2"])
+    from PIL import Image
+
+    for r in range(6):
+        ours, theirs = (np.asarray(Image.open(folder / f"{r:08d}.png")).astype(int)
+                        for folder in (out / "images", tmp_path / "d"))
+        assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 0.01, r
+
+
+def test_samples_npz_is_written_one_picture_at_a_time_in_a_seeded_shuffled_order(generated, tmp_path):
+    """A 50,000-image samples.npz is 9.8 GB at 256 px: memory while writing it holds a picture or two, never the
+    whole array (measured with tracemalloc, which counts numpy's buffers); NumPy and the ADM-style reader
+    (eval.image_sets.NpzImages) read it back in the shuffled order."""
+    import tracemalloc
+
+    from PIL import Image
+
+    from eval.image_sets import NpzImages
+
+    out = tmp_path / "big"
+    shutil.copytree(generated, out)
+    (out / "images").mkdir()
+    rng = np.random.default_rng(0)
+    pictures = rng.integers(0, 256, (6, 128, 128, 3), dtype=np.uint8)
+    for r, picture in enumerate(pictures):
+        Image.fromarray(picture).save(out / "images" / f"{r:08d}.png")
+    tracemalloc.start()
+    try:
+        path = generate.write_samples(str(out), 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * pictures[0].nbytes, (peak, pictures[0].nbytes)  # the whole array: 6 pictures
+    order = generate.sample_order(6, 0)
+    assert not np.array_equal(order, np.arange(6)) and not np.array_equal(order, generate.sample_order(6, 1))
+    with np.load(path) as npz:
+        assert np.array_equal(npz["arr_0"], pictures[order]) and np.array_equal(npz["rows"], order)
+        assert npz["arr_1"].tolist() == [[0, 0, 0, 1, 1, 1][r] for r in order]
+    assert np.array_equal(torch.cat(list(NpzImages(path).batches(4))).permute(0, 2, 3, 1).numpy(), pictures[order])

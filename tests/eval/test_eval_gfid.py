@@ -1,5 +1,5 @@
-"""eval.gfid: FID / IS / precision / recall of generated images against a reference (random-weight Inception,
-no download): a set against itself, a shifted set, an ADM reference batch, the statistics cache, the metrics'
+"""eval.gfid: FID / sFID / IS / precision / recall of generated images against a reference (random-weight
+Inception, no download): a set against itself, a shifted set, an ADM reference batch, the statistics cache, the metrics'
 known answers, and one-line errors."""
 
 import json
@@ -59,6 +59,7 @@ def test_a_set_against_itself_scores_zero_and_a_shifted_set_clearly_more(
     m, s = same["metrics"], shifted["metrics"]
     assert abs(m["fid"]) < 1e-6 and m["precision"] == 1.0 and m["recall"] == 1.0
     assert s["fid"] > 0.1 and s["fid"] > 1e5 * abs(m["fid"])
+    assert abs(m["sfid"]) < 1e-4 and s["sfid"] > 1.0 and s["sfid"] > 1e4 * abs(m["sfid"])  # a folder: computed
     assert s["precision"] < 1.0 and s["recall"] < 1.0
     assert m["inception_score"] >= 1.0 and np.isfinite(m["inception_score_std"])
     written = json.loads((tmp_path / "gfid.json").read_text())
@@ -66,7 +67,9 @@ def test_a_set_against_itself_scores_zero_and_a_shifted_set_clearly_more(
     assert same["num_samples"] == N and same["reference"]["num_images"] == N and same["reference"]["kind"] == "folder"
     assert same["evaluator"]["name"] == "torch-fidelity" and same["evaluator"]["version"]
     assert len(same["reference"]["sha256"]) == 64 and same["reference"]["side"] == 32
+    assert same["reference"]["sfid_statistics"] == f"{N} images of the reference"
     assert line.startswith("gFID ") and f"{N} samples vs folder" in line and "torch-fidelity" in line
+    assert f"sFID {m['sfid']:.4f}" in line
 
 
 def test_reference_statistics_are_cached_by_content(
@@ -122,20 +125,29 @@ def test_fid_against_given_statistics_uses_the_references_mean_and_covariance():
     assert gfid.ReferenceStatistics(images, (mu + d, sigma)).fid(samples) == pytest.approx(d @ d, rel=1e-6)
 
 
-def test_an_adm_reference_batch_gives_fid_from_its_mu_sigma_and_precision_recall_from_its_images(
+def test_an_adm_reference_batch_gives_fid_and_sfid_from_its_moments_and_precision_recall_from_its_images(
     pictures, inception_weights, cache, tmp_path
 ):
     net = FidelityInception(str(inception_weights))
-    pool, _ = net(torch.from_numpy(pictures).permute(0, 3, 1, 2))
+    pool, _, spatial = net(torch.from_numpy(pictures).permute(0, 3, 1, 2))
     mu, sigma = feature_statistics(pool.double().numpy())  # the samples' own statistics ...
+    mu_s, sigma_s = feature_statistics(spatial.double().numpy())
     other = np.clip(pictures.astype(int) + 40, 0, 255).astype(np.uint8)
-    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=other, mu=mu, sigma=sigma, mu_s=mu[:8], sigma_s=sigma[:8, :8])
+    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=other, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     np.savez(tmp_path / "samples.npz", arr_0=pictures)
     result = run(tmp_path / "samples.npz", tmp_path / "VIRTUAL_ref.npz", tmp_path, inception_weights, cache)
-    assert abs(result["metrics"]["fid"]) < 1e-3  # ... so FID from mu / sigma is ~0
+    assert abs(result["metrics"]["fid"]) < 1e-3 and abs(result["metrics"]["sfid"]) < 1e-3  # ... so both are ~0
     assert result["metrics"]["precision"] < 1.0  # while the images (brighter) are elsewhere
     assert result["reference"]["kind"] == "adm-npz" and result["reference"]["side"] is None
     assert result["reference"]["fid_statistics"] == "mu / sigma of VIRTUAL_ref.npz"
+    assert result["reference"]["sfid_statistics"] == "mu_s / sigma_s of VIRTUAL_ref.npz"
+    np.savez(tmp_path / "no_spatial.npz", arr_0=other, mu=mu, sigma=sigma)  # sFID from its (brighter) images
+    without = run(tmp_path / "samples.npz", tmp_path / "no_spatial.npz", tmp_path, inception_weights, cache)
+    assert without["metrics"]["sfid"] > 1e-3
+    assert without["reference"]["sfid_statistics"] == f"{N} images of the reference"
+    np.savez(tmp_path / "bad.npz", arr_0=other, mu=mu, sigma=sigma, mu_s=mu_s[:8], sigma_s=sigma_s[:8, :8])
+    with pytest.raises(SystemExit, match=r"mu_s / sigma_s have shapes \(8,\) / \(8, 8\), expected \(2023,\)"):
+        run(tmp_path / "samples.npz", tmp_path / "bad.npz", tmp_path, inception_weights, cache)
 
 
 def test_an_imagenet_tar_with_its_index_is_a_reference(pictures, inception_weights, cache, tmp_path, make_image_tar):
@@ -222,3 +234,17 @@ def test_gfid_mistakes_end_in_one_line(pictures, reference_folder, inception_wei
         text = str(e.value.code)
         assert text.startswith("eval.gfid: error: ") and "\n" not in text, text
         assert __import__("re").search(message, text), text
+
+
+def test_spatial_features_are_adms_mixed_6_conv_first_7_channels_channels_last(pictures, inception_weights):
+    """ADM's spatial features: the TF node mixed_6/conv (torch-fidelity's Mixed_6d.branch1x1, after its ReLU) at
+    17 x 17, channels [:7], flattened as TF's NHWC tensor: 17 * 17 * 7 = 2023 per image, the layout of mu_s."""
+    net = FidelityInception(str(inception_weights))
+    seen = []
+    net.net.Mixed_6d.branch1x1.register_forward_hook(lambda module, args, out: seen.append(out.clone()))
+    images = torch.from_numpy(pictures).permute(0, 3, 1, 2)
+    pool, logits, spatial = net(images)
+    (layer,) = seen  # [N, 192, 17, 17]
+    assert layer.shape == (N, 192, 17, 17) and spatial.shape == (N, 2023) and spatial.dtype == torch.float32
+    assert torch.equal(spatial.view(N, 17, 17, 7), layer[:, :7].permute(0, 2, 3, 1)) and spatial.min() >= 0
+    assert torch.equal(pool, net(images)[0])  # the same pool features as before (one forward pass gives both)

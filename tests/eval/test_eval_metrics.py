@@ -51,6 +51,20 @@ def test_fid_equals_scipy_float64_on_gaussian_features(n1, n2, d, rtol):
         np.testing.assert_allclose(metrics.frechet_distance(*stats), expected, rtol=rtol)
 
 
+@pytest.mark.parametrize("n", [40, 30], ids=["full-rank", "low-rank"])
+def test_fid_to_given_moments_equals_the_distance_of_both_statistics(n):
+    """Both paths (N > D: frechet_distance of the statistics; N <= D: the N x N matrix A sigma A^T) agree with
+    scipy's sqrtm on the statistics of both sides."""
+    rng = np.random.default_rng(2)
+    reference, samples = gaussian_features(rng, 500, 32), gaussian_features(rng, n, 32, shift=0.3)
+    mu, sigma = metrics.feature_statistics(reference)
+    expected = scipy_fid(samples, reference)
+    assert expected > 1.0
+    np.testing.assert_allclose(metrics.fid_to_moments(samples, mu, sigma), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="dimension"):
+        metrics.fid_to_moments(samples[:, :8], mu, sigma)
+
+
 def test_fid_rejects_unusable_features():
     with pytest.raises(ValueError, match="N >= 2"):
         metrics.fid(np.zeros((1, 8)), np.zeros((5, 8)))

@@ -246,3 +246,72 @@ def test_the_sampling_loop_never_reads_a_tensor_on_the_host():
         model = TokenGenerator(GeneratorConfig(8, 2, 9, num_classes=2)).eval()
         keys, labels = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
     assert generate(model, labels, keys, GenerationOptions(steps=4, cfg=2.0)).shape == (3, 16)
+
+
+# ---- the training recipe: dropout ---------------------------------------------------------------------------------
+
+
+def test_dropout_acts_in_training_only_and_each_key_has_an_effect():
+    ids, labels = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0, 1])
+    bits = tokens_to_bits(ids_to_groups(ids, 2), 9)
+    plain = tiny()
+    with torch.no_grad():
+        reference = plain.eval()(bits, labels)
+    for key in ("dropout", "attention_dropout"):
+        model = tiny(**{key: 0.3})
+        model.load_state_dict(plain.state_dict())
+        with torch.no_grad():
+            assert torch.equal(model.eval()(bits, labels), reference), key  # eval: no dropout
+            model.train()
+            torch.manual_seed(1)
+            first, second = model(bits, labels), model(bits, labels)
+        assert not torch.allclose(first, second, atol=1e-3) and not torch.allclose(first, reference, atol=1e-3), key
+    model = tiny().train()  # dropout 0 (tiny's, the default): training draws nothing, the forward is eval's
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        assert torch.equal(model(bits, labels), reference)
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(ValueError, match=r"model.attention_dropout=1.0: must lie in \[0, 1\)"):
+        tiny(attention_dropout=1.0)
+
+
+# ---- the sampler's defaults: MaskBit's tuned 18-bit configuration ---------------------------------------------------
+
+
+def test_the_defaults_are_maskbits_18_bit_configuration_in_our_guidance_convention():
+    """MaskBit (configs/generator/maskbit_generator_18bit.yaml, modeling/modules/sampling.py) at step i of 64 mixes
+    cond + s (cond - uncond) with s = 5.7 (1 - cos(pi (i / 64)^2.5)) / 2 and adds Gumbel noise of 8.5 (1 - (i + 1) / 64)
+    to log p of the drawn id: our defaults must give the same logits and noise at every step."""
+    import math
+
+    from flowmo_fast.maskgit.sampling import GenerationOptions, guided_logits
+
+    options = GenerationOptions()
+    assert (options.cfg_schedule, options.schedule, options.softmax_temperature) == ("pow_cosine", "arccos", 1.0)
+    plan = options.plan(512)  # FlowMo-Lo: 256 tokens x 2 groups, MaskBit's 18 bits as 2 x 9
+    assert len(plan.cfg) == 64
+    model = tiny().eval()
+    bits = tokens_to_bits(torch.randint(0, 512, (3, 8, 2), generator=torch.Generator().manual_seed(0)), 9)
+    classes = torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        cond, uncond = model(bits, classes), model(bits, torch.full((3,), 2))
+        for i in range(64):
+            s = 5.7 * (1 - math.cos(math.pi * (i / 64) ** 2.5)) / 2
+            assert plan.cfg[i] == pytest.approx(1 + s, abs=1e-12)
+            assert plan.temperature[i] == pytest.approx(8.5 * (1 - (i + 1) / 64), abs=1e-12)
+            if i % 16 == 8:
+                maskbit = cond + s * (cond - uncond)
+                torch.testing.assert_close(guided_logits(model, bits, classes, plan.cfg[i]), maskbit, rtol=0, atol=1e-5)
+
+
+def test_the_default_step_count_fits_the_image():
+    from flowmo_fast.maskgit.sampling import GenerationOptions, default_steps, generate, sample_keys
+
+    assert [default_steps(n) for n in (512, 1024, 256, 32, 9, 8, 1)] == [64, 64, 32, 4, 2, 1, 1]
+    assert GenerationOptions().fitted(32).steps == 4 and GenerationOptions(steps=7).fitted(32).steps == 7
+    with pytest.raises(ValueError, match="at most 32 steps"):
+        GenerationOptions(steps=64).plan(32)  # MaskBit's 64, given explicitly, does not fit a 32-group image
+    model = TokenGenerator(GeneratorConfig(16, 2, 9)).eval()  # 32 groups, unconditional: one forward per step
+    calls = captured_inputs(model)
+    ids = generate(model, None, sample_keys(0, [-1, -1], [0, 1]), GenerationOptions())
+    assert len(calls) == 4 and ids.shape == (2, 32)

@@ -1,6 +1,7 @@
-"""train.generator end to end on the CPU, the `tiny` preset on token rows whose answer is known (each class one
-fixed pattern): the masked-token loss falls, checkpoints load with `load_generator` and record the tokens'
-tokenizer, a run stopped by SIGTERM and resumed equals the straight run bit for bit, and mistakes end in one line."""
+"""train.generator end to end on the CPU, the `tiny` preset with the paper presets' dropout and clipping, on token
+rows whose answer is known (each class one fixed pattern): the masked-token loss falls, checkpoints load with
+`load_generator` and record the tokens' tokenizer, a run stopped by SIGTERM and resumed equals the straight run bit
+for bit (dropout's draws included), FSDP2 trains, and mistakes end in one line."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from train import generator, train_state
 from train.generator_config import make_config
 from train.generator_data import TokenBatch, TokenLayout
 
-TINY = ["--preset", "tiny", "data.batch_size=8", "trainer.log_every=5"]
+TINY = ["--preset", "tiny", "data.batch_size=8", "trainer.log_every=5",
+        "model.dropout=0.1", "model.attention_dropout=0.1"]  # B and L's dropout (and every preset's clipping)
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +189,11 @@ def test_presets_and_overrides_build_the_generator_for_the_shards():
     assert (model.width, model.depth, model.heads) == (1024, 12, 16)  # L's width, the override's depth
     assert config.opt.lr == 2e-4 and config.trainer.max_steps == 1000 and config.data.batch_size == 32
     assert (config.opt.warmup_steps, config.opt.lr_decay, config.opt.weight_decay) == (5000, "cosine", 0.045)
+    for preset in ("B", "L"):  # MaskBit's dropout and clipping; tiny (tests, the CPU demo) trains without dropout
+        recipe = make_config(preset, lo_imagenet, [])
+        assert (recipe.model.dropout, recipe.model.attention_dropout, recipe.trainer.max_grad_norm) == (0.1, 0.1, 1.0)
+    tiny = make_config("tiny", lo_imagenet, []).model
+    assert (tiny.dropout, tiny.attention_dropout) == (0.0, 0.0)
     unlabelled = TokenLayout(code_length=256, context_dim=56, bits=14, num_classes=0)  # FlowMo-Hi, no classes
     assert make_config("B", unlabelled, ["model.num_classes=0"]).model.groups == 4  # unconditional on request
     with pytest.raises(ValueError, match="preset B is class-conditional"):

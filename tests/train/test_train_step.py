@@ -67,3 +67,60 @@ def test_compiled_training_step_equals_eager():
     # rounding, so the weights are held to a small fraction of one step, not to float32 rounding.
     for name, w in weights_e.items():
         torch.testing.assert_close(weights_c[name], w, rtol=0, atol=0.05 * config.opt.lr, msg=name)
+
+
+def grad_norm(model) -> float:
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).item()
+
+
+def generator_step(clip: str, *overrides):
+    """One tiny generator step on a fixed batch with trainer.max_grad_norm=`clip`: (logged terms, the gradients'
+    norm after the step)."""
+    from flowmo_fast.maskgit.model import TokenGenerator
+    from train.generator import GeneratorObjective, weight_decay_groups
+    from train.generator_config import make_config
+    from train.generator_data import TokenBatch, TokenLayout
+
+    config = make_config("tiny", TokenLayout(16, 18, 9, 2), [f"trainer.max_grad_norm={clip}", *overrides])
+    torch.manual_seed(0)
+    model = TokenGenerator(config.model)
+    optimizer = build_optimizer(model, config, weight_decay_groups(model, config.opt.weight_decay))
+    batch = TokenBatch(torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1)), torch.arange(8) % 2)
+    torch.manual_seed(5)  # the same masks and label dropout for every setting
+    terms = train_step(GeneratorObjective(model).train(), model, batch, optimizer, config, CPU)
+    return terms.logged, grad_norm(model)
+
+
+def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_before_clipping_is_logged():
+    logged, unclipped = generator_step("null")
+    assert unclipped > 0.5 and logged["debug/original_grad_norm"].item() == pytest.approx(unclipped, rel=1e-5)
+    logged, clipped = generator_step("0.05")
+    assert clipped == pytest.approx(0.05, rel=1e-4)  # what the optimizer stepped with
+    assert logged["debug/original_grad_norm"].item() == pytest.approx(unclipped, rel=1e-5)  # the norm before
+    logged, _ = generator_step("0.05", "opt.log_norms=false")
+    assert set(logged) == {"total_loss", "masked_token_accuracy", "debug/original_grad_norm"}  # logged anyway
+    _, large = generator_step(str(2 * unclipped))  # below the limit: untouched
+    assert large == pytest.approx(unclipped, rel=1e-6)
+
+
+def test_clipping_defaults_the_generators_on_the_tokenizers_off_and_a_bad_limit_is_refused():
+    from train.generator_config import PRESETS, make_config
+    from train.generator_data import TokenLayout
+
+    assert flowmo_fast.load_config().trainer.max_grad_norm is None  # upstream's tokenizer trainer clips nothing
+    layout = TokenLayout(256, 18, 9, 1000)
+    assert {make_config(p, layout, []).trainer.max_grad_norm for p in PRESETS} == {1.0}  # MaskBit's
+    with pytest.raises(ValueError, match="trainer.max_grad_norm=0.0: must be a positive number"):
+        tiny("trainer.max_grad_norm=0")
+    with pytest.raises(ValueError, match="trainer.max_grad_norm=-1.0: must be a positive number"):
+        make_config("tiny", layout, ["trainer.max_grad_norm=-1"])
+
+
+def test_the_tokenizer_trainer_clips_when_asked():
+    config = tiny("trainer.max_grad_norm=1e-3", "opt.n_grad_acc=2")
+    torch.manual_seed(0)
+    model = flowmo_fast.FlowMo(config)
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.manual_seed(5)
+    terms = train_step(FlowMoObjective(model, None).train(), model, images, build_optimizer(model, config), config, CPU)
+    assert grad_norm(model) == pytest.approx(1e-3, rel=1e-3) and terms.logged["debug/original_grad_norm"] > 1e-2
