@@ -37,6 +37,7 @@ from eval import generate, gfid, weights
 from eval.fidelity import NEIGHBOURS
 from flowmo_fast import flags
 from flowmo_fast.formats.checkpoint import atomic_write, file_sha256
+from flowmo_fast.maskgit.pretrained import weights_file
 
 TABLE = "sweep.jsonl"
 SHARED = "sweep.json"
@@ -72,7 +73,7 @@ def log(message: str) -> None:
 def shared_record(s: SweepSettings) -> dict:
     """What every setting of the sweep shares: a rerun must share it too."""
     g, r = s.generation, s.scoring
-    path = generate.generator_path(g.generator_ckpt)
+    path = weights_file(g.generator_ckpt)  # a checkpoint, or a model folder's weights
     options = dataclasses.asdict(g.options)
     for swept in ("cfg", "temperature"):
         options.pop(swept)

@@ -61,6 +61,12 @@ def locate_generator(name_or_path: PathLike) -> str:
                             "model folder of save_pretrained, or a Hugging Face repository user/repo)")
 
 
+def weights_file(name_or_path: PathLike) -> str:
+    """The file whose sha256 names a generator (what eval.generate records): a checkpoint, or a folder's weights."""
+    path = locate_generator(name_or_path)
+    return os.path.join(path, WEIGHTS) if os.path.isdir(path) else path
+
+
 def from_pretrained(name_or_path: PathLike, which: Optional[str] = None, device: Any = "cpu") -> LoadedGenerator:
     """The generator in eval mode on `device`, with its token record (see the module docstring for what
     `name_or_path` may be). `which`: "ema" or "model" weights of a checkpoint (None: "ema"); a model folder holds

@@ -12,7 +12,7 @@ from PIL import Image
 from torch_fidelity.metric_prc import calculate_precision_recall_full
 
 from eval import gfid
-from eval.fidelity import FidelityInception, inception_score, pool_statistics, precision_recall
+from eval.fidelity import FidelityInception, inception_score, precision_recall, statistics_of
 from eval.image_sets import NpzImages
 from eval.metrics import feature_statistics
 
@@ -118,11 +118,13 @@ def test_fid_against_given_statistics_uses_the_references_mean_and_covariance():
     against (mu + d, S): |d|^2. (The samples' own S in place of the reference's would give 0 and |d|^2.)"""
     g = torch.Generator().manual_seed(0)
     samples = torch.randn(64, 6, generator=g) @ torch.randn(6, 6, generator=g)  # [64, 6], correlated
-    mu, sigma = pool_statistics(samples)
+    mu, sigma = statistics_of(samples)
     images = torch.zeros(4, 6)  # the batch's image features: not what FID uses when it has mu / sigma
-    assert gfid.ReferenceStatistics(images, (mu, 4 * sigma)).fid(samples) == pytest.approx(np.trace(sigma), rel=1e-6)
+    spatial = statistics_of(samples)  # (sFID's; not used by fid)
+    given = gfid.ReferenceStatistics(images, spatial, given=(mu, 4 * sigma))
+    assert given.fid(samples) == pytest.approx(np.trace(sigma), rel=1e-6)
     d = np.arange(6.0)
-    assert gfid.ReferenceStatistics(images, (mu + d, sigma)).fid(samples) == pytest.approx(d @ d, rel=1e-6)
+    assert gfid.ReferenceStatistics(images, spatial, given=(mu + d, sigma)).fid(samples) == pytest.approx(d @ d, rel=1e-6)
 
 
 def test_an_adm_reference_batch_gives_fid_and_sfid_from_its_moments_and_precision_recall_from_its_images(
