@@ -19,6 +19,7 @@ from typing import Iterable, Literal, Optional
 
 from eval.rfid import METRICS
 from flowmo_fast.formats.checkpoint import atomic_write
+from flowmo_fast.sampler_settings import EULER
 
 Status = Literal["ok", "failed"]  # as history.jsonl writes it
 OK: Status = "ok"
@@ -49,6 +50,8 @@ class Evaluation:
     @classmethod
     def from_json(cls, line: str) -> "Evaluation":
         d = json.loads(line)
+        if d.get("sampler") and "solver" not in d["sampler"]:  # written before solvers were a setting: Euler's
+            d["sampler"] = {**d["sampler"], "solver": EULER}
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
     def to_json(self) -> str:

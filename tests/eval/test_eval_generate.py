@@ -205,3 +205,16 @@ def test_an_unconditional_generator_makes_per_class_rows_in_all(tiny_checkpoint,
     assert [s["name"] for s in shards.sources()] == ["sample/000000", "sample/000001", "sample/000002"]
     assert all("label" not in s for s in shards.sources()) and not (tmp_path / "u" / "labels.npy").exists()
     assert "unconditional" in one_line_exit(["--generator", ckpt, "--out", tmp_path / "v", "--classes", "0", *ARGS])
+
+
+def test_decode_flags_reach_the_sampler_settings():
+    """--decode-steps, --decode-cfg, --decode-solver: the tokenizer's sampler settings the user gave (None: the
+    checkpoint's own)."""
+    from flowmo_fast.sampler_settings import SamplingOverrides
+
+    base = ["--generator", "g.pth", "--out", "o"]
+    assert generate.settings_from(generate.parse_args(base)).decode == SamplingOverrides()
+    args = generate.parse_args([*base, "--decode-steps", "8", "--decode-solver", "ab2"])
+    assert generate.settings_from(args).decode == SamplingOverrides(steps=8, solver="ab2")
+    with pytest.raises(SystemExit):
+        generate.parse_args([*base, "--decode-solver", "rk4"])
