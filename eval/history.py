@@ -66,17 +66,8 @@ class History:
         self.records: list[Evaluation] = self._read(log)
 
     def _read(self, log) -> list[Evaluation]:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path, "rb") as f:
-            data = f.read()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) < len(data):  # a line torn by a crash mid-write: never evaluated, as far as we know
-            log(f"note: {self.path} ends in an incomplete line ({len(data) - len(complete)} bytes); cut off")
-            with open(self.path, "r+b") as f:
-                f.truncate(len(complete))
         records = []
-        for number, line in enumerate(complete.decode().splitlines(), 1):
+        for number, line in enumerate(complete_lines(self.path, log), 1):
             try:
                 records.append(Evaluation.from_json(line))
             except (ValueError, TypeError) as e:
@@ -91,16 +82,36 @@ class History:
         """Add one line, written whole (one write), flushed to disk before returning."""
         if record.step in self.steps():
             raise ValueError(f"step {record.step} is in {self.path} already: a step is evaluated once")
-        line = (record.to_json() + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            written = 0
-            while written < len(line):
-                written += os.write(fd, line[written:])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.path, record.to_json())
         self.records.append(record)
+
+
+def complete_lines(path: str, log=print) -> list[str]:
+    """The lines of an append-only JSONL file (none if it is missing); a last line torn by a crash mid-write is
+    cut off the file, said in one `log` line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) < len(data):  # a line torn by a crash mid-write: never finished, as far as we know
+        log(f"note: {path} ends in an incomplete line ({len(data) - len(complete)} bytes); cut off")
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    return complete.decode().splitlines()
+
+
+def append_line(path: str, text: str) -> None:
+    """`text` and a newline at the end of `path`, written whole (one write), flushed to disk before returning."""
+    line = (text + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        written = 0
+        while written < len(line):
+            written += os.write(fd, line[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
