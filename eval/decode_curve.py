@@ -107,7 +107,7 @@ def curve_identity(s: CurveSettings, model, base: SamplingOptions, dataset, metr
     size = model.config.data.image_size
     sampler = {k: v for k, v in base.to_dict().items() if k not in ("steps", "solver")}
     return json.loads(json.dumps({
-        "checkpoint": {"path": os.path.abspath(s.ckpt), "sha256": file_sha256(s.ckpt), "which": s.evaluation.which},
+        "checkpoint": {"sha256": file_sha256(s.ckpt), "which": s.evaluation.which},  # the file may move
         "data": rfid.data_record(dataset, s.evaluation, size),
         "sampler": {**sampler, "seed": s.evaluation.seed},
         "metrics": metric_names,
@@ -115,7 +115,9 @@ def curve_identity(s: CurveSettings, model, base: SamplingOptions, dataset, metr
     }))
 
 
-def check_or_write_identity(path: str, identity: dict) -> None:
+def check_or_write_identity(path: str, identity: dict, write: bool) -> None:
+    """Refuse a curve in `path` of other settings (every process checks); `write` (the main process): record
+    these when there is none yet."""
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
@@ -125,6 +127,8 @@ def check_or_write_identity(path: str, identity: dict) -> None:
                 f"{path} holds a curve of other settings ({', '.join(changed)}: {[before.get(k) for k in changed]} "
                 f"then, {[identity[k] for k in changed]} now); give the earlier flags, or another --out"
             )
+        return
+    if not write:
         return
     body = json.dumps(identity, indent=2).encode()
     atomic_write(path, lambda f: f.write(body))
@@ -239,8 +243,7 @@ def open_curve(s: CurveSettings, procs: Processes, log) -> Curve:
     names = [*measure.names, *(["rfid"] if "inception" in paths else [])]
     identity = curve_identity(s, model, base, dataset, names)
     os.makedirs(s.out, exist_ok=True)
-    if procs.is_main:
-        check_or_write_identity(os.path.join(s.out, "settings.json"), identity)
+    check_or_write_identity(os.path.join(s.out, "settings.json"), identity, write=procs.is_main)
     records = read_records(os.path.join(s.out, "curve.jsonl"), log)
     ref_path = os.path.join(s.out, f"reference-rank{procs.rank}-of-{procs.world_size}.pt")
     reference = Reference(ref_path, {**identity["sampler"], "reference": identity["reference"]})
