@@ -19,6 +19,7 @@ from flowmo_fast.formats.checkpoint import atomic_write
 from flowmo_fast.sampler_settings import SOLVERS, parse_solver
 
 REFERENCE_DISTANCE = "ref_rmse"  # not a quality: no noise, no verdict; its own panel, on a log scale
+ZOOM_PASSES = 8  # quality panels show the values of points with this many passes or more (and the baseline's band)
 COLUMNS = ("psnr", "ssim", "lpips_alex", "lpips_vgg", "rfid", REFERENCE_DISTANCE)
 FORMATS = {"psnr": ".2f", "ssim": ".4f", "lpips_alex": ".4f", "lpips_vgg": ".4f", "rfid": ".3f",
            REFERENCE_DISTANCE: ".2e"}
@@ -197,7 +198,9 @@ def write_table(path: str, header: list[str], records: list[PointRecord], s: Swe
 
 def write_plot(path: str, records: list[PointRecord], s: Sweep, seed: int, noise: dict[str, float]) -> None:
     """curve.png: one panel per metric against decoder passes (log scale), one line per solver (noise seed
-    `seed`); the baseline's value as a dashed line in its noise band."""
+    `seed`); the baseline's value as a dashed line in its noise band. Quality panels are zoomed to the points
+    of ZOOM_PASSES passes or more (the cheapest points of a bad solver would squash the rest; the table has
+    them all)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -210,18 +213,34 @@ def write_plot(path: str, records: list[PointRecord], s: Sweep, seed: int, noise
                            and r.metrics.get(name) is not None), key=lambda r: r.passes)
             axes.plot([r.passes for r in line], [r.metrics[name] for r in line], marker="o", markersize=3,
                       label=solver)
+        band = []
         if base is not None and base.metrics.get(name) is not None and name != REFERENCE_DISTANCE:
             value, spread = base.metrics[name], noise.get(name, 0.0)
+            band = [value - spread, value + spread]
             axes.axhline(value, color="gray", linestyle="--", linewidth=1, label=f"{s.baseline}")
             axes.axhspan(value - spread, value + spread, color="gray", alpha=0.2, linewidth=0)
         axes.set_xscale("log", base=2)
         if name == REFERENCE_DISTANCE:
             axes.set_yscale("log")
+        else:
+            zoom_to(axes, band + [r.metrics[name] for r in records if r.seed == seed and r.passes >= ZOOM_PASSES
+                                  and r.metrics.get(name) is not None and r.steps in s.steps])
         info = METRICS.get(name)
         direction = f" ({'higher' if info.higher_is_better else 'lower'} is better)" if info else f" to {s.reference}"
         axes.set_title(name + direction, fontsize="medium")
         axes.set_xlabel("decoder passes per image")
     figure.axes[0].legend(fontsize="small")
+    figure.suptitle(f"quality panels: y range of the points with {ZOOM_PASSES} passes or more", fontsize="small")
     png = io.BytesIO()
     FigureCanvasAgg(figure).print_png(png)
     atomic_write(path, lambda f: f.write(png.getvalue()))
+
+
+def zoom_to(axes, values: list[float]) -> None:
+    """y limits around `values`, padded, inside the present ones (nothing without values)."""
+    if not values:
+        return
+    lo, hi = axes.get_ylim()
+    low, high = min(values), max(values)
+    pad = 0.1 * (high - low) or 0.01 * abs(high) or 0.01
+    axes.set_ylim(max(lo, low - pad), min(hi, high + pad))

@@ -51,7 +51,7 @@ from flowmo_fast.formats.token_shards import (
 from flowmo_fast.maskgit.model import LoadedGenerator, load_generator
 from flowmo_fast.maskgit.sampling import GenerationOptions, GraphedGenerator, generate, sample_keys
 from flowmo_fast.noise import image_noise
-from flowmo_fast.sampler_settings import SOLVERS, SamplingOverrides
+from flowmo_fast.sampler_settings import NAMED_SAMPLERS, SOLVERS, SamplingOverrides
 from flowmo_fast.tokenize import finish, prepare
 
 BARRIER_TIMEOUT = datetime.timedelta(hours=6)
@@ -293,6 +293,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     d.add_argument("--decode-steps", type=flags.positive_int, help="FlowMo sampler steps")
     d.add_argument("--decode-cfg", type=float, help="FlowMo sampler guidance scale")
     d.add_argument("--decode-solver", choices=SOLVERS, help="FlowMo sampler ODE solver (as eval.rfid's --solver)")
+    d.add_argument("--decode-sampler", choices=tuple(NAMED_SAMPLERS),
+                   help="a named FlowMo sampler (as eval.rfid's --sampler), under the two flags above")
     d.add_argument("--decode-batch-size", type=flags.positive_int, default=16, help="images per decoder call")
     flags.add_device_flag(p)
     p.add_argument("--no-graph", action="store_true", help="on CUDA, run the sampling loop eagerly (no CUDA graph)")
@@ -306,9 +308,15 @@ def settings_from(args: argparse.Namespace) -> GenerateSettings:
         generator_ckpt=args.generator, out=args.out, which=args.which, per_class=args.per_class, classes=args.classes,
         options=options, seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,
         tokenizer=resolve_checkpoint(args.tokenizer) if args.tokenizer else None,
-        decode=SamplingOverrides(steps=args.decode_steps, cfg=args.decode_cfg, solver=args.decode_solver),
+        decode=decode_overrides(args),
         decode_batch_size=args.decode_batch_size, device=args.device, graph=not args.no_graph,
     )
+
+
+def decode_overrides(args: argparse.Namespace) -> SamplingOverrides:
+    """--decode-sampler's settings with --decode-steps, --decode-cfg, --decode-solver over them."""
+    named = NAMED_SAMPLERS[args.decode_sampler] if args.decode_sampler else SamplingOverrides()
+    return named.then(SamplingOverrides(steps=args.decode_steps, cfg=args.decode_cfg, solver=args.decode_solver))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -208,13 +208,15 @@ def test_an_unconditional_generator_makes_per_class_rows_in_all(tiny_checkpoint,
 
 
 def test_decode_flags_reach_the_sampler_settings():
-    """--decode-steps, --decode-cfg, --decode-solver: the tokenizer's sampler settings the user gave (None: the
-    checkpoint's own)."""
+    """--decode-steps, --decode-cfg, --decode-solver, --decode-sampler: the tokenizer's sampler settings the user
+    gave (None: the checkpoint's own)."""
     from flowmo_fast.sampler_settings import SamplingOverrides
 
     base = ["--generator", "g.pth", "--out", "o"]
     assert generate.settings_from(generate.parse_args(base)).decode == SamplingOverrides()
     args = generate.parse_args([*base, "--decode-steps", "8", "--decode-solver", "ab2"])
     assert generate.settings_from(args).decode == SamplingOverrides(steps=8, solver="ab2")
+    args = generate.parse_args([*base, "--decode-sampler", "fast", "--decode-steps", "8"])
+    assert generate.settings_from(args).decode == SamplingOverrides(steps=8, solver="ab2")  # the flag over the name
     with pytest.raises(SystemExit):
         generate.parse_args([*base, "--decode-solver", "rk4"])

@@ -9,6 +9,7 @@ import torch
 
 import flowmo_fast
 from flowmo_fast.flags import add_sampler_flags, sampling_overrides
+from flowmo_fast.flowmo.flops import decoder_passes
 from flowmo_fast.sampler_settings import UPSTREAM, SamplingConfig, SamplingOptions
 
 
@@ -51,7 +52,7 @@ def test_flags_override_only_what_is_given():
     assert sampling_overrides(args).over(base) == base.replace(solver="ab2")
     assert sampling_overrides(args).over(base.replace(solver="heun")).solver == "ab2"
     bad_flags = (["--steps", "0"], ["--schedule", "cosine"], ["--cfg-interval", "1,0"], ["--seed", "-1"],
-                 ["--solver", "rk4"])
+                 ["--solver", "rk4"], ["--sampler", "faster"])
     for bad in bad_flags:
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
@@ -69,6 +70,17 @@ def test_impossible_settings_name_the_problem(kwargs, message):
 
 def test_options_are_hashable_keys():
     assert len({UPSTREAM, UPSTREAM.replace(cfg_interval=".17,1.02"), UPSTREAM.replace(steps=3)}) == 2
+
+
+def test_a_named_sampler_lies_under_the_flags():
+    """--sampler fast: Adams-Bashforth 2 in 12 steps, 15 decoder passes with upstream's guidance interval (the
+    README's measured setting); flags given beside it override its settings."""
+    parser = argparse.ArgumentParser()
+    add_sampler_flags(parser)
+    fast = sampling_overrides(parser.parse_args(["--sampler", "fast"])).over(UPSTREAM)
+    assert fast == UPSTREAM.replace(steps=12, solver="ab2") and decoder_passes(fast) == 15 < decoder_passes(UPSTREAM)
+    args = parser.parse_args(["--sampler", "fast", "--steps", "16", "--cfg", "2"])
+    assert sampling_overrides(args).over(UPSTREAM) == UPSTREAM.replace(steps=16, solver="ab2", cfg=2.0)
 
 
 def test_the_solver_is_stored_in_checkpoints_and_read_back(tmp_path, tiny_model):
