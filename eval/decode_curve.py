@@ -332,7 +332,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--ckpt", required=True, help="FlowMo checkpoint file, or flowmo_lo / flowmo_hi by name")
     rfid.add_evaluation_flags(p)
     p.add_argument("--no-rfid", action="store_true", help="skip rFID (no Inception weights needed)")
-    c = p.add_argument_group("the curve (the sampler's --steps and --solver are swept: give these instead)")
+    c = p.add_argument_group("the curve (it sweeps the sampler's --steps and --solver: give these instead)")
     c.add_argument("--solvers", type=comma_list(flags.checked(parse_solver)), default=SOLVERS,
                    help=f"comma-separated (default {','.join(SOLVERS)})")
     c.add_argument("--step-counts", type=comma_list(flags.positive_int), default=DEFAULT_STEPS,
@@ -347,8 +347,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     flags.add_device_flag(p)
     args = p.parse_args(argv)
     flags.check_data_flags(p, args)
-    if args.steps is not None or args.solver is not None:
-        p.error("--steps and --solver are what the curve sweeps: give --step-counts and --solvers")
+    if args.steps is not None or args.solver is not None or args.sampler is not None:
+        p.error("--steps, --solver and --sampler set what the curve sweeps: give --step-counts and --solvers")
     if args.noise_seeds < 2:
         p.error("--noise-seeds must be at least 2: the metrics' noise is their spread over the baseline's seeds")
     args.out = args.out or os.path.join("eval_results", os.path.splitext(os.path.basename(args.ckpt))[0] + "_curve")

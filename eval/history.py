@@ -3,7 +3,8 @@ best.json (the best checkpoint by the selection metric), curves.png (each metric
 best.pth (the best checkpoint, kept from training's retention).
 
 history.jsonl is only ever appended to, one whole line per write, so an interrupted watch leaves complete lines
-(a torn last line, from a crash mid-write, is cut off when the history is next opened). Which checkpoint is best,
+(a torn last line, from a crash mid-write, is cut off when the history is next opened); eval.decode_curve's
+curve.jsonl is written and read with the same two functions (`append_line`, `complete_lines`). Which checkpoint is best,
 and for how long it has been, is computed from the history alone: a restarted watch picks up where it was.
 """
 

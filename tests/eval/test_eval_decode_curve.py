@@ -125,7 +125,8 @@ def test_a_point_measures_as_eval_rfid_does(tiny_checkpoint, inception_weights, 
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "4"], "--steps and --solver are what the curve sweeps"),
+    (["--steps", "4"], "--steps, --solver and --sampler set what the curve sweeps"),
+    (["--sampler", "fast"], "give --step-counts and --solvers"),
     (["--noise-seeds", "1"], "at least 2"),
     (["--baseline", "euler"], "SOLVER:STEPS"),
     (["--solvers", "euler,rk4"], "allowed are euler"),
