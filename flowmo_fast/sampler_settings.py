@@ -9,11 +9,12 @@
 The defaults are upstream's `eval.sampling`: 25 Euler steps, cfg 1.5, schedule pow_0.25, guidance for EDM sigmas
 in (0.17, 1.02). A model samples with its own config's settings unless given others.
 
-Solvers of the ODE dz/dt = f(z, t) from t = 1 to 0, with f the (guided) velocity and h_i = t_i - t_(i+1) > 0:
-- `euler` (upstream's; 1 pass a step): z_(i+1) = z_i - h_i f(z_i, t_i). First order.
-- `heun` (2 passes a step): k1 = f(z_i, t_i), k2 = f(z_i - h_i k1, t_(i+1)), z_(i+1) = z_i - h_i (k1 + k2) / 2.
-- `midpoint` (2 passes a step): k1 as Heun's, k2 = f(z_i - h_i k1 / 2, t_i - h_i / 2), z_(i+1) = z_i - h_i k2.
-- `ab2`, Adams-Bashforth 2 on the schedule's uneven steps (1 pass a step, reusing the previous step's velocity):
+Solvers of the ODE dz/dt = f(z, t) from t = 1 to 0, with f the (guided) velocity and h_i = t_i - t_(i+1) > 0 (a
+guided velocity costs two decoder passes, an unguided one one):
+- `euler` (upstream's; 1 velocity a step): z_(i+1) = z_i - h_i f(z_i, t_i). First order.
+- `heun` (2 velocities a step): k1 = f(z_i, t_i), k2 = f(z_i - h_i k1, t_(i+1)), z_(i+1) = z_i - h_i (k1 + k2) / 2.
+- `midpoint` (2 velocities a step): k1 as Heun's, k2 = f(z_i - h_i k1 / 2, t_i - h_i / 2), z_(i+1) = z_i - h_i k2.
+- `ab2`, Adams-Bashforth 2 on the schedule's uneven steps (1 velocity a step, reusing the previous step's one):
   z_(i+1) = z_i - h_i ((1 + r / 2) k_i - (r / 2) k_(i-1)), r = h_i / h_(i-1); its first step is Euler's, and so is
   a step where guidance switches on or off (the previous velocity is of the other field, not an earlier value
   of this one).
