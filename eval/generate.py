@@ -72,7 +72,7 @@ from flowmo_fast.maskgit.sampling import (
     sample_keys,
 )
 from flowmo_fast.noise import image_noise
-from flowmo_fast.sampler_settings import SamplingOverrides
+from flowmo_fast.sampler_settings import NAMED_SAMPLERS, SOLVERS, SamplingOverrides
 from flowmo_fast.tokenize import finish, prepare
 
 BARRIER_TIMEOUT = datetime.timedelta(hours=6)
@@ -222,7 +222,7 @@ def decode_images(s: GenerateSettings, procs: Processes) -> int:
     todo = [r for r in range(len(shards)) if not os.path.exists(png_path(images, r))][procs.rank :: procs.world_size]
     os.makedirs(images, exist_ok=True)
     if procs.is_main:
-        log(f"decoding with {s.tokenizer}: {sampling.steps} steps, cfg {sampling.cfg}, {size}x{size}")
+        log(f"decoding with {s.tokenizer}: {sampling.steps} {sampling.solver} steps, cfg {sampling.cfg}, {size}x{size}")
     batch = min(s.decode_batch_size, len(todo))  # every decoder call at this size: a short last batch is padded
     with tqdm(total=len(todo), unit="img", desc="decode", disable=not procs.is_main, dynamic_ncols=True) as bar:
         for i in range(0, len(todo), s.decode_batch_size):
@@ -354,6 +354,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d.add_argument("--tokenizer", help="FlowMo checkpoint (file, or flowmo_lo / flowmo_hi) to decode the rows with")
     d.add_argument("--decode-steps", type=flags.positive_int, help="FlowMo sampler steps")
     d.add_argument("--decode-cfg", type=float, help="FlowMo sampler guidance scale")
+    d.add_argument("--decode-solver", choices=SOLVERS, help="FlowMo sampler ODE solver (as eval.rfid's --solver)")
+    d.add_argument("--decode-sampler", choices=tuple(NAMED_SAMPLERS),
+                   help="a named FlowMo sampler (as eval.rfid's --sampler), under the two flags above")
     d.add_argument("--decode-batch-size", type=flags.positive_int, default=16, help="images per decoder call")
     flags.add_device_flag(p)
     p.add_argument("--no-graph", action="store_true", help="on CUDA, run the sampling loop eagerly (no CUDA graph)")
@@ -404,9 +407,15 @@ def settings_from(args: argparse.Namespace) -> GenerateSettings:
         generator_ckpt=args.generator, out=args.out, which=args.which, per_class=args.per_class, classes=args.classes,
         options=options, seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,
         tokenizer=resolve_checkpoint(args.tokenizer) if args.tokenizer else None,
-        decode=SamplingOverrides(steps=args.decode_steps, cfg=args.decode_cfg),
+        decode=decode_overrides(args),
         decode_batch_size=args.decode_batch_size, device=args.device, graph=not args.no_graph,
     )
+
+
+def decode_overrides(args: argparse.Namespace) -> SamplingOverrides:
+    """--decode-sampler's settings with --decode-steps, --decode-cfg, --decode-solver over them."""
+    named = NAMED_SAMPLERS[args.decode_sampler] if args.decode_sampler else SamplingOverrides()
+    return named.then(SamplingOverrides(steps=args.decode_steps, cfg=args.decode_cfg, solver=args.decode_solver))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -3,7 +3,8 @@ best.json (the best checkpoint by the selection metric), curves.png (each metric
 best.pth (the best checkpoint, kept from training's retention).
 
 history.jsonl is only ever appended to, one whole line per write, so an interrupted watch leaves complete lines
-(a torn last line, from a crash mid-write, is cut off when the history is next opened). Which checkpoint is best,
+(a torn last line, from a crash mid-write, is cut off when the history is next opened); eval.decode_curve's
+curve.jsonl is written and read with the same two functions (`append_line`, `complete_lines`). Which checkpoint is best,
 and for how long it has been, is computed from the history alone: a restarted watch picks up where it was.
 """
 
@@ -19,6 +20,7 @@ from typing import Iterable, Literal, Optional
 
 from eval.rfid import METRICS
 from flowmo_fast.formats.checkpoint import atomic_write
+from flowmo_fast.sampler_settings import EULER
 
 Status = Literal["ok", "failed"]  # as history.jsonl writes it
 OK: Status = "ok"
@@ -49,6 +51,8 @@ class Evaluation:
     @classmethod
     def from_json(cls, line: str) -> "Evaluation":
         d = json.loads(line)
+        if d.get("sampler") and "solver" not in d["sampler"]:  # written before solvers were a setting: Euler's
+            d["sampler"] = {**d["sampler"], "solver": EULER}
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
     def to_json(self) -> str:
@@ -63,17 +67,8 @@ class History:
         self.records: list[Evaluation] = self._read(log)
 
     def _read(self, log) -> list[Evaluation]:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path, "rb") as f:
-            data = f.read()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) < len(data):  # a line torn by a crash mid-write: never evaluated, as far as we know
-            log(f"note: {self.path} ends in an incomplete line ({len(data) - len(complete)} bytes); cut off")
-            with open(self.path, "r+b") as f:
-                f.truncate(len(complete))
         records = []
-        for number, line in enumerate(complete.decode().splitlines(), 1):
+        for number, line in enumerate(complete_lines(self.path, log), 1):
             try:
                 records.append(Evaluation.from_json(line))
             except (ValueError, TypeError) as e:
@@ -88,16 +83,36 @@ class History:
         """Add one line, written whole (one write), flushed to disk before returning."""
         if record.step in self.steps():
             raise ValueError(f"step {record.step} is in {self.path} already: a step is evaluated once")
-        line = (record.to_json() + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            written = 0
-            while written < len(line):
-                written += os.write(fd, line[written:])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.path, record.to_json())
         self.records.append(record)
+
+
+def complete_lines(path: str, log=print) -> list[str]:
+    """The lines of an append-only JSONL file (none if it is missing); a last line torn by a crash mid-write is
+    cut off the file, said in one `log` line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) < len(data):  # a line torn by a crash mid-write: never finished, as far as we know
+        log(f"note: {path} ends in an incomplete line ({len(data) - len(complete)} bytes); cut off")
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    return complete.decode().splitlines()
+
+
+def append_line(path: str, text: str) -> None:
+    """`text` and a newline at the end of `path`, written whole (one write), flushed to disk before returning."""
+    line = (text + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        written = 0
+        while written < len(line):
+            written += os.write(fd, line[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

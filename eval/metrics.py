@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import lpips
 import numpy as np
@@ -221,9 +221,10 @@ def build_lpips(net: str, backbone_path: str) -> nn.Module:
 
 
 class ReconstructionMetrics(nn.Module):
-    """Per-image metrics and Inception features of originals and their reconstructions."""
+    """Per-image metrics and Inception features of originals and their reconstructions (no features without
+    an `inception`: eval.decode_curve where its weights are missing)."""
 
-    def __init__(self, inception: InceptionPool3, lpips_nets: Mapping[str, nn.Module]):
+    def __init__(self, inception: Optional[InceptionPool3], lpips_nets: Mapping[str, nn.Module]):
         super().__init__()
         self.inception = inception
         self.lpips_nets = nn.ModuleDict(dict(lpips_nets))
@@ -241,6 +242,8 @@ class ReconstructionMetrics(nn.Module):
         for name, net in self.lpips_nets.items():
             per_image[f"lpips_{name}"] = net(originals.float(), reconstructions.float()).flatten().double()
         per_image = {k: v.cpu() for k, v in per_image.items()}
+        if self.inception is None:
+            return Measurement(per_image, None, None)
         return Measurement(per_image, self.inception(originals).cpu(), self.inception(reconstructions).cpu())
 
 
@@ -248,5 +251,5 @@ class Measurement(NamedTuple):
     """One batch measured by `ReconstructionMetrics`."""
 
     per_image: dict[str, Tensor]  # metric name -> float64 [B]
-    features_originals: Tensor  # [B, FEATURE_DIM] Inception pool features
-    features_reconstructions: Tensor  # [B, FEATURE_DIM]
+    features_originals: Optional[Tensor]  # [B, FEATURE_DIM] Inception pool features (None: no Inception)
+    features_reconstructions: Optional[Tensor]  # [B, FEATURE_DIM]

@@ -22,7 +22,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -168,7 +168,8 @@ def locate_weights(given: MetricWeights) -> dict[str, str]:
 
 
 def build_metrics(paths: dict[str, str], device: torch.device) -> metrics.ReconstructionMetrics:
-    inception = metrics.InceptionPool3(paths["inception"])
+    """The metric networks whose weight files `paths` has (without "inception": no features, no rFID)."""
+    inception = metrics.InceptionPool3(paths["inception"]) if "inception" in paths else None
     lpips_nets = {net: metrics.build_lpips(net, paths[net]) for net in metrics.LPIPS_NETS if net in paths}
     return metrics.ReconstructionMetrics(inception, lpips_nets).to(device).eval()
 
@@ -198,16 +199,18 @@ def write_json(obj, path: str) -> None:
 
 
 def summarize(gathered: Gathered) -> dict[str, Optional[float]]:
-    """Means of the per-image metrics and the rFID (None with fewer than two images)."""
+    """Means of the per-image metrics and the rFID (None with fewer than two images; left out without an
+    Inception, whose features are then empty)."""
     x, r = gathered.features_originals, gathered.features_reconstructions
-    out = {"rfid": metrics.fid(x.numpy(), r.numpy()) if len(x) >= 2 else None}
+    no_inception = len(x) == 0 and len(gathered.per_image["psnr"]) > 0
+    out = {} if no_inception else {"rfid": metrics.fid(x.numpy(), r.numpy()) if len(x) >= 2 else None}
     out.update({name: float(values.mean()) for name, values in gathered.per_image.items()})
     return out
 
 
 def metrics_line(m: dict[str, Optional[float]]) -> str:
     """'rFID 1.2345  PSNR 20.123  SSIM 0.5000  LPIPS-vgg 0.1234' (any further named metric as name value)."""
-    parts = [f"rFID {m['rfid']:.4f}" if m.get("rfid") is not None else "rFID n/a (<2 images)"]
+    parts = [f"rFID {m['rfid']:.4f}" if m.get("rfid") is not None else "rFID n/a (<2 images)"] if "rfid" in m else []
     parts += [f"PSNR {m['psnr']:.3f}", f"SSIM {m['ssim']:.4f}"]
     parts += [f"LPIPS-{k[6:]} {v:.4f}" for k, v in m.items() if k.startswith("lpips_")]
     others = [k for k in m if k not in ("rfid", "psnr", "ssim") and not k.startswith("lpips_")]
@@ -228,6 +231,15 @@ def sampler_record(sampling: SamplingOptions, seed: int) -> dict:
 
 def data_record(dataset: ImageDataset, s: EvaluationSettings, image_size: int) -> dict:
     return {"dataset": dataset.describe(), "subsample": s.subsample, "max_images": s.max_images, "image_size": image_size}
+
+
+class PerImage(Protocol):
+    """More per-image values of each batch, from its rows and reconstructions (eval.decode_curve's distance to
+    a reference solution), beside the metrics; `names`: the values it gives."""
+
+    names: Sequence[str]
+
+    def __call__(self, rows: list[int], reconstructions: Tensor) -> dict[str, Tensor]: ...  # name -> float64 [B]
 
 
 @dataclass
@@ -259,9 +271,10 @@ class Measured:
 
 def reconstruct_and_measure(
     model, measure, loader, sampling: SamplingOptions, seed: int, procs: Processes, total: int,
-    recon_dir: Optional[str] = None, desc: str = "reconstructing",
+    recon_dir: Optional[str] = None, desc: str = "reconstructing", also: Optional[PerImage] = None,
 ) -> Collected:
-    got = Collected(values={name: [] for name in (*measure.names, *model.quantizer.per_sample_names)})
+    names = (*measure.names, *model.quantizer.per_sample_names, *(also.names if also is not None else ()))
+    got = Collected(values={name: [] for name in names})
     psnr_sum = 0.0
     bar = tqdm(total=total, unit="img", desc=desc, disable=not procs.is_main, dynamic_ncols=True)
     for batch in loader:
@@ -275,9 +288,12 @@ def reconstruct_and_measure(
         reconstructions = out.images
         measured = measure(images, reconstructions)
         values = {**measured.per_image, **{name: v.double().cpu() for name, v in out.quantizer.per_sample.items()}}
-        got.rows += rows  # ^ infill_mse of the LLM type
-        got.features_x.append(measured.features_originals)
-        got.features_r.append(measured.features_reconstructions)
+        if also is not None:  # ^ infill_mse of the LLM type
+            values.update(also(rows, reconstructions))
+        got.rows += rows
+        if measured.features_originals is not None:
+            got.features_x.append(measured.features_originals)
+            got.features_r.append(measured.features_reconstructions)
         for name, v in values.items():
             got.values[name].append(v)
         if recon_dir is not None:
@@ -295,7 +311,7 @@ class Gathered(NamedTuple):
     """Every process's results, sorted by data-set row."""
 
     per_image: dict[str, Tensor]  # metric name -> float64 [N]
-    features_originals: Tensor  # [N, FEATURE_DIM]
+    features_originals: Tensor  # [N, FEATURE_DIM] ([0, FEATURE_DIM] without an Inception)
     features_reconstructions: Tensor  # [N, FEATURE_DIM]
     skipped: list[str]  # names of undecodable images
 
@@ -308,8 +324,9 @@ def gather_in_row_order(got: Collected, procs: Processes) -> Gathered:
 
     order = torch.argsort(gathered([torch.tensor(got.rows, dtype=torch.long)], torch.zeros(0, dtype=torch.long)))
     no_features = torch.zeros((0, metrics.FEATURE_DIM))
-    features_x = gathered(got.features_x, no_features)[order]
-    features_r = gathered(got.features_r, no_features)[order]
+    features_x, features_r = (gathered(parts, no_features) for parts in (got.features_x, got.features_r))
+    if len(features_x):  # none without an Inception (eval.decode_curve)
+        features_x, features_r = features_x[order], features_r[order]
     values = {n: gathered(v, torch.zeros(0, dtype=torch.float64))[order] for n, v in got.values.items()}
     skipped = sum(gather_objects(got.skipped, procs), [])
     return Gathered(values, features_x, features_r, skipped)
@@ -318,10 +335,11 @@ def gather_in_row_order(got: Collected, procs: Processes) -> Gathered:
 def measure_model(
     model, sampling: SamplingOptions, dataset: ImageDataset, measure: metrics.ReconstructionMetrics,
     s: EvaluationSettings, procs: Processes, recon_dir: Optional[str] = None, desc: str = "reconstructing",
+    also: Optional[PerImage] = None,
 ) -> Optional[Measured]:
     """Reconstruct the rows of `dataset` that `s` keeps (subsample, max_images) with `model` and `sampling`,
-    each image's noise from (seed, its row), and measure them with `measure`. Every process takes its batches;
-    the main process gets the result (None elsewhere). `recon_dir`: also save every reconstruction."""
+    each image's noise from (seed, its row), and measure them with `measure` (and `also`). Every process takes
+    its batches; the main process gets the result (None elsewhere). `recon_dir`: also save every reconstruction."""
     batches = batches_of_rank(len(dataset), s, procs)
     loader = DataLoader(
         dataset, batch_sampler=batches, num_workers=s.workers, collate_fn=collate_images,
@@ -329,12 +347,12 @@ def measure_model(
     )
     loop_start = time.perf_counter()
     total = sum(map(len, batches))
-    got = reconstruct_and_measure(model, measure, loader, sampling, s.seed, procs, total, recon_dir, desc)
+    got = reconstruct_and_measure(model, measure, loader, sampling, s.seed, procs, total, recon_dir, desc, also)
     gathered = gather_in_row_order(got, procs)
     loop_seconds = time.perf_counter() - loop_start
     if not procs.is_main:
         return None
-    count = len(gathered.features_originals)
+    count = len(gathered.per_image["psnr"])
     if count == 0:
         raise nothing_decodes(dataset.describe(), len(gathered.skipped))
     return Measured(summarize(gathered), count, gathered.skipped, got.grid, loop_seconds)

@@ -19,7 +19,7 @@ from flowmo_fast.llm_settings import (
     parse_llm_quantization,
 )
 from flowmo_fast.overrides import with_overrides, with_preset
-from flowmo_fast.sampler_settings import SamplingConfig, parse_cfg_interval, parse_schedule
+from flowmo_fast.sampler_settings import SOLVERS, SamplingConfig, parse_cfg_interval, parse_schedule
 
 
 @dataclass
@@ -194,6 +194,7 @@ ALLOWED = {
     "opt.lpips_mode": ("vgg", "resnet"),
     "opt.lr_decay": ("none", "cosine", "linear"),
     "eval.sampling.mode": ("rf",),
+    "eval.sampling.solver": SOLVERS,
 }
 
 # RoPE axes per unit of width, and the model's fixed head count and per-width hidden size.

@@ -97,7 +97,7 @@ def run(settings: DetokenizeSettings) -> None:
     todo = [r for r in range(total) if not os.path.exists(png_path(s.out, r))]
     os.makedirs(s.out, exist_ok=True)
     log(f"{total} rows of {s.tokens}: {total - len(todo)} PNGs already in {s.out}, {len(todo)} to decode "
-        f"({sampling.steps} steps, cfg {sampling.cfg}, {size}x{size}, {device})")
+        f"({sampling.steps} {sampling.solver} steps, cfg {sampling.cfg}, {size}x{size}, {device})")
     with tqdm(total=len(todo), unit="img", desc="detokenize", dynamic_ncols=True) as bar:
         for i in range(0, len(todo), s.batch_size):
             rows = todo[i : i + s.batch_size]

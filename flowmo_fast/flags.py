@@ -12,7 +12,14 @@ from flowmo_fast.distributed import DEVICE_CHOICES, spare_cpus
 from flowmo_fast.formats.checkpoint import CheckpointError
 from flowmo_fast.formats.data import ImageSource
 from flowmo_fast.noise import MAX_SEED
-from flowmo_fast.sampler_settings import UPSTREAM, SamplingOverrides, parse_cfg_interval, parse_schedule
+from flowmo_fast.sampler_settings import (
+    NAMED_SAMPLERS,
+    SOLVERS,
+    UPSTREAM,
+    SamplingOverrides,
+    parse_cfg_interval,
+    parse_schedule,
+)
 
 
 def positive_int(text: str) -> int:
@@ -125,21 +132,30 @@ def image_source(args: argparse.Namespace) -> ImageSource:
 
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
-    """--steps --cfg --schedule --cfg-interval (None when not given: the checkpoint's `eval.sampling` then
-    applies, through `sampling_overrides`) and --seed of the per-image noise."""
+    """--sampler (a named setting), --steps --cfg --schedule --cfg-interval --solver (None when not given: the
+    checkpoint's `eval.sampling` then applies, through `sampling_overrides`) and --seed of the per-image noise."""
     s = parser.add_argument_group(
         "sampler (defaults: the checkpoint's eval.sampling; upstream's are "
-        f"{UPSTREAM.steps} steps, cfg {UPSTREAM.cfg}, {UPSTREAM.schedule}, interval {UPSTREAM.cfg_interval})"
+        f"{UPSTREAM.steps} {UPSTREAM.solver} steps, cfg {UPSTREAM.cfg}, {UPSTREAM.schedule}, "
+        f"interval {UPSTREAM.cfg_interval})"
     )
+    s.add_argument("--sampler", choices=tuple(NAMED_SAMPLERS), help="a named setting, under the flags below: "
+                   + "; ".join(f"{name} = {o.given()}" for name, o in NAMED_SAMPLERS.items())
+                   + " (README: Decoding cost)")
     s.add_argument("--steps", type=positive_int, help="sampler steps")
     s.add_argument("--cfg", type=float, help="guidance scale (1: no guidance)")
     s.add_argument("--schedule", type=checked(schedule), help="linear or pow_P")
     s.add_argument("--cfg-interval", type=checked(cfg_interval),
                    help="'lo,hi' EDM sigmas where guidance applies, or 'none' for every step")
+    s.add_argument("--solver", choices=SOLVERS,
+                   help="ODE solver: euler (upstream's, 1 pass a step), heun or midpoint (2nd order, 2 passes a "
+                   "step), ab2 (2nd order, 1 pass a step, reusing the previous step's velocity)")
     s.add_argument("--seed", type=seed, default=0,
                    help=f"noise seed, 0 <= S < {MAX_SEED}: image row r draws from its own (S, r) generator")
 
 
 def sampling_overrides(args: argparse.Namespace) -> SamplingOverrides:
-    """The sampler settings `add_sampler_flags` read (None: not given, the checkpoint's then applies)."""
-    return SamplingOverrides(args.steps, args.cfg, args.schedule, args.cfg_interval)
+    """The sampler settings `add_sampler_flags` read (None: not given, the checkpoint's then applies): the named
+    sampler's, with the flags given over them."""
+    named = NAMED_SAMPLERS[args.sampler] if args.sampler else SamplingOverrides()
+    return named.then(SamplingOverrides(args.steps, args.cfg, args.schedule, args.cfg_interval, args.solver))

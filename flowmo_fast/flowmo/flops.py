@@ -24,7 +24,8 @@ FLOPs per image (2 per multiply-add; matmuls only; D hidden, L = L_code + L_img 
                 the last block keeps one stream: the code stream in the encoder, the image stream in the decoder
   embed       = 2 L_img (3p^2) D + 2 L_code C_in D  (+ 2 (256 D + D^2) time MLP, decoder only)
   readout     = 2 L_s D C_out  (+ 4 D^2 adaLN, decoder only)
-  reconstruct = encoder + sum over sampler steps of decoder(1 pass, or 2 inside the guidance interval)
+  reconstruct = encoder + sum over the sampler's velocities of decoder(1 pass, or 2 inside the guidance interval)
+                (euler, ab2: one velocity a step; heun, midpoint: two)
   train step  = 3 x (encoder + decoder)   [backward = 2 x forward; Adam, LFQ and losses not counted]
                 + 4 k x decoder with post-training's k-step chain (forward, checkpoint recompute, backward)"""
 
@@ -75,8 +76,9 @@ def decoder_flops(config: Config, height: int, width: int) -> int:
 
 
 def decoder_passes(sampling: SamplingOptions) -> int:
-    """Decoder passes per image of the sampler: one per step, two on guided steps (`sampler.sample`)."""
-    return sampling.steps + sum(sampling.plan().guided)
+    """Decoder passes per image of the sampler (`sampler.sample`): one per velocity, two for a guided one; a
+    velocity a step (euler, ab2) or two (heun, midpoint)."""
+    return sampling.plan().passes
 
 
 def reconstruct_flops(config: Config, height: int, width: int, sampling: SamplingOptions) -> int:

@@ -331,3 +331,18 @@ def test_samples_npz_is_written_one_picture_at_a_time_in_a_seeded_shuffled_order
         assert np.array_equal(npz["arr_0"], pictures[order]) and np.array_equal(npz["rows"], order)
         assert npz["arr_1"].tolist() == [[0, 0, 0, 1, 1, 1][r] for r in order]
     assert np.array_equal(torch.cat(list(NpzImages(path).batches(4))).permute(0, 2, 3, 1).numpy(), pictures[order])
+
+
+def test_decode_flags_reach_the_sampler_settings():
+    """--decode-steps, --decode-cfg, --decode-solver, --decode-sampler: the tokenizer's sampler settings the user
+    gave (None: the checkpoint's own)."""
+    from flowmo_fast.sampler_settings import SamplingOverrides
+
+    base = ["--generator", "g.pth", "--out", "o"]
+    assert generate.settings_from(generate.parse_args(base)).decode == SamplingOverrides()
+    args = generate.parse_args([*base, "--decode-steps", "8", "--decode-solver", "ab2"])
+    assert generate.settings_from(args).decode == SamplingOverrides(steps=8, solver="ab2")
+    args = generate.parse_args([*base, "--decode-sampler", "fast", "--decode-steps", "8"])
+    assert generate.settings_from(args).decode == SamplingOverrides(steps=8, solver="ab2")  # the flag over the name
+    with pytest.raises(SystemExit):
+        generate.parse_args([*base, "--decode-solver", "rk4"])

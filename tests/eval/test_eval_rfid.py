@@ -66,7 +66,8 @@ def test_command_writes_metrics_json_grid_and_reconstructions(single_run, tiny_c
     assert saved["checkpoint"]["total_steps"] == 7 and saved["checkpoint"]["which"] == "ema"
     assert saved["config"]["model"]["mup_width"] == 2 and saved["config"]["data"]["image_size"] == 32
     # sampler: --steps from the command line, the rest from the checkpoint config
-    assert saved["sampler"] == {"steps": 2, "cfg": 1.5, "schedule": "pow_0.25", "cfg_interval": [0.17, 1.02], "seed": 0}
+    assert saved["sampler"] == {"steps": 2, "cfg": 1.5, "schedule": "pow_0.25", "cfg_interval": [0.17, 1.02],
+                                "solver": "euler", "seed": 0}
     assert saved["images_per_second"] > 0 and saved["wall_time_s"] >= saved["loop_time_s"] > 0
     m = saved["metrics"]
     assert set(m) == {"rfid", "psnr", "ssim", "lpips_alex", "lpips_vgg"}

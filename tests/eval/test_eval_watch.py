@@ -168,7 +168,8 @@ def test_once_evaluates_every_checkpoint_once_in_step_order(watched_run):
         ckpt = Path(checkpoint_path(str(run), record["step"]))
         assert record["checkpoint"] == str(ckpt) and record["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
         assert record["num_images"] == 2 and record["seconds"] > 0 and record["images_per_second"] > 0
-        sampler = {"steps": 2, "cfg": 1.5, "schedule": "pow_0.25", "cfg_interval": [0.17, 1.02], "seed": 0}
+        sampler = {"steps": 2, "cfg": 1.5, "schedule": "pow_0.25", "cfg_interval": [0.17, 1.02], "solver": "euler",
+                   "seed": 0}
         assert record["sampler"] == sampler  # --steps, the rest from the checkpoint's eval.sampling
         assert set(record["metrics"]) == {"rfid", "psnr", "ssim"} and all(np.isfinite(list(record["metrics"].values())))
     assert len({r["metrics"]["psnr"] for r in history}) == 3  # each step measured its own checkpoint
@@ -218,18 +219,34 @@ def test_watch_measures_a_checkpoint_as_eval_rfid_does(watched_run, inception_we
     assert json.loads(json.dumps(result["sampler"])) == record["sampler"]
 
 
+@pytest.mark.parametrize("flag, was, now", [("--seed", "'seed': 0", "'seed': 1"),
+                                            ("--solver", "'solver': 'euler'", "'solver': 'ab2'")])
 def test_settings_unlike_the_history_are_refused_before_measuring(
-    watched_run, tiny_checkpoint, inception_weights, tmp_path
+    watched_run, tiny_checkpoint, inception_weights, tmp_path, flag, was, now
 ):
-    """A curve compares like with like: a restarted watch with another seed stops at the first new checkpoint."""
+    """A curve compares like with like: a restarted watch with another seed, or another solver, stops at the
+    first new checkpoint."""
     run = copy_run(watched_run[1], tmp_path / "run")
     write_checkpoint(run, 8, tiny_checkpoint)
     before = (run / "eval" / "history.jsonl").read_bytes()
     with pytest.raises(SystemExit) as info:
-        run_watch(watch_args(run, inception_weights, "--once", "--seed", "1"))
+        run_watch(watch_args(run, inception_weights, "--once", flag, "1" if flag == "--seed" else "ab2"))
     message = str(info.value.code)
-    assert message.startswith("eval.watch: error:") and "'seed': 0" in message and "'seed': 1" in message
+    assert message.startswith("eval.watch: error:") and was in message and now in message
     assert (run / "eval" / "history.jsonl").read_bytes() == before
+
+
+def test_a_history_from_before_solvers_goes_on_with_euler(watched_run, tiny_checkpoint, inception_weights, tmp_path):
+    """Records without a solver (written before it was a setting) ran Euler: a watch with Euler continues them,
+    one with another solver is refused."""
+    run = copy_run(watched_run[1], tmp_path / "run")
+    old = [{**r, "sampler": {k: v for k, v in r["sampler"].items() if k != "solver"}} for r in history_of(run)]
+    (run / "eval" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    write_checkpoint(run, 8, tiny_checkpoint)
+    with pytest.raises(SystemExit, match="'solver': 'heun'"):
+        run_watch(watch_args(run, inception_weights, "--once", "--solver", "heun"))
+    finished, _ = run_watch(watch_args(run, inception_weights, "--once"))
+    assert finished.evaluated == [8] and history_of(run)[-1]["sampler"]["solver"] == "euler"
 
 
 # ---- a run that goes on ----------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from flowmo_fast.flowmo import flow, sampler
 from flowmo_fast.flowmo.graphed_sampler import GraphedSampler, blocks_compiled, compile_blocks
-from flowmo_fast.sampler_settings import UPSTREAM
+from flowmo_fast.sampler_settings import SOLVERS, UPSTREAM
+
+EAGER_SAMPLE = sampler.sample
 
 
 @pytest.mark.compile
@@ -120,9 +122,11 @@ class GraphRequest:
 
 class FakeCuda:
     """torch.cuda as GraphedSampler uses it, faked on the CPU: a current device (`torch.cuda.device`), streams
-    that know their device, graphs that record and replay (FakeGraph); `sampler.sample` is `fake_sample`."""
+    that know their device, graphs that record and replay (FakeGraph); `sampler.sample` is `fake_sample`, or
+    with `eager` the real sampler (on CPU tensors)."""
 
-    def __init__(self, monkeypatch, current: str = "cuda:0"):
+    def __init__(self, monkeypatch, current: str = "cuda:0", eager: bool = False):
+        self.run = EAGER_SAMPLE if eager else lambda model, z, code, null_code, options: fake_sample(z, code, null_code)
         self.current = torch.device(current)
         self.streams: list[torch.device] = []  # the device of each stream created
         self.graphs: list[GraphRequest] = []
@@ -164,9 +168,9 @@ class FakeCuda:
 
     def sample(self, model, z, code, null_code, options):
         self.samples.append((self.current, self.capturing is not None))
-        out = fake_sample(z, code, null_code)
+        out = self.run(model, z, code, null_code, options)
         if self.capturing is not None:
-            self.capturing.calls.append(lambda: out.copy_(fake_sample(z, code, null_code)))
+            self.capturing.calls.append(lambda: out.copy_(self.run(model, z, code, null_code, options)))
         return out
 
 
@@ -184,6 +188,23 @@ def test_graphed_sampler_replays_each_calls_inputs(monkeypatch, tiny_model):
     assert len(sampler.captured) == 1
     for out, (z, code, null) in zip(outs, calls):
         torch.testing.assert_close(out, fake_sample(z, code, null), rtol=0, atol=1e-6)
+
+
+def test_graphed_sampler_replays_each_solver_as_eager(monkeypatch, tiny_model):
+    """The solver is part of a capture's key: each solver's graph replays that solver's loop (here the real
+    sampler, recorded and rerun on the captured buffers), equal to eager sampling for new inputs too."""
+    FakeCuda(monkeypatch, eager=True)
+    graphed = GraphedSampler(tiny_model, compile=False)
+    g = torch.Generator().manual_seed(0)
+    code = torch.randn(1, tiny_model.code_length, 19, generator=g).sign()
+    for solver in SOLVERS:
+        options = UPSTREAM.replace(steps=2, solver=solver, cfg_interval=None)
+        for _ in range(2):  # the capture, then a replay with new noise
+            z = torch.randn(1, 3, 8, 8, generator=g)
+            with torch.no_grad():
+                out, want = graphed(z, code, code * 0, options), EAGER_SAMPLE(tiny_model, z, code, code * 0, options)
+            torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+    assert len(graphed.captured) == len(SOLVERS)
 
 
 def test_graphed_sampler_captures_on_the_inputs_device_thread_local_after_one_warm_up(monkeypatch, tiny_model):

@@ -1,5 +1,6 @@
 """SamplingOptions: upstream's defaults from the config's one copy, flags over a checkpoint's settings, the plan
-of a sampling run (times, step sizes, guided steps) and clear errors for impossible settings."""
+of a sampling run (times, step sizes, guided steps), the solver as a setting stored in checkpoints, and clear
+errors for impossible settings. (The solvers themselves: test_solvers.py.)"""
 
 import argparse
 
@@ -8,6 +9,7 @@ import torch
 
 import flowmo_fast
 from flowmo_fast.flags import add_sampler_flags, sampling_overrides
+from flowmo_fast.flowmo.flops import decoder_passes
 from flowmo_fast.sampler_settings import UPSTREAM, SamplingConfig, SamplingOptions
 
 
@@ -46,7 +48,12 @@ def test_flags_override_only_what_is_given():
     assert sampling_overrides(parser.parse_args([])).over(base) == base
     args = parser.parse_args(["--steps", "3", "--cfg-interval", "none", "--schedule", "linear"])
     assert sampling_overrides(args).over(base) == SamplingOptions(3, 1.5, "linear", None)
-    for bad in (["--steps", "0"], ["--schedule", "cosine"], ["--cfg-interval", "1,0"], ["--seed", "-1"]):
+    args = parser.parse_args(["--solver", "ab2"])
+    assert sampling_overrides(args).over(base) == base.replace(solver="ab2")
+    assert sampling_overrides(args).over(base.replace(solver="heun")).solver == "ab2"
+    bad_flags = (["--steps", "0"], ["--schedule", "cosine"], ["--cfg-interval", "1,0"], ["--seed", "-1"],
+                 ["--solver", "rk4"], ["--sampler", "faster"])
+    for bad in bad_flags:
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 
@@ -63,3 +70,31 @@ def test_impossible_settings_name_the_problem(kwargs, message):
 
 def test_options_are_hashable_keys():
     assert len({UPSTREAM, UPSTREAM.replace(cfg_interval=".17,1.02"), UPSTREAM.replace(steps=3)}) == 2
+
+
+def test_a_named_sampler_lies_under_the_flags():
+    """--sampler fast: Adams-Bashforth 2 in 12 steps, 15 decoder passes with upstream's guidance interval (the
+    README's measured setting); flags given beside it override its settings."""
+    parser = argparse.ArgumentParser()
+    add_sampler_flags(parser)
+    fast = sampling_overrides(parser.parse_args(["--sampler", "fast"])).over(UPSTREAM)
+    assert fast == UPSTREAM.replace(steps=12, solver="ab2") and decoder_passes(fast) == 15 < decoder_passes(UPSTREAM)
+    args = parser.parse_args(["--sampler", "fast", "--steps", "16", "--cfg", "2"])
+    assert sampling_overrides(args).over(UPSTREAM) == UPSTREAM.replace(steps=16, solver="ab2", cfg=2.0)
+
+
+def test_the_solver_is_stored_in_checkpoints_and_read_back(tmp_path, tiny_model):
+    """eval.sampling.solver (ours) travels in a checkpoint's config: the model samples with it unless told
+    otherwise; a file written before the key existed (no solver in its config) samples with Euler."""
+    config = flowmo_fast.load_config(["eval.sampling.solver=midpoint"], preset="tiny")
+    model = flowmo_fast.FlowMo(config)
+    model.load_state_dict(tiny_model.state_dict())
+    flowmo_fast.save_checkpoint(tmp_path / "mid.pth", model)
+    loaded = flowmo_fast.load_checkpoint(tmp_path / "mid.pth")
+    assert loaded.sampling().solver == "midpoint" and loaded.sampling() == UPSTREAM.replace(steps=10, solver="midpoint")
+    ckpt = torch.load(tmp_path / "mid.pth", weights_only=True)
+    del ckpt["config"]["eval"]["sampling"]["solver"]
+    torch.save(ckpt, tmp_path / "old.pth")
+    assert flowmo_fast.load_checkpoint(tmp_path / "old.pth").sampling().solver == "euler"
+    with pytest.raises(ValueError, match="eval.sampling.solver='rk4'; allowed: euler, heun, midpoint, ab2"):
+        flowmo_fast.load_config(["eval.sampling.solver=rk4"], preset="tiny")
