@@ -31,8 +31,8 @@ from flowmo_kernels.selfcheck import (
     tolerance,
 )
 
-__all__ = ["Difference", "FastPathChecks", "FastPathWarning", "Tolerance", "CheckedCall", "Capture", "capture_graph", "check_replay",
-           "compile_checked", "raise_recompile_limit"]
+__all__ = ["Difference", "FastPathChecks", "FastPathWarning", "Tolerance", "CheckedCall", "Capture", "capture_graph",
+           "check_replay", "compile_checked", "difference", "raise_recompile_limit", "tolerance"]
 
 # Every compiled block variant (encoder/decoder, last block or not, batch size, grad or not) is one dynamo
 # cache entry of the same code: dynamo's default of 8 is reached by a tiny model at two batch sizes, after

@@ -14,7 +14,14 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from flowmo_fast.fastpath import Capture, FastPathChecks, capture_graph, check_replay, compile_checked, raise_recompile_limit
+from flowmo_fast.fastpath import (
+    Capture,
+    FastPathChecks,
+    capture_graph,
+    check_replay,
+    compile_checked,
+    raise_recompile_limit,
+)
 from flowmo_fast.flowmo import sampler
 from flowmo_fast.flowmo.layers import DoubleStreamBlock
 from flowmo_fast.sampler_settings import SamplingOptions

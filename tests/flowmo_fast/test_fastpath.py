@@ -51,8 +51,8 @@ def fast_set(**ops) -> KernelOps:
 
 def modulate_args(dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    x, shift, scale = torch.randn(2, 40, 64, generator=g), torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 64, generator=g)
-    return x.to(dtype), shift.to(dtype), scale.to(dtype)
+    x, shift, scale = (torch.randn(*shape, generator=g).to(dtype) for shape in ((2, 40, 64), (2, 1, 64), (2, 1, 64)))
+    return x, shift, scale
 
 
 def fast_path_warnings(record) -> list[str]:

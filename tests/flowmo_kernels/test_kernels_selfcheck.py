@@ -24,19 +24,19 @@ def op_calls(dtype: torch.dtype, residual: torch.dtype):
     """Each op called as the model's blocks call it under autocast to `dtype`: the residual stream in `residual`,
     projections (shift, scale, gate, q, k, the MLP's output) in `dtype`, norm weights and rotary tables float32."""
     g = torch.Generator().manual_seed(0)
-    b, l, d, heads, head_dim = 2, 24, 48, 2, 12
+    b, length, d, heads, head_dim = 2, 24, 48, 2, 12
 
     def rand(*shape, dt=dtype):
         return torch.randn(*shape, generator=g).to(dt)
 
-    qkv = rand(b, l, 3 * heads * head_dim)
+    qkv = rand(b, length, 3 * heads * head_dim)
     q, k, _ = qkv.unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4)  # strided views, as the model's
-    cos, sin = rope_tables(torch.randint(0, 9, (l, 3), generator=g), (4, 4, 4))
-    x = rand(b, l, d, dt=residual)
+    cos, sin = rope_tables(torch.randint(0, 9, (length, 3), generator=g), (4, 4, 4))
+    x = rand(b, length, d, dt=residual)
     return {
         "modulate": (x, rand(b, 1, d), rand(b, 1, d), residual),
         "modulate (no modulation)": (x, None, None, dtype),
-        "gated_residual": (x, rand(b, 1, d), rand(b, l, d)),
+        "gated_residual": (x, rand(b, 1, d), rand(b, length, d)),
         "qk_norm_rope": (q, k, 1 + rand(head_dim, dt=F32), 1 + rand(head_dim, dt=F32), cos, sin, dtype),
         "lfq": (0.1 * rand(80, 9, dt=residual),),
     }
