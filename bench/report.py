@@ -245,7 +245,9 @@ class Report(Harness):
 
     def train_batch_text(self) -> str:
         chosen = ", ".join(f"{name} {b}" for name, b in self.train_batches.items())
-        return f"{chosen} (the largest of {TRAIN_BATCHES} that fits)" if chosen else f"at most {self.scale.train_batch}"
+        if not chosen:
+            return f"at most {self.scale.train_batch}"
+        return chosen + (f" (the largest of {TRAIN_BATCHES} that fits)" if self.device.type == "cuda" else "")
 
     def graphs(self) -> int:
         return unique_graphs() - self.graphs_at_start

@@ -246,4 +246,4 @@ def test_the_train_batch_is_chosen_from_free_memory(monkeypatch):
     monkeypatch.setattr(report.Report, "free_memory", lambda self: 79 * GIB)  # as an H100 reports it, idle
     full = report.Report(report.ReportSettings(dry_run=True), report.FULL, torch.device("cpu"))
     assert full.train_batch("FlowMo-Lo") == 4 and full.train_batch("FlowMo-Hi") == 4
-    assert "FlowMo-Lo 4, FlowMo-Hi 4" in full.header()
+    assert "train batch FlowMo-Lo 4, FlowMo-Hi 4 (" in full.header()
