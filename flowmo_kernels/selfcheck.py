@@ -215,6 +215,7 @@ class CheckedOp:
     def __init__(self, name: str, fused: Callable, plain: Callable, checks: FastPathChecks, label: str):
         self.name, self.fused, self.plain, self.checks, self.label = name, fused, plain, checks, label
         self.__name__ = self.__qualname__ = f"checked_{name}"
+        self.implementation = f"{getattr(fused, '__module__', '')}.{getattr(fused, '__qualname__', repr(fused))}"
         self.any_failed = False  # read inside compiled code (dynamo guards on it: a failure recompiles)
 
     def __call__(self, *args, **kwargs):
@@ -222,7 +223,7 @@ class CheckedOp:
             return (self.plain if self.any_failed else self.fused)(*args, **kwargs)
         shape_class, small, constants = PROBES[self.name](*args, **kwargs)
         device = tensors_of(small)[0].device
-        key = (self.label, self.name, str(device), shape_class, _describe(small))
+        key = (self.label, self.name, self.implementation, str(device), shape_class, _describe(small))
         passed = self.checks.verdict(key)
         if passed is None and self.checks.enabled() and not in_trace_or_capture():
             what = f"{self.label} {self.name} [{', '.join(shape_class)}; {', '.join(key[-1])}] on {device}"
