@@ -26,7 +26,7 @@ from flowmo_fast.autocast import autocast_for
 from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS, rope_axes
 from flowmo_fast.fastpath import FastPathChecks, difference, tolerance
 from flowmo_fast.flowmo import flow
-from flowmo_fast.flowmo.graphed_sampler import compile_blocks
+from flowmo_fast.flowmo.graphed_sampler import GraphedSampler, compile_blocks
 from flowmo_fast.maskgit.model import GeneratorConfig, TokenGenerator, load_generator
 from flowmo_fast.maskgit.sampling import (
     ID_SHARE,
@@ -177,6 +177,16 @@ class Stages:
         self.generator_check(wide, self.fast_generator(wide, compile=True), batch, True, options, share=ID_SHARE,
                              memory=True)
 
+    def without_sync(self, fn: Callable[[], object]) -> object:
+        """fn() with every host synchronisation an error on CUDA (`torch.cuda.set_sync_debug_mode("error")`)."""
+        if not self.cuda:
+            return fn()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
     def fast_generator(self, model: TokenGenerator, compile: bool) -> Callable:
         """The CUDA-graph path (on the CPU `generate` itself); with `compile`, its sampling step the compiled chain
         (the blocks stay eager: compiling them would take most of the stage's limit and is checked elsewhere)."""
@@ -195,13 +205,7 @@ class Stages:
                 for seed in (0, 1)]
         with autocast_for(self.device):
             _, first_gib = self.peak(lambda: fast(labels, keys[0], options))  # a capture (and its self-check)
-            if self.cuda:
-                torch.cuda.set_sync_debug_mode("error")
-            try:
-                got, fast_gib = self.peak(lambda: fast(labels, keys[1], options))  # a replay
-            finally:
-                if self.cuda:
-                    torch.cuda.set_sync_debug_mode(0)
+            got, fast_gib = self.peak(lambda: self.without_sync(lambda: fast(labels, keys[1], options)))  # a replay
             want, eager_gib = self.peak(lambda: generate(model, labels, keys[1], options))
         what = f"generator {c.groups} x {c.vocab_size}-way heads, batch {batch}, "
         what += "classes" if conditional else "no classes"
@@ -254,9 +258,12 @@ class Stages:
                    lambda: float(len(fast.fast_checks.failed())), 0.0)
 
     def fast_flowmo(self, plain, kernels: str, compiled: bool):
+        """A copy of `plain` with `kernels`, CUDA graphs, its own self-checks, the blocks compiled or not (the
+        graphed sampler compiles them at its first capture unless told not to)."""
         fast = copy.deepcopy(plain)
         fast.kernels, fast.cuda_graphs = kernels, True
         fast.fast_checks = FastPathChecks()
+        fast._graphed_sampler = GraphedSampler(fast, compile=compiled)
         if compiled:
             compile_blocks(fast, dynamic=False, backend=self.backend)
         return fast
