@@ -1,11 +1,12 @@
-"""The GPU report's token-generator workloads (bench/gpu_report.py runs them through its harness, after the
-tokenizer's rows): the generator's training step (its MFU) and images/s of generating token rows and decoding
-them into pictures, for FlowMo-Lo's tokens.
+"""The GPU report's token-generator workloads (bench/gpu_report.py runs them through its harness, as an invocation
+of their own: `--phases generator`): the generator's training step (its MFU) and token rows per second of
+`generate` alone, for FlowMo-Lo's tokens. Decoding the rows into pictures is FlowMo's sampler, which the
+tokenizer's reconstruct rows time already (it was 93% of a generate + decode row).
 
-plain = the generator eager and FlowMo's plain sampler; fast = the generator's blocks compiled, its sampling loop
-one CUDA graph (flowmo_fast.maskgit.sampling.GraphedGenerator), and FlowMo's fast path (compiled blocks, Triton kernels,
-CUDA-graph sampler). bf16 autocast on CUDA. The generator is the B preset (the tiny one in --dry-run), 1000
-classes, random weights.
+plain = the generator eager; fast = its blocks compiled, its sampling step one compiled kernel chain and its
+sampling loop one CUDA graph (flowmo_fast.maskgit.sampling.GraphedGenerator; on the CPU the compiled step without
+a graph). bf16 autocast on CUDA. The generator is the B preset (the tiny one in --dry-run), 1000 classes, random
+weights.
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ import torch
 
 from bench.report import Report
 from bench.report_rows import Check, Row
-from flowmo_fast.codec import Tokenizer
-from flowmo_fast.flowmo import flops
-from flowmo_fast.flowmo.model import autocast_for
+from flowmo_fast.autocast import autocast_for
 from flowmo_fast.maskgit.model import TokenGenerator
-from flowmo_fast.maskgit.sampling import GenerationOptions, GraphedGenerator, generate, sample_keys
+from flowmo_fast.maskgit.sampling import CompiledStep, GenerationOptions, GraphedGenerator, generate, sample_keys
 from train.generator_config import preset_model
 from train.generator_data import TokenLayout
 
 CLASSES = 1000
-FULL_BATCH = 64  # rows of a training step, and images of generate + decode
+FULL_BATCH = 64  # rows of a training step and of a generate call
 FULL_OPTIONS = GenerationOptions().fitted(512)  # eval.generate's defaults: 64 steps (512 and 1024 groups)
 DRY_OPTIONS = GenerationOptions(steps=4)
 
@@ -84,32 +83,29 @@ def train_step(report: Report, name: str, impl: str) -> None:
     report.attempt(f"generator train step {name} {impl}", report.reserve(impl), run, row)
 
 
-def generate_and_decode(report: Report, name: str, impl: str) -> None:
-    """Class-conditional token rows (guided), then FlowMo's sampler (the report's reconstruct settings) on them:
-    images/s of the whole pipeline; fast vs plain: the share of token ids that differ."""
+def generate_rows(report: Report, name: str, impl: str) -> None:
+    """Class-conditional token rows (guided), `generate` alone: rows/s; fast vs plain: the share of ids that
+    differ."""
     _, batch, options = setting(report)
-    size = report.scale.size
-    sampling = report.sampling()
-    workload = f"generate ({options.steps} steps, cfg {options.cfg}) + decode ({sampling.steps} steps)"
-    row = Row(workload, name, impl, batch, None)
+    row = Row(f"generate ({options.steps} steps, cfg {options.cfg})", name, impl, batch, None)
 
     def run():
         model = build_generator(report, name, impl).eval()
-        tokenizer = report.models.get(name, impl).model  # FlowMo of this impl: its sampler path
-        decode_flops = flops.decoder_passes(sampling) * flops.decoder_flops(report.models.config(name), size, size)
-        row.flops_per_image = options.steps * model.matmul_flops(2) + decode_flops  # guided: 2 rows per image
+        row.flops_per_image = options.steps * model.matmul_flops(2)  # guided: 2 rows per image and step
         labels = (torch.arange(batch) * 7 % CLASSES).to(report.device)
         keys = sample_keys(0, labels.tolist(), list(range(batch)), report.device)
-        noise = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(9)).to(report.device)
-        graphed = GraphedGenerator(model, compile=False) if impl == "fast" and report.device.type == "cuda" else None
+        sample = lambda: generate(model, labels, keys, options)  # noqa: E731
+        if impl == "fast" and report.device.type == "cuda":
+            graphed = GraphedGenerator(model)
+            sample = lambda: graphed(labels, keys, options)  # noqa: E731
+        elif impl == "fast":
+            step = CompiledStep(model.fast_checks, backend=report.models.compile_backend)
+            sample = lambda: generate(model, labels, keys, options, step)  # noqa: E731
 
         def fn():
             with autocast_for(report.device):
-                ids = graphed(labels, keys, options) if graphed else generate(model, labels, keys, options)
-            code = Tokenizer(tokenizer).ids_to_code(ids)
-            tokenizer.sample_images(code, (size, size), sampling, noise=noise)
-            return ids
+                return sample()
 
         report.compare(row, report.measure(row, fn), kind="ids")
 
-    report.attempt(f"generate + decode {name} {impl}", report.reserve(impl), run, row)
+    report.attempt(f"generate {name} {impl}", report.reserve(impl), run, row)

@@ -4,6 +4,7 @@
     FLOWMO_REFERENCE=/path/to/FlowMo python bench/gpu_report.py    # adds upstream's rows
     python bench/gpu_report.py --dry-run          # anywhere: tiny models on the CPU, the same code paths
     python bench/gpu_report.py --phases kernels,lfq  # a subset (e.g. what a first run's budget skipped)
+    python bench/gpu_report.py --phases generator    # the token generator's rows: their own invocation
 
 fast = regional torch.compile of the blocks + Triton kernels (`kernels="auto"`) + the CUDA-graph sampler;
 plain = eager, PyTorch kernels, no CUDA graphs; upstream_eager / upstream_compiled = upstream's FlowMo
@@ -13,8 +14,8 @@ bf16 autocast on CUDA, as in training and evaluation. Random weights, built dire
 Every check and row is printed (a markdown line and a JSON line) and appended to `--out`'s live files the
 moment it is done, so a run killed at any point keeps what it measured; the whole table prints at the end.
 The time budget (`--budget-s`) counts from the start of the process, imports and CUDA start-up included; a
-phase starts only with the time it needs left (`Scale.phase_s`), a row only with its reserve. With `--out`,
-Inductor's and Triton's caches live in DIR/compile_cache: a rerun that brings that folder back skips compiling.
+phase starts only with the time it needs left (`Scale.phase_s`), a row only with its reserve. Inductor's and
+Triton's caches live in `--cache-dir` (default under /tmp): a rerun on the same machine skips compiling.
 
 Phases, most valuable first (NVTX ranges); one batch size per phase, so every compiled variant is reused:
 decoder (forward, FlowMo-Lo, batch 32: the MFU target; fast vs plain is a check), reconstruct (batch 32, 25 steps,
@@ -22,9 +23,11 @@ cfg 1.5; the sampler warmed on a 3-step plan, which compiles what the full plan 
 captures), train (Lo and Hi, batch 8 as one micro-batch without norm logging on every side: forward, backward,
 Adam; checked first at that batch), latency (reconstruct at batch 1), encode (token ids, batch 32, Lo and Hi),
 lfq (the LFQ loss: torch vs Triton vs upstream), kernels (each fused op eager / compiled / Triton, which sets
-flowmo_kernels.AUTO_WHEN_COMPILED; decoder and train step with Triton forced: `fast_triton`), generator (the
-token generator's train step and generate + decode at batch 64: bench/generator_rows.py), upstream_compiled
-(its whole-model compiles take minutes: last). The model phases run plain, fast and upstream eager.
+flowmo_kernels.AUTO_WHEN_COMPILED; decoder and train step with Triton forced: `fast_triton`), upstream_compiled
+(its whole-model compiles take minutes: last). The model phases run plain, fast and upstream eager. The token
+generator's phase (its train step and `generate` alone at batch 64: bench/generator_rows.py) is its own
+invocation: `--phases generator`. The train rows' batch is the largest of 8, 4, 2, 1 that fits in the memory
+free once the phase has released the inference models (4 on an 80 GB H100 for FlowMo-Lo at 256 px).
 
 Times are the median of the timed calls after a warm-up call (compilation, CUDA-graph capture). Peak
 memory is the allocator's peak during the row minus what was allocated before it. FLOPs are counted
@@ -52,8 +55,11 @@ from bench import generator_rows, kernel_rows  # noqa: E402
 from bench.harness import BudgetExceeded, log, use_compile_cache  # noqa: E402
 from bench.impls import TRAIN_STEP_WORK  # noqa: E402
 from bench.report import (  # noqa: E402
+    ALONE,
     CHECKED,
     DEFAULT_BUDGET_S,
+    DEFAULT_CACHE_DIR,
+    DEFAULT_PHASES,
     DRY,
     FULL,
     MODEL_ROWS,
@@ -113,7 +119,8 @@ class GpuReport(Report):
 
     def loss_and_grad_norm(self, name: str, impl: str) -> tuple[float, float]:
         """Training loss and gradient norm at fixed times and noise, no guidance dropout; no step taken."""
-        implementation, b, s = self.models.get(name, impl, training=True), self.scale.train_batch, self.scale.size
+        b, s = self.train_batch(name), self.scale.size  # chosen before this model takes its memory
+        implementation = self.models.get(name, impl, training=True)
         model = implementation.model.train()
         g = torch.Generator(self.device).manual_seed(6)
         t = torch.rand(b, generator=g, device=self.device)
@@ -130,12 +137,13 @@ class GpuReport(Report):
     def train_step(self, name: str, impl: str) -> None:
         sc = self.scale
         per_image = flops.train_step_flops(self.models.config(name), sc.size, sc.size)
-        row = Row(f"train step ({TRAIN_STEP_WORK})", name, impl, sc.train_batch, per_image)
+        batch = self.train_batch(name)
+        row = Row(f"train step ({TRAIN_STEP_WORK})", name, impl, batch, per_image)
 
         def run():
             implementation = self.models.get(name, impl, training=True)
             implementation.model.train()
-            step = implementation.train_step(self.images(sc.train_batch), self.models.config(name))
+            step = implementation.train_step(self.images(batch), self.models.config(name))
             try:
                 self.measure(row, step)
             finally:  # the optimizer's state goes with `step`
@@ -174,6 +182,7 @@ class GpuReport(Report):
             return steps
 
         def train():
+            self.models.release(lo, inference_only=True)  # their weights and captured graphs: memory training needs
             self.attempt(f"train checks {lo}", 0, lambda: self.train_checks(lo))
             each(self.train_step, (lo, *others))()
 
@@ -193,7 +202,7 @@ class GpuReport(Report):
             "lfq": lambda: [kernel_rows.lfq_loss(self, name, impl) for name in (lo, *others) for impl in ("torch", "triton", "upstream")],
             "kernels": kernels,
             "generator": lambda: [workload(self, lo, impl) for workload in (generator_rows.train_step,
-                                  generator_rows.generate_and_decode) for impl in ("plain", "fast")],
+                                  generator_rows.generate_rows) for impl in ("plain", "fast")],
             "upstream_compiled": self.upstream_compiled,
         }
 
@@ -235,17 +244,21 @@ def parse_args(argv: Optional[list[str]] = None) -> ReportSettings:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write DIR/live.md and live.jsonl as rows finish (a killed run keeps them), and "
                         "DIR/report.md and report.json at the end")
-    p.add_argument("--phases", default=",".join(PHASES),
-                   help=f"comma-separated subset of {','.join(PHASES)} (default: all; e.g. to rerun what a first "
-                        "run's budget skipped)")
+    p.add_argument("--phases", default=",".join(DEFAULT_PHASES),
+                   help=f"comma-separated subset of {','.join(PHASES)} (default: all but {ALONE}, which runs as its "
+                        f"own invocation, --phases {ALONE}; e.g. to rerun what a first run's budget skipped)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
+                   help=f"Inductor's and Triton's compile caches (default {DEFAULT_CACHE_DIR}: kept on the machine)")
     args = p.parse_args(argv)
     phases = tuple(x.strip() for x in args.phases.split(",") if x.strip())
     unknown = sorted(set(phases) - set(PHASES))
     if unknown or not phases:
         p.error(f"--phases: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(PHASES)}")
+    if ALONE in phases and len(phases) > 1:
+        p.error(f"--phases: {ALONE} runs as its own invocation (--phases {ALONE}), not with {', '.join(phases)}")
     backend = args.compile_backend or ("eager" if args.dry_run else "inductor")
     return ReportSettings(args.dry_run, args.budget_s, args.target_s, args.max_iters, backend, args.json, args.out,
-                          phases)
+                          phases, args.cache_dir)
 
 
 def main(argv: Optional[list[str]] = None, start: Optional[float] = None) -> int:
@@ -258,8 +271,7 @@ def main(argv: Optional[list[str]] = None, start: Optional[float] = None) -> int
     else:
         print("gpu_report: no CUDA device here; run with --dry-run to exercise the report on the CPU", file=sys.stderr)
         return 2
-    if settings.out:
-        use_compile_cache(Path(settings.out) / "compile_cache")
+    use_compile_cache(Path(settings.cache_dir))
     raise_recompile_limit()  # the upstream compiled rows need it too
     report = GpuReport(settings, scale, device, start)
     report.live.start(report.header())

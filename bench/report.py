@@ -19,6 +19,7 @@ from bench import upstream
 from bench.harness import Budget, Harness, Timing, device_name, unique_graphs
 from bench.impls import OURS, TRAIN_STEP_OVERRIDES, TRAIN_STEP_WORK, Implementation, build
 from bench.report_rows import CHECKS_HEAD, LiveOutput, markdown_check, markdown_table
+from flowmo_fast.config import HIDDEN_PER_WIDTH, Config
 from flowmo_fast.fastpath import raise_recompile_limit  # noqa: F401  (re-exported for the command)
 from flowmo_fast.flowmo import flops
 from flowmo_fast.flowmo.attention import installed_backends
@@ -27,10 +28,41 @@ from flowmo_fast.sampler_settings import UPSTREAM, SamplingOptions
 from flowmo_kernels import triton_available
 
 PHASES = ("decoder", "reconstruct", "train", "latency", "encode", "lfq", "kernels", "generator", "upstream_compiled")
+# The token generator's phase runs as its own invocation (`--phases generator`): its rows need no FlowMo model and
+# the whole budget of a run of their own, not what the tokenizer's phases leave.
+ALONE = "generator"
+DEFAULT_PHASES = tuple(p for p in PHASES if p != ALONE)
 CHECKED = ("decoder", "train")  # the phases that add checks
 MODEL_ROWS = ("plain", "fast", "upstream_eager")
 # The whole run, start-up and printing included, ends within 6 minutes (the GPU machine's run is cut at 7).
 DEFAULT_BUDGET_S = 330.0
+# Compile caches stay on the machine that compiled (a GPU machine gives back at most 8 files): under /tmp, where a
+# rerun on the same machine finds them.
+DEFAULT_CACHE_DIR = "/tmp/flowmo_compile_cache"
+# Activations plain eager FlowMo keeps for backward under bf16 autocast: bytes per token, channel and block
+# (counted on the tiny model; issue 30): FlowMo-Lo at 256 px keeps ~12 GB per image, ~97 GB at batch 8.
+ACTIVATION_BYTES = 113
+TRAINING_BYTES_PER_PARAMETER = 16  # float32 weights, gradients and Adam's two moments
+TRAIN_BATCHES = (8, 4, 2, 1)  # the largest that fits is taken; 4 is upstream's real micro-batch (8 as 2 x 4)
+MEMORY_HEADROOM = 0.85  # of the free memory a train row may plan to use (the allocator's slack, other models)
+
+
+def activation_bytes_per_image(config: Config, size: int) -> int:
+    """The training activations of one image at `size` px (ACTIVATION_BYTES per token, channel and block)."""
+    m = config.model
+    tokens = (size // m.patch_size) ** 2 + m.code_length
+    enc_width = m.enc_mup_width if m.enc_mup_width is not None else m.mup_width
+    channels_x_blocks = HIDDEN_PER_WIDTH * (enc_width * m.enc_depth + m.mup_width * m.dec_depth)
+    return ACTIVATION_BYTES * tokens * channels_x_blocks
+
+
+def train_batch_for(free_bytes: float, per_image_bytes: float, fixed_bytes: float, largest: int) -> int:
+    """The largest of TRAIN_BATCHES (at most `largest`) whose memory, `fixed_bytes` + batch x `per_image_bytes`,
+    fits in MEMORY_HEADROOM of `free_bytes`; 1 when none does (its row then reports the out-of-memory error)."""
+    for batch in TRAIN_BATCHES:
+        if batch <= largest and fixed_bytes + batch * per_image_bytes <= MEMORY_HEADROOM * free_bytes:
+            return batch
+    return 1
 
 
 @dataclass(frozen=True)
@@ -41,7 +73,7 @@ class Scale:
     size: int
     batch: int  # decoder forward, reconstruct and encode (one compiled variant of each tower)
     recon_steps: int
-    train_batch: int  # one micro-batch
+    train_batch: int  # one micro-batch, at most (on CUDA the largest that fits: `Report.train_batch`)
     tolerance: float  # relative L2 difference allowed between fast and plain (and upstream and plain)
     reserve_s: float  # budget a row needs left to start; compiling rows need `compile_reserve_s`
     compile_reserve_s: float
@@ -107,11 +139,13 @@ class Models:
                 self.built[key].model.cast_for_inference()
         return self.built[key]
 
-    def release(self, name: str) -> None:
-        """Free every model of `name` (and its initial weights)."""
-        for key in [k for k in self.built if k[0] == name]:
+    def release(self, name: str, inference_only: bool = False) -> None:
+        """Free every model of `name` (and its initial weights), or only its inference models (their weights,
+        compiled variants and captured CUDA graphs) before its training rows."""
+        for key in [k for k in self.built if k[0] == name and not (inference_only and k[2])]:
             del self.built[key]
-        self.initial.pop(name, None)
+        if not inference_only:
+            self.initial.pop(name, None)
         gc.collect()  # models sit in reference cycles (the CUDA-graph sampler, compiled modules)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -128,7 +162,8 @@ class ReportSettings:
     compile_backend: str = "inductor"  # torch.compile backend of the fast path
     json: Optional[str] = None  # also write the rows as JSON here (at the end)
     out: Optional[str] = None  # folder for live.md / live.jsonl as rows finish, report.md / report.json at the end
-    phases: tuple[str, ...] = PHASES
+    phases: tuple[str, ...] = DEFAULT_PHASES
+    cache_dir: str = DEFAULT_CACHE_DIR  # Inductor's and Triton's caches
 
 
 class Report(Harness):
@@ -143,12 +178,31 @@ class Report(Harness):
         self.settings, self.scale = settings, scale
         self.models = Models(scale, device, settings.compile_backend)
         self.graphs_at_start = unique_graphs()
+        self.train_batches: dict[str, int] = {}  # model name -> its train rows' batch, chosen once
 
     def reserve(self, impl: str) -> float:
         """Budget a model row needs left to start: compiling rows need more."""
         if impl == "upstream_compiled":
             return self.scale.upstream_compile_reserve_s
         return self.scale.compile_reserve_s if impl.startswith("fast") else self.scale.reserve_s
+
+    def train_batch(self, name: str) -> int:
+        """The batch of `name`'s train rows and checks: on CUDA the largest that fits in the memory free when
+        first asked (after the inference models are released), at most the scale's; elsewhere the scale's."""
+        if name not in self.train_batches:
+            batch, free = self.scale.train_batch, self.free_memory()
+            if free is not None:
+                config = self.models.config(name)
+                with torch.device("meta"):
+                    parameters = sum(p.numel() for p in flowmo_fast.FlowMo(config).parameters())
+                per_image = activation_bytes_per_image(config, self.scale.size)
+                batch = train_batch_for(free, per_image, TRAINING_BYTES_PER_PARAMETER * parameters, batch)
+            self.train_batches[name] = batch
+        return self.train_batches[name]
+
+    def free_memory(self) -> Optional[int]:
+        """Bytes free on the device now (None off CUDA: the CPU's rows run at the scale's batch)."""
+        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
 
     def images(self, batch: int, seed: int = 0) -> torch.Tensor:
         g = torch.Generator(self.device).manual_seed(seed)
@@ -181,13 +235,19 @@ class Report(Harness):
              "shape, fastest used; fast: SDPA inside the compiled blocks)"),
             (f"- sizes: {sc.size}px; decoder, reconstruct and encode batch {sc.batch}, latency batch 1 "
              f"({sampling.steps} steps, cfg {sampling.cfg}, {sampling.schedule}; warmed on {short_plan(sampling).steps}"
-             f" steps); train batch {sc.train_batch} ({TRAIN_STEP_WORK}, every side)"),
+             f" steps); train batch {self.train_batch_text()} ({TRAIN_STEP_WORK}, every side)"),
             f"- phases: {', '.join(self.settings.phases)}; compiled graphs (dynamo unique_graphs): {self.graphs()}",
             f"- compile caches: {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')} (Inductor), "
             f"{os.environ.get('TRITON_CACHE_DIR', 'default')} (Triton)",
             (f"- wall time: {self.budget.elapsed():.0f} s of a {self.budget.seconds:.0f} s budget (from the "
              "process's start)"),
         ])
+
+    def train_batch_text(self) -> str:
+        chosen = ", ".join(f"{name} {b}" for name, b in self.train_batches.items())
+        if not chosen:
+            return f"at most {self.scale.train_batch}"
+        return chosen + (f" (the largest of {TRAIN_BATCHES} that fits)" if self.device.type == "cuda" else "")
 
     def graphs(self) -> int:
         return unique_graphs() - self.graphs_at_start

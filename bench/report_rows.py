@@ -106,13 +106,13 @@ def markdown_check(c: Check) -> str:
 class LiveOutput:
     """Each check and row, the moment it is done: printed and flushed (a markdown line, then a JSON line) and
     appended to `folder`/live.md and live.jsonl when given, so a run killed at any point keeps what it
-    measured. The markdown is the report's header, then the checks table and the timings table as they grow
-    (a row's ratios compare it with the rows done before it)."""
+    measured. The markdown is the report's header, then the checks and the timings as they come, each run of
+    checks or rows under its table's head, notes between them (a row's ratios compare it with the rows done before
+    it)."""
 
     folder: Optional[Path]
     peak: Optional[float]
-    checks: int = 0
-    rows: int = 0
+    table: str = ""  # the table the last line went to: "checks", "rows" or "" (a note, the header)
 
     def start(self, header: str) -> None:
         if self.folder is not None:
@@ -122,13 +122,19 @@ class LiveOutput:
         self._emit([header], None)
 
     def check(self, c: Check) -> None:
-        head = [] if self.checks else ["", "## Checks: fast path against plain path (as they ran)", "", *CHECKS_HEAD]
-        self.checks += 1
+        head = [] if self.table == "checks" else ["", "## Checks: fast path against plain path (as they ran)", "",
+                                                   *CHECKS_HEAD]
+        self.table = "checks"
         self._emit([*head, markdown_check(c)], {"check": asdict(c)})
 
+    def note(self, text: str) -> None:
+        """A finding that is neither a check nor a timed row (versions, `nvidia-smi`), as markdown."""
+        self.table = ""
+        self._emit(["", text], {"note": text})
+
     def row(self, r: Row, done: list[Row]) -> None:
-        head = [] if self.rows else ["", "## Timings (as measured)", "", *TABLE_HEAD]
-        self.rows += 1
+        head = [] if self.table == "rows" else ["", "## Timings (as measured)", "", *TABLE_HEAD]
+        self.table = "rows"
         self._emit([*head, markdown_row(r, Baselines.of(done), self.peak)], {"row": asdict(r)})
 
     def _emit(self, markdown: list[str], record: Optional[dict]) -> None:

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from flowmo_fast import flags
 from flowmo_fast.codec import Tokenizer
 from flowmo_fast.distributed import Processes, barrier, on_rank0, processes
+from flowmo_fast.fastpath import compile_checked
 from flowmo_fast.flowmo.model import FlowMo, autocast_for
 from flowmo_fast.formats.checkpoint import Which, file_sha256, load_checkpoint, read_config
 from flowmo_fast.formats.data import ImageDataset, ImageSource, collate_images, nothing_decodes
@@ -82,8 +83,8 @@ def make_encoder(model: FlowMo, spec: TokenSpec, compile: bool, batch_size: int)
     bf16 autocast on CUDA. Compiled, the encoder sees only full batches (short ones are zero-padded; images
     do not interact), so it compiles once."""
     device = next(model.parameters()).device
-    if compile:
-        model.encoder.compile(dynamic=False)
+    if compile:  # checked against the eager encoder on its first call (flowmo_fast.fastpath)
+        compile_checked(model.encoder, "compiled encoder", model.fast_checks, dynamic=False)
     tokenizer = Tokenizer(model) if spec.kind == "ids" else None
     context_dim = model.config.model.context_dim
 

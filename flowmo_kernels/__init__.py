@@ -6,8 +6,9 @@ off CUDA or without Triton; on CUDA the Triton kernel when running eagerly, and 
 region the implementation `AUTO_WHEN_COMPILED` names per op (and the PyTorch LFQ for code groups wider than
 the Triton LFQ takes). The Triton kernels are `torch.library` custom ops with fake implementations, so
 `torch.compile(fullgraph=True)` traces through them. The Triton modules are imported on first use: Triton may
-be missing (non-Linux), and the interpreter switch is read when they are imported. This package imports nothing
-of ours.
+be missing (non-Linux), and the interpreter switch is read when they are imported. Given a `FastPathChecks`
+registry (`flowmo_kernels.selfcheck`), `get_ops` checks each fused op against its twin the first time it meets a
+new dtype and shape class, and falls back to the twin where they differ. This package imports nothing of ours.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -25,6 +26,7 @@ from torch import Tensor
 from flowmo_kernels.adaln import gated_residual_torch, modulate_torch
 from flowmo_kernels.lfq import lfq_torch
 from flowmo_kernels.rope import qk_norm_rope_torch
+from flowmo_kernels.selfcheck import FastPathChecks, checked_ops
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -98,9 +100,15 @@ def check_lfq_bits(name: str, lfq_bits: int) -> None:
         )
 
 
-def get_ops(name: str, device: torch.device, lfq_bits: int = 0) -> KernelOps:
+def get_ops(name: str, device: torch.device, lfq_bits: int = 0, checks: Optional[FastPathChecks] = None) -> KernelOps:
     """The implementation set `name` on `device`, for LFQ code groups of `lfq_bits` bits (0: no LFQ); `auto`
-    takes the PyTorch LFQ for groups wider than the Triton LFQ's `TRITON_LFQ_MAX_BITS`."""
+    takes the PyTorch LFQ for groups wider than the Triton LFQ's `TRITON_LFQ_MAX_BITS`. With `checks`, each op
+    that is not the plain twin checks itself against it (`flowmo_kernels.selfcheck`), its verdicts kept there."""
+    ops = _get_ops(name, device, lfq_bits)
+    return checked_ops(checks, ops, TORCH_OPS) if checks is not None else ops
+
+
+def _get_ops(name: str, device: torch.device, lfq_bits: int) -> KernelOps:
     if name not in BACKENDS:
         raise ValueError(f"kernels={name!r}; allowed: {', '.join(BACKENDS)}")
     check_lfq_bits(name, lfq_bits)

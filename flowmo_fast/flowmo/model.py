@@ -18,7 +18,7 @@ from flowmo_fast.flowmo.mmdit import MMDiT, MMDiTParams
 from flowmo_fast.flowmo.quantizers import Generators, QuantizerOutput, build_quantizer
 from flowmo_fast.noise import image_noise, normal, row_generator, uniform
 from flowmo_fast.sampler_settings import SamplingOptions
-from flowmo_kernels import BACKENDS, KernelOps, check_lfq_bits, get_ops
+from flowmo_kernels import BACKENDS, FastPathChecks, KernelOps, check_lfq_bits, get_ops
 
 GUIDANCE_DROPOUT = 0.1  # upstream: the fraction of training samples whose code is dropped
 
@@ -79,6 +79,8 @@ class FlowMo(nn.Module):
         self.attention = Attention(m.attention)
         self.cuda_graphs = True  # sample_images on CUDA replays a captured graph (flowmo_fast.flowmo.graphed_sampler)
         self._graphed_sampler = None
+        # the verdicts of this model's fast paths (Triton ops, compiled blocks, CUDA graphs): flowmo_fast.fastpath
+        self.fast_checks = FastPathChecks()
         for name in self.dead_parameter_names():  # loaded and saved, never used: no gradient, DDP-safe
             self.get_parameter(name).requires_grad_(False)
 
@@ -142,7 +144,8 @@ class FlowMo(nn.Module):
         return self
 
     def ops(self, device: torch.device) -> KernelOps:
-        return get_ops(self._kernels, device, self.lfq_bits)
+        """The kernels of `model.kernels` on `device`, each fused op checked against its twin on first use."""
+        return get_ops(self._kernels, device, self.lfq_bits, self.fast_checks)
 
     def check_images(self, images: Tensor, name: str = "images") -> None:
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowmo_fast.fastpath import raise_recompile_limit
+from flowmo_fast.fastpath import FastPathChecks, compile_checked, raise_recompile_limit
 from flowmo_fast.formats.checkpoint import WHICH, CheckpointError, check_state_dict, read_checkpoint
 from flowmo_fast.recompute import run_block
 from flowmo_kernels.lfq import indices_to_codes, lfq_indices
@@ -205,6 +205,7 @@ class TokenGenerator(nn.Module):
         self.norm = nn.LayerNorm(c.width)
         self.head = nn.Linear(c.width, c.groups * c.vocab_size)  # one 2^bits-way head per group
         self.activation_checkpointing = False
+        self.fast_checks = FastPathChecks()  # the verdicts of its compiled blocks and CUDA graphs (fastpath)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -228,10 +229,11 @@ class TokenGenerator(nn.Module):
         return logits.unflatten(-1, (c.groups, c.vocab_size))
 
     def compile_blocks(self, **compile_kwargs) -> None:
-        """torch.compile each transformer block in place (regional compile: one graph shared by the blocks)."""
+        """torch.compile each transformer block in place (regional compile: one graph shared by the blocks), each
+        compiled variant checked against the eager block on its first call (`fast_checks`)."""
         raise_recompile_limit()
-        for block in self.blocks:
-            block.compile(**compile_kwargs)
+        for k, block in enumerate(self.blocks):
+            compile_checked(block, f"compiled generator block {k}", self.fast_checks, **compile_kwargs)
 
     def blocks_compiled(self) -> bool:
         return any(getattr(b, "_compiled_call_impl", None) is not None for b in self.blocks)

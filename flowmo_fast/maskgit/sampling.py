@@ -13,7 +13,9 @@ Randomness: each sample has its own key, from (seed, class, index) through numpy
 per-image streams of flowmo_fast.noise), and every draw is a counter-based hash of (key, step, stream,
 group) computed on the device. A sample's draws therefore depend neither on the batch it is in nor on the
 process that makes it, nor on the device; the loop has a fixed step count and no host synchronisation, so on
-CUDA it is captured once per shape as a CUDA graph (`GraphedGenerator`) and replayed.
+CUDA it is captured once per shape as a CUDA graph (`GraphedGenerator`) and replayed. There the step after the
+model (guidance mix, softmax, cumsum, the draw) is one compiled kernel chain (`CompiledStep`) instead of a pass
+over the [B, N, V] logits per operation; `generate` without it runs the eager step.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from flowmo_fast.fastpath import capture_graph
+from flowmo_fast.fastpath import CheckedCall, Difference, FastPathChecks, capture_graph, check_replay, difference
 from flowmo_fast.maskgit.model import MASK_SCHEDULES, MaskSchedule, TokenGenerator, mask_ratio, tokens_to_bits
 from flowmo_fast.noise import MAX_SEED
 
@@ -35,6 +37,10 @@ CfgSchedule = Literal["constant", "linear", "pow_cosine"]
 CFG_SCHEDULES = ("constant", "linear", "pow_cosine")
 GENERATION_STREAM = 3  # beside flowmo_fast.noise's streams 0-2, so a sample key never equals an image's stream seed
 _MASK32 = 0xFFFFFFFF
+_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1
+# Of the ids a fast path draws, the share that may differ from the plain path's: a rounding difference flips the
+# draws whose uniform lies within it of a CDF boundary. A wrong chain (a sign, a missing term) changes most.
+ID_SHARE = 0.05
 
 
 MASKBIT_STEPS = 64  # MaskBit's tuned 18-bit configuration: 64 steps for 2 x 256 = 512 groups per image
@@ -146,37 +152,103 @@ def _mix32(x: Tensor) -> Tensor:
 
 
 def counter_uniform(keys: Tensor, step: int, stream: int, n: int) -> Tensor:
-    """U(0, 1) float32 [B, n]: element j of sample b is a hash of (keys[b], step, stream, j) only."""
+    """U(0, 1) float32 [B, n], open at both ends: element j of sample b is a hash of (keys[b], step, stream, j)
+    only."""
     salt = _mix32(keys.new_full((), step * 8 + stream + 1))  # made on the device: no copy in a CUDA graph
     base = _mix32((keys ^ salt) & _MASK32)  # [B]
     j = torch.arange(n, device=keys.device, dtype=torch.int64)
     x = _mix32((base[:, None] + j * 0x9E3779B9) & _MASK32)  # [B, n]
-    return ((x >> 8).float() + 0.5) / 2**24
+    # (k + 0.5) / 2^24 for the top 24 bits k; float32 rounds the largest to 1.0 (an infinite Gumbel term, NaN at
+    # temperature 0): capped at the float below 1, every other value as it was
+    return (((x >> 8).float() + 0.5) / 2**24).clamp_max(_BELOW_ONE)
+
+
+def model_logits(model: TokenGenerator, bits: Tensor, classes: Tensor, guided: bool) -> Tensor:
+    """The model's logits [B, T, G, V] in its dtype; guided: [2B, ...], the conditional rows then the null-class
+    rows, run as one batch."""
+    if not guided:
+        return model(bits, classes)
+    null = torch.full_like(classes, model.config.null_class)
+    return model(torch.cat([bits, bits]), torch.cat([classes, null]))
+
+
+def mix(cond: Tensor, uncond: Tensor, cfg) -> Tensor:
+    """Classifier-free guidance: uncond + cfg (cond - uncond); cfg a float or a 0-d tensor."""
+    return uncond + cfg * (cond - uncond)
 
 
 def guided_logits(model: TokenGenerator, bits: Tensor, classes: Tensor, cfg: float) -> Tensor:
     """Logits [B, T, G, V] float32; with cfg != 1 the conditional and null-class rows run as one batch."""
     if cfg == 1.0:
-        return model(bits, classes).float()
-    null = torch.full_like(classes, model.config.null_class)
-    cond, uncond = model(torch.cat([bits, bits]), torch.cat([classes, null])).float().chunk(2)
-    return uncond + cfg * (cond - uncond)
+        return model_logits(model, bits, classes, guided=False).float()
+    return mix(*model_logits(model, bits, classes, guided=True).float().chunk(2), cfg)
 
 
-def choose(logits: Tensor, keys: Tensor, step: int, softmax_temperature: float) -> tuple[Tensor, Tensor]:
-    """logits [B, N, V] -> (ids [B, N] drawn by inverse CDF from the step's uniforms, their log-probabilities).
-    Two [B, N, V] temporaries (probabilities, CDF): FlowMo-Hi's 16384-way heads make them the sampler's largest."""
+def draw(logits: Tensor, u: Tensor, softmax_temperature: float) -> tuple[Tensor, Tensor]:
+    """logits [B, N, V], uniforms u [B, N] -> (ids [B, N] drawn by inverse CDF, their log-probabilities). Eagerly
+    two [B, N, V] temporaries (probabilities, CDF): FlowMo-Hi's 16384-way heads make them the sampler's largest."""
     probs = torch.softmax(logits / softmax_temperature, dim=-1)  # [B, N, V]
     cdf = probs.cumsum(-1)
-    u = counter_uniform(keys, step, 0, logits.shape[1])[..., None] * cdf[..., -1:]  # [B, N, 1]
-    ids = torch.searchsorted(cdf, u).clamp_max(logits.shape[-1] - 1)  # [B, N, 1]
+    ids = torch.searchsorted(cdf, u[..., None] * cdf[..., -1:]).clamp_max(logits.shape[-1] - 1)  # [B, N, 1]
     return ids[..., 0], probs.gather(-1, ids)[..., 0].clamp_min(1e-30).log()
 
 
+def choose(logits: Tensor, keys: Tensor, step: int, softmax_temperature: float) -> tuple[Tensor, Tensor]:
+    """logits [B, N, V] -> (ids [B, N] drawn from the step's uniforms, their log-probabilities)."""
+    return draw(logits, counter_uniform(keys, step, 0, logits.shape[1]), softmax_temperature)
+
+
+# One sampling step after the bits are set: (model, bits, classes, cfg, keys, step, softmax temperature) -> (ids
+# [B, N], log-probabilities [B, N]).
+SamplingStep = Callable[[TokenGenerator, Tensor, Tensor, float, Tensor, int, float], tuple[Tensor, Tensor]]
+
+
+def eager_step(model: TokenGenerator, bits: Tensor, classes: Tensor, cfg: float, keys: Tensor, step: int,
+               softmax_temperature: float) -> tuple[Tensor, Tensor]:
+    """The step as separate operations: the guided float32 logits [B, N, V], then `choose`."""
+    return choose(guided_logits(model, bits, classes, cfg).flatten(1, 2), keys, step, softmax_temperature)
+
+
+def mixed_choice(raw: Tensor, cfg: Optional[Tensor], u: Tensor, softmax_temperature: float) -> tuple[Tensor, Tensor]:
+    """The step after the model as one function: raw logits [2B, N, V] (conditional rows, then null-class rows;
+    [B, N, V] and cfg None unguided) in the model's dtype, cfg a 0-d tensor (no recompile per step), u [B, N]."""
+    logits = raw.float()
+    if cfg is not None:
+        logits = mix(*logits.chunk(2), cfg)
+    return draw(logits, u, softmax_temperature)
+
+
+def draws_difference(got: tuple[Tensor, Tensor], want: tuple[Tensor, Tensor]) -> Difference:
+    """Two steps' (ids, log-probabilities): the share of ids that differ, the log-probabilities' relative L2
+    where the ids agree."""
+    (ids, logp), (want_ids, want_logp) = got, want
+    same = ids == want_ids
+    return Difference(difference(torch.where(same, logp, want_logp), want_logp).rel_l2, float((~same).float().mean()))
+
+
+class CompiledStep:
+    """The step's guidance mix, softmax, cumsum and draw compiled into one kernel chain (`mixed_choice` under
+    torch.compile), instead of eager passes over the [B, N, V] logits (FlowMo-Hi's 16384-way heads at batch 64:
+    4.3 GB each). Each compiled variant checks itself against `mixed_choice` run eagerly on its first call."""
+
+    def __init__(self, checks: FastPathChecks, **compile_kwargs):
+        compiled = torch.compile(mixed_choice, dynamic=False, **compile_kwargs)
+        self.chain = CheckedCall("compiled generator sampling step", compiled, mixed_choice, checks,
+                                 compare=draws_difference, share=ID_SHARE)
+
+    def __call__(self, model: TokenGenerator, bits: Tensor, classes: Tensor, cfg: float, keys: Tensor, step: int,
+                 softmax_temperature: float) -> tuple[Tensor, Tensor]:
+        raw = model_logits(model, bits, classes, guided=cfg != 1.0).flatten(1, 2)  # [B or 2B, N, V]
+        scale = torch.full((), cfg, dtype=torch.float32, device=raw.device) if cfg != 1.0 else None
+        return self.chain(raw, scale, counter_uniform(keys, step, 0, raw.shape[1]), softmax_temperature)
+
+
 @torch.no_grad()
-def generate(model: TokenGenerator, labels: Optional[Tensor], keys: Tensor, options: GenerationOptions) -> Tensor:
+def generate(model: TokenGenerator, labels: Optional[Tensor], keys: Tensor, options: GenerationOptions,
+             sampling_step: SamplingStep = eager_step) -> Tensor:
     """Token rows [B, code_length * groups] (the tokenizer's ids) for class `labels` [B] (None: unconditional)
-    and sample `keys` [B] (`sample_keys`). Fixed step count, tensor ops only: no host sync in the loop."""
+    and sample `keys` [B] (`sample_keys`). Fixed step count, tensor ops only: no host sync in the loop.
+    `sampling_step`: the eager step, or a `CompiledStep`."""
     c = model.config
     b, n = keys.shape[0], c.tokens_per_image
     options = options.fitted(n)
@@ -189,8 +261,7 @@ def generate(model: TokenGenerator, labels: Optional[Tensor], keys: Tensor, opti
         bits = tokens_to_bits(ids.view(b, c.code_length, c.groups), c.bits, model.bits_in.weight.dtype)
         bits = bits * (~masked).view(b, c.code_length, c.groups, 1)
         cfg = plan.cfg[step] if guide else 1.0
-        logits = guided_logits(model, bits, classes, cfg).flatten(1, 2)  # [B, N, V]
-        sampled, logp = choose(logits, keys, step, options.softmax_temperature)
+        sampled, logp = sampling_step(model, bits, classes, cfg, keys, step, options.softmax_temperature)
         ids = torch.where(masked, sampled, ids)
         keep = plan.masked_after[step]
         if keep == 0:
@@ -210,19 +281,24 @@ class _Captured:
     labels: Optional[Tensor]
     keys: Tensor
     out: Tensor
+    warm_up: Optional[Tensor]  # the warm-up's ids, until the first replay is checked against them
 
 
 class GraphedGenerator:
     """`generate` replayed from one CUDA graph per (device, batch, conditional or not, options, autocast).
 
-    The first call for a key compiles the blocks (unless compile=False or done already), runs once on a side
-    stream (warm-up), then captures; later calls copy labels and keys into the static buffers and replay.
-    Moving the weights drops every capture. Outputs equal eager `generate`'s up to the compiled kernels'
-    rounding (without compile: the same kernels in the same order)."""
+    The first call for a key compiles the blocks and the sampling step's chain (unless compile=False or done
+    already), runs once on a side stream (warm-up), then captures; later calls copy labels and keys into the
+    static buffers on the model's device (labels and keys may come from anywhere: they are moved there first,
+    never inside the capture) and replay. Moving the weights drops every capture. Outputs equal eager
+    `generate`'s up to the compiled kernels' rounding (without compile: the same kernels in the same order). The
+    first replay of each capture is checked against its warm-up (`model.fast_checks`); a key that differs runs
+    `generate` from then on."""
 
     def __init__(self, model: TokenGenerator, compile: bool = True):
         self.model = model
         self.compile = compile
+        self.step: SamplingStep = CompiledStep(model.fast_checks) if compile else eager_step
         self.captured: dict[tuple, _Captured] = {}
         self.weights: tuple = ()
 
@@ -231,8 +307,14 @@ class GraphedGenerator:
         if weights != self.weights:
             self.captured.clear()
             self.weights = weights
+        device = next(self.model.parameters()).device
+        keys = keys.to(device)
+        labels = labels.to(device, torch.long) if labels is not None else None
         autocast = torch.is_autocast_enabled("cuda")
-        key = (keys.device, keys.shape[0], labels is not None, options, autocast)
+        key = (device, keys.shape[0], labels is not None, options, autocast)
+        checks = self.model.fast_checks
+        if checks.verdict(("CUDA graph generator", key)) is False:
+            return generate(self.model, labels, keys, options, self.step)
         if key not in self.captured:
             self.captured[key] = self._capture(labels, keys, options, autocast)
         entry = self.captured[key]
@@ -240,13 +322,19 @@ class GraphedGenerator:
         if labels is not None:
             entry.labels.copy_(labels)
         entry.graph.replay()
+        warm_up, entry.warm_up = entry.warm_up, None
+        if warm_up is not None and checks.enabled():  # the first replay: on the inputs the warm-up ran on
+            what = f"CUDA graph of the token generator (batch {keys.shape[0]}, {options.steps} steps)"
+            if not check_replay(checks, ("CUDA graph generator", key), what, entry.out, warm_up, autocast, ID_SHARE):
+                del self.captured[key]
+                return warm_up
         return entry.out.clone()
 
     def _capture(self, labels, keys, options: GenerationOptions, autocast: bool) -> _Captured:
         if self.compile and not self.model.blocks_compiled():
             self.model.compile_blocks(dynamic=False)
         static_keys = keys.clone()
-        static_labels = labels.clone().long() if labels is not None else None
-        run = lambda: generate(self.model, static_labels, static_keys, options)  # noqa: E731
-        graph, out = capture_graph(run, keys.device, autocast)
-        return _Captured(graph, static_labels, static_keys, out)
+        static_labels = labels.clone() if labels is not None else None
+        run = lambda: generate(self.model, static_labels, static_keys, options, self.step)  # noqa: E731
+        capture = capture_graph(run, keys.device, autocast)
+        return _Captured(capture.graph, static_labels, static_keys, capture.out, capture.warm_up)

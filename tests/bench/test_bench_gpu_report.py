@@ -69,13 +69,12 @@ def graphs_needed(scale: report.Scale) -> int:
     for the last block of its tower (it keeps one stream), variants being the decoder without gradients at the
     phases' batch and its guided double, at 1 and 2 (latency), with gradients at the train batch; the encoder
     without gradients at the batch and at 1, with gradients at the train batch; and one graph per fused op
-    compiled alone in the kernels phase; and the token generator's block (generator phase) with gradients at its
-    train batch, without at the batch (an unguided sampling step) and at its guided double. Both models share
-    every block graph (same widths)."""
+    compiled alone in the kernels phase. Both models share every block graph (same widths). (The token generator's
+    phase is an invocation of its own.)"""
     config = flowmo_fast.load_config(list(scale.models["FlowMo-Lo (tiny)"][1]), preset="tiny")
     m = config.model
     assert m.enc_depth >= 2 and m.dec_depth >= 2 and len({1, 2, scale.batch, 2 * scale.batch}) == 4
-    return 2 * (4 + 1) + 2 * (2 + 1) + 3 + 3
+    return 2 * (4 + 1) + 2 * (2 + 1) + 3
 
 
 def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
@@ -83,15 +82,24 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     every row that can run here has a time and no row failed; the JSON holds what the table shows, and the
     live files every row and check, in the order they finished. It compiles no more graphs than its phases
     need (a check at another batch than its phase's, a train row chunked below its check's batch, a warm-up at
-    another shape: each compiles graphs used once) and its header says how many; its compile caches sit in the
-    output folder."""
+    another shape: each compiles graphs used once) and its header says how many; its compile caches sit in
+    --cache-dir, not in the output folder (a GPU machine gives back at most 8 files). The train phase starts
+    with none of FlowMo-Lo's inference models held (their memory is the train rows')."""
     monkeypatch.delenv("FLOWMO_REFERENCE", raising=False)
     for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         monkeypatch.setenv(variable, "elsewhere")  # restored after the test
+    held_at_train = []
+    train_checks = gpu_report.GpuReport.train_checks
+
+    def spy(self, name):
+        held_at_train.append(sorted(key for key in self.models.built if not key[2]))
+        return train_checks(self, name)
+
+    monkeypatch.setattr(gpu_report.GpuReport, "train_checks", spy)
     torch._dynamo.reset()  # graphs an earlier test compiled would be reused, not counted
     out = tmp_path / "report.json"
     rc = gpu_report.main(["--dry-run", "--target-s", "0", "--max-iters", "1", "--json", str(out),
-                          "--out", str(tmp_path / "out")])
+                          "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
     printed = capsys.readouterr().out
     assert rc == 0 and printed.rstrip().splitlines()[-1].startswith("| ")  # the table prints last
     saved = json.loads(out.read_text())
@@ -115,9 +123,11 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
                           "reconstruct latency (batch 1)", "encode (token ids)"]
     assert 0 < saved["unique_graphs"] <= graphs_needed(gpu_report.DRY)
     assert f"compiled graphs (dynamo unique_graphs): {saved['unique_graphs']}" in saved["header"]
-    cache = (tmp_path / "out" / "compile_cache").resolve()
+    cache = (tmp_path / "cache").resolve()
     assert (os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"]) == (
         str(cache / "inductor"), str(cache / "triton"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["live.jsonl", "live.md", "report.json", "report.md"]
+    assert held_at_train == [[]]
 
 
 def test_phases_select_rows(monkeypatch, capsys):
@@ -215,3 +225,25 @@ def test_a_row_that_compiles_while_timed_says_so():
     steady = Row("decoder forward", "Lo", "fast", 2, None)
     r.measure(steady, lambda: compiled(torch.ones(2)))
     assert steady.ms is not None and steady.note == ""
+
+
+GIB = 2**30
+
+
+def test_the_train_batch_is_chosen_from_free_memory(monkeypatch):
+    """FlowMo-Lo at 256 px keeps ~12 GB of activations per image (~97 GB at batch 8, more than an H100 has): on an
+    80 GB H100 the train rows run at 4 (upstream's real micro-batch), on a 141 GB H200 at 8, never above the scale's
+    largest; off CUDA at the scale's batch."""
+    lo = report.FULL.models["FlowMo-Lo"]
+    config = flowmo_fast.load_config([*lo[1], "data.image_size=256"], preset=lo[0])
+    per_image = report.activation_bytes_per_image(config, 256)
+    assert 85 * GIB < 8 * per_image < 100 * GIB
+    fixed = report.TRAINING_BYTES_PER_PARAMETER * 945_374_085  # FlowMo-Lo's parameters
+    assert [report.train_batch_for(free * GIB, per_image, fixed, 8) for free in (139, 79, 50, 20, 5)] == [8, 4, 2, 1, 1]
+    assert report.train_batch_for(139 * GIB, per_image, fixed, 4) == 4
+    full = report.Report(report.ReportSettings(dry_run=True), report.FULL, torch.device("cpu"))
+    assert full.train_batch("FlowMo-Lo") == 8  # the CPU: no free memory to read
+    monkeypatch.setattr(report.Report, "free_memory", lambda self: 79 * GIB)  # as an H100 reports it, idle
+    full = report.Report(report.ReportSettings(dry_run=True), report.FULL, torch.device("cpu"))
+    assert full.train_batch("FlowMo-Lo") == 4 and full.train_batch("FlowMo-Hi") == 4
+    assert "train batch FlowMo-Lo 4, FlowMo-Hi 4 (" in full.header()

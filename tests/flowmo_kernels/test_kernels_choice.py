@@ -39,7 +39,8 @@ def test_model_with_24_bit_groups_runs_the_pytorch_lfq_under_auto():
     model = flowmo_fast.FlowMo(wide_lfq_config("auto"))
     assert model.lfq_bits == 24 and model.ops(CUDA).lfq is lfq_torch
     narrow = flowmo_fast.FlowMo(flowmo_fast.load_config(preset="tiny"))
-    assert narrow.ops(CUDA).lfq is lfq_triton
+    assert narrow.ops(CUDA).lfq.fused is lfq_triton  # checked against its twin on first use (selfcheck)
+    assert narrow.ops(CUDA) is narrow.ops(CUDA)  # one object: compiled code guards on it
 
 
 def test_explicit_triton_names_the_limit_and_the_fix():
