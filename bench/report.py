@@ -19,13 +19,13 @@ from bench import upstream
 from bench.harness import Budget, Harness, Timing, device_name, unique_graphs
 from bench.impls import OURS, TRAIN_STEP_OVERRIDES, TRAIN_STEP_WORK, Implementation, build
 from bench.report_rows import CHECKS_HEAD, LiveOutput, markdown_check, markdown_table
-from flowmo_fast.config import HIDDEN_PER_WIDTH, Config
 from flowmo_fast.fastpath import raise_recompile_limit  # noqa: F401  (re-exported for the command)
 from flowmo_fast.flowmo import flops
 from flowmo_fast.flowmo.attention import installed_backends
 from flowmo_fast.hardware import peak_bf16_tflops
 from flowmo_fast.sampler_settings import UPSTREAM, SamplingOptions
 from flowmo_kernels import triton_available
+from train.memory import largest_micro_batch
 
 PHASES = ("decoder", "reconstruct", "train", "latency", "encode", "lfq", "kernels", "generator", "upstream_compiled")
 # The token generator's phase runs as its own invocation (`--phases generator`): its rows need no FlowMo model and
@@ -39,30 +39,14 @@ DEFAULT_BUDGET_S = 330.0
 # Compile caches stay on the machine that compiled (a GPU machine gives back at most 8 files): under /tmp, where a
 # rerun on the same machine finds them.
 DEFAULT_CACHE_DIR = "/tmp/flowmo_compile_cache"
-# Activations plain eager FlowMo keeps for backward under bf16 autocast: bytes per token, channel and block
-# (counted on the tiny model; issue 30): FlowMo-Lo at 256 px keeps ~12 GB per image, ~97 GB at batch 8.
-ACTIVATION_BYTES = 113
-TRAINING_BYTES_PER_PARAMETER = 16  # float32 weights, gradients and Adam's two moments
 TRAIN_BATCHES = (8, 4, 2, 1)  # the largest that fits is taken; 4 is upstream's real micro-batch (8 as 2 x 4)
-MEMORY_HEADROOM = 0.85  # of the free memory a train row may plan to use (the allocator's slack, other models)
 
 
-def activation_bytes_per_image(config: Config, size: int) -> int:
-    """The training activations of one image at `size` px (ACTIVATION_BYTES per token, channel and block)."""
-    m = config.model
-    tokens = (size // m.patch_size) ** 2 + m.code_length
-    enc_width = m.enc_mup_width if m.enc_mup_width is not None else m.mup_width
-    channels_x_blocks = HIDDEN_PER_WIDTH * (enc_width * m.enc_depth + m.mup_width * m.dec_depth)
-    return ACTIVATION_BYTES * tokens * channels_x_blocks
-
-
-def train_batch_for(free_bytes: float, per_image_bytes: float, fixed_bytes: float, largest: int) -> int:
-    """The largest of TRAIN_BATCHES (at most `largest`) whose memory, `fixed_bytes` + batch x `per_image_bytes`,
-    fits in MEMORY_HEADROOM of `free_bytes`; 1 when none does (its row then reports the out-of-memory error)."""
-    for batch in TRAIN_BATCHES:
-        if batch <= largest and fixed_bytes + batch * per_image_bytes <= MEMORY_HEADROOM * free_bytes:
-            return batch
-    return 1
+def train_batch_for(largest_fitting: int, largest: int) -> int:
+    """The largest of TRAIN_BATCHES at most `largest` (the scale's) and at most `largest_fitting` (the micro-batch
+    the memory allows: `train.memory`'s estimate, or the smoke's measurement); 1 when none does (its row then
+    reports the out-of-memory error)."""
+    return next((b for b in TRAIN_BATCHES if b <= min(largest, largest_fitting)), 1)
 
 
 @dataclass(frozen=True)
@@ -191,12 +175,8 @@ class Report(Harness):
         first asked (after the inference models are released), at most the scale's; elsewhere the scale's."""
         if name not in self.train_batches:
             batch, free = self.scale.train_batch, self.free_memory()
-            if free is not None:
-                config = self.models.config(name)
-                with torch.device("meta"):
-                    parameters = sum(p.numel() for p in flowmo_fast.FlowMo(config).parameters())
-                per_image = activation_bytes_per_image(config, self.scale.size)
-                batch = train_batch_for(free, per_image, TRAINING_BYTES_PER_PARAMETER * parameters, batch)
+            if free is not None:  # train.memory's estimate of plain eager training under bf16 autocast
+                batch = train_batch_for(largest_micro_batch(self.models.config(name), free), batch)
             self.train_batches[name] = batch
         return self.train_batches[name]
 

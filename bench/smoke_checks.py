@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 import flowmo_fast
-from bench.report import FULL, TRAIN_BATCHES, TRAINING_BYTES_PER_PARAMETER, activation_bytes_per_image, train_batch_for
+from bench.report import FULL, TRAIN_BATCHES, train_batch_for
 from bench.report_rows import Row
 from flowmo_fast.autocast import autocast_for
 from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS, rope_axes
@@ -40,6 +40,7 @@ from flowmo_fast.sampler_settings import UPSTREAM
 from flowmo_kernels import TORCH_OPS, get_ops, triton_available, triton_interpreting
 from flowmo_kernels.rope import rope_tables
 from flowmo_kernels.selfcheck import PROBES, SWITCH, forward_backward
+from train.memory import FIT_FRACTION, Placement, activations_per_image, memory_model
 
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,13 +329,18 @@ class Stages:
         return sum(p.numel() for p in model.parameters()), peaks
 
     def choose_train_batch(self, config, parameters: int, peaks: dict) -> None:
+        """The report's train batch from the measured peaks: per image (batch 2 - batch 1) and fixed (the rest of
+        batch 1, plus the gradients' and Adam's float32 copies that a loss + backward does not hold), against
+        train.memory's estimate of the same."""
         per_image = (peaks[2] - peaks[1]) * GIB
-        fixed = (peaks[1] * GIB - per_image) + TRAINING_BYTES_PER_PARAMETER * parameters  # + weights, Adam's moments
+        fixed = (peaks[1] * GIB - per_image) + 12 * parameters  # + gradients and Adam's two moments, float32
         free = torch.cuda.mem_get_info(self.device)[0]
-        self.train_batch = train_batch_for(free, per_image, fixed, max(TRAIN_BATCHES))
-        estimate = activation_bytes_per_image(config, self.sizes.train_size)
+        fitting = int((FIT_FRACTION * free - fixed) // per_image) if per_image > 0 else max(TRAIN_BATCHES)
+        self.train_batch = train_batch_for(fitting, max(TRAIN_BATCHES))
+        estimate, model = activations_per_image(config, Placement()), memory_model(config)
         self.note(f"train batch {self.train_batch} for the report: {per_image / GIB:.1f} GiB per image measured "
-                  f"(estimate {estimate / GIB:.1f} GiB), {free / GIB:.0f} GiB free")
+                  f"(train.memory's estimate {estimate / GIB:.1f} GiB; fixed {fixed / GIB:.1f} GiB measured, "
+                  f"{model.at(0).total / GIB:.1f} estimated), {free / GIB:.0f} GiB free")
 
     # --- the generator trainer under torchrun ----------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from bench import gpu_report, report, report_rows
 from bench.harness import Budget, Harness, Timing
 from bench.report_rows import LiveOutput, Row
 from flowmo_fast.sampler_settings import UPSTREAM
+from train.memory import largest_micro_batch
 
 SCRIPT = Path(gpu_report.__file__)
 
@@ -231,19 +232,18 @@ GIB = 2**30
 
 
 def test_the_train_batch_is_chosen_from_free_memory(monkeypatch):
-    """FlowMo-Lo at 256 px keeps ~12 GB of activations per image (~97 GB at batch 8, more than an H100 has): on an
-    80 GB H100 the train rows run at 4 (upstream's real micro-batch), on a 141 GB H200 at 8, never above the scale's
-    largest; off CUDA at the scale's batch."""
+    """The train rows' batch is the largest of 8, 4, 2, 1 that train.memory's estimate of FlowMo training fits in the
+    free memory (Lo's inference models released first), never above the scale's; off CUDA the scale's batch."""
+    assert [report.train_batch_for(fitting, 8) for fitting in (17, 8, 7, 4, 3, 2, 1, 0)] == [8, 8, 4, 4, 2, 2, 1, 1]
+    assert report.train_batch_for(17, 4) == 4
     lo = report.FULL.models["FlowMo-Lo"]
     config = flowmo_fast.load_config([*lo[1], "data.image_size=256"], preset=lo[0])
-    per_image = report.activation_bytes_per_image(config, 256)
-    assert 85 * GIB < 8 * per_image < 100 * GIB
-    fixed = report.TRAINING_BYTES_PER_PARAMETER * 945_374_085  # FlowMo-Lo's parameters
-    assert [report.train_batch_for(free * GIB, per_image, fixed, 8) for free in (139, 79, 50, 20, 5)] == [8, 4, 2, 1, 1]
-    assert report.train_batch_for(139 * GIB, per_image, fixed, 4) == 4
     full = report.Report(report.ReportSettings(dry_run=True), report.FULL, torch.device("cpu"))
     assert full.train_batch("FlowMo-Lo") == 8  # the CPU: no free memory to read
-    monkeypatch.setattr(report.Report, "free_memory", lambda self: 79 * GIB)  # as an H100 reports it, idle
-    full = report.Report(report.ReportSettings(dry_run=True), report.FULL, torch.device("cpu"))
-    assert full.train_batch("FlowMo-Lo") == 4 and full.train_batch("FlowMo-Hi") == 4
-    assert "train batch FlowMo-Lo 4, FlowMo-Hi 4 (" in full.header()
+    for free_gib in (79, 30, 20):  # as an idle H100 reports it, and smaller cards
+        monkeypatch.setattr(report.Report, "free_memory", lambda self, f=free_gib: f * GIB)
+        full = report.Report(report.ReportSettings(dry_run=True), report.FULL, torch.device("cpu"))
+        expected = report.train_batch_for(largest_micro_batch(config, free_gib * GIB), 8)
+        assert full.train_batch("FlowMo-Lo") == expected
+        assert f"train batch FlowMo-Lo {expected}, FlowMo-Hi {full.train_batch('FlowMo-Hi')} (" in full.header()
+    assert expected < 8  # 20 GiB: the estimate, not the scale, set it
