@@ -75,6 +75,13 @@ class _Entropies(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor) -> tuple[Tensor, Tensor]:
+        # In z's own precision, never autocast's: under bf16 autocast the code products would run in bf16 and the
+        # backward (which autocast does not reach) would multiply them with float32 gradients and fail.
+        with torch.autocast(z.device.type, enabled=False):
+            return _Entropies.entropies(ctx, z)
+
+    @staticmethod
+    def entropies(ctx, z: Tensor) -> tuple[Tensor, Tensor]:
         n, d = z.shape
         on, off = torch.sigmoid(z), torch.sigmoid(-z)  # sigmoid(-z), not 1 - sigmoid(z): exact tails
         # binary entropy -(p log p + (1-p) log(1-p)), p = sigmoid(z), written as log(1 + e^-|z|) + |z| sigmoid(-|z|)

@@ -103,6 +103,23 @@ def test_bfloat16_input():
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-2 * ref_grad.abs().max().item())
 
 
+def test_torch_twin_under_autocast_equals_float32():
+    """The plain LFQ inside bf16 autocast (training on CUDA with model.kernels=torch, or after a Triton op fell back
+    to it): the losses and gradients of float32, not bf16 code products (and a backward that runs at all)."""
+    x = torch.randn(96, 9, generator=torch.Generator().manual_seed(3))
+
+    def losses_and_grad(autocast: bool):
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = lfq_torch(leaf)
+        total = out.commitment + out.per_sample_entropy - out.codebook_entropy
+        total.backward()
+        return torch.stack([out.commitment, out.per_sample_entropy, out.codebook_entropy]), leaf.grad
+
+    (plain, plain_grad), (mixed, mixed_grad) = losses_and_grad(False), losses_and_grad(True)
+    assert torch.equal(mixed, plain) and torch.equal(mixed_grad, plain_grad)
+
+
 @pytest.mark.parametrize("fn", [lfq_torch, lfq_triton], ids=["torch", "triton"])
 def test_without_loss_only_the_straight_through_gradient(fn):
     x = torch.randn(20, 9, requires_grad=True)
