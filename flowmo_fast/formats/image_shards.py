@@ -29,11 +29,13 @@ from typing import Callable, Optional
 
 import numpy as np
 from tqdm import tqdm
-from webdataset import autodecode, shardlists, tariterators
 
 from flowmo_fast.formats.data_errors import DataError
 from flowmo_fast.formats.tar_members import tar_members
 
+# webdataset is imported inside the three functions that read shards, not at the top, so that
+# every other command (and a machine image without webdataset, such as the GPU machines') imports this module's
+# importers (the data sets, the trainers) without it.
 SHARD_SUFFIX = ".tar"
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these (e.g. __meta__/...)
@@ -58,6 +60,8 @@ def shard_paths(spec: str) -> list[str]:
             if f.endswith((SHARD_SUFFIX, *COMPRESSED_SUFFIXES)) and not f.startswith(".")
         )
     else:
+        from webdataset import shardlists  # imported where shards are read (see the note above SHARD_SUFFIX)
+
         paths = shardlists.expand_urls(spec)
     for path in paths:
         if path.endswith(COMPRESSED_SUFFIXES):
@@ -92,6 +96,8 @@ class ShardContents:
 
 
 def read_label(fd: int, path: str, key: str, span: tuple[int, int]) -> int:
+    from webdataset import autodecode  # imported where shards are read (see the note above SHARD_SUFFIX)
+
     offset, size = span
     data = os.pread(fd, size, offset)
     try:
@@ -112,6 +118,8 @@ def index_shard(path: str, is_image: Callable[[str], bool]) -> ShardContents:
         raise DataError(f"shard {path} is not an uncompressed tar file ({e}); give .tar shards") from None
     files = [{"fname": name, "data": (offset, size), "__url__": path}
              for name, offset, size in members.regular if not META_MEMBER.match(name)]
+    from webdataset import tariterators  # imported where shards are read (see the note above SHARD_SUFFIX)
+
     try:
         grouped = list(tariterators.group_by_keys(files))
     except ValueError as e:  # a suffix twice in one sample

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from bench import gpu_smoke
 from bench.harness import Budget
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_dry_run_runs_every_stage_within_its_limit(tmp_path, monkeypatch, capsys):
@@ -63,3 +68,18 @@ def test_a_check_that_raises_fails_and_names_its_error(tmp_path, capsys):
 
     check = smoke(tmp_path).evaluate("graph vs eager", broken, 0.0)
     assert not check.passed and check.name == "graph vs eager: error RuntimeError: CUDA error: an illegal memory access"
+
+
+# Our requirements the GPU machines' image does not hold (.library's device notes list its packages): the smoke,
+# the report and the commands it starts must import without them (the reference's mup and omegaconf are only for
+# the report's upstream rows).
+NOT_ON_THE_GPU_IMAGE = ("webdataset", "lpips", "torch_fidelity", "pytorch_fid", "mup", "omegaconf")
+
+
+def test_the_smoke_and_the_commands_it_runs_import_without_what_the_gpu_image_lacks():
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in NOT_ON_THE_GPU_IMAGE)  # import X: ImportError
+    modules = ("bench.gpu_smoke", "bench.smoke_checks", "bench.gpu_report", "train.generator", "train.pretrain",
+               "flowmo_fast.tokenize", "flowmo_fast.detokenize")
+    script = f"import importlib, sys; {blocked}\nfor m in {modules!r}: importlib.import_module(m)\nprint('ok')"
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
