@@ -9,9 +9,7 @@ import io
 import numpy as np
 import torch
 from PIL import Image
-
-from flowmo_fast.formats.checkpoint import read_checkpoint
-from train import pretrain
+from train_helpers import pretrain_tiny_in_process
 
 BATCH = 4  # the whole folder: every batch draws all four files, one of which does not decode
 
@@ -28,16 +26,7 @@ def image_folder(root):
 
 
 def train_to(results, name: str, steps: int, data, capsys) -> dict:
-    code = pretrain.main([str(a) for a in [
-        "--preset", "tiny", "data.image_size=16", f"data.batch_size={BATCH}", f"data.data_dir={data}",
-        "model.enc_depth=1", "model.dec_depth=1", "--results-dir", results, "--experiment-name", name,
-        f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.sample_every=1000",
-        "trainer.checkpoint_every=1000", "eval.sampling.sample_steps=1",
-    ]])
-    out = capsys.readouterr().out
-    assert code == 0, out[-3000:]
-    assert "skipped an image that does not decode: img_3.png" in out
-    return read_checkpoint(results / name / "checkpoints" / f"{steps:08d}.pth")
+    return pretrain_tiny_in_process(results, name, steps, data, BATCH, capsys, ("skipped an image that does not decode: img_3.png",))
 
 
 def test_position_counts_drawn_samples_and_a_resume_continues_exactly(lone_process, tmp_path, capsys):

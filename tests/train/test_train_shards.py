@@ -10,9 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 from shard_helpers import write_shards
-
-from flowmo_fast.formats.checkpoint import read_checkpoint
-from train import pretrain
+from train_helpers import pretrain_tiny_in_process
 
 BATCH = 4  # of 5 samples: batches run across epochs (a new shuffle each)
 
@@ -24,18 +22,8 @@ def png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def train_to(results, name: str, steps: int, data: str, capsys) -> dict:
-    code = pretrain.main([str(a) for a in [
-        "--preset", "tiny", "data.image_size=16", f"data.batch_size={BATCH}", f"data.data_dir={data}",
-        "model.enc_depth=1", "model.dec_depth=1", "--results-dir", results, "--experiment-name", name,
-        f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.sample_every=1000",
-        "trainer.checkpoint_every=1000", "eval.sampling.sample_steps=1",
-    ]])
-    out = capsys.readouterr().out
-    assert code == 0, out[-3000:]
-    assert "training data: 5 images in 2 WebDataset shard(s)" in out
-    assert "skipped an image that does not decode: train-000001.tar/s3.png" in out
-    return read_checkpoint(results / name / "checkpoints" / f"{steps:08d}.pth")
+def train_to(results, name: str, steps: int, data, capsys) -> dict:
+    return pretrain_tiny_in_process(results, name, steps, data, BATCH, capsys, ("training data: 5 images in 2 WebDataset shard(s)", "skipped an image that does not decode: train-000001.tar/s3.png"))
 
 
 def test_training_on_shards_resumes_exactly(lone_process, tmp_path, capsys):

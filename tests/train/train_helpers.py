@@ -75,3 +75,23 @@ def log_lines(stdout: str) -> dict[int, dict[str, float]]:
     for m in re.finditer(r"^step (\d+) \| (.*)$", stdout, re.M):
         out[int(m.group(1))] = {k: float(v) for k, v in (part.rsplit(" ", 1) for part in m.group(2).split(" | "))}
     return out
+
+
+def pretrain_tiny_in_process(results, name: str, steps: int, data, batch: int, capsys, says: tuple[str, ...]) -> dict:
+    """train.pretrain in this process on a tiny one-block model of 16-px crops of `data` (data.data_dir: a folder
+    or shards), `batch` images a step, to `steps`; asserts it ran and printed each line of `says`; returns the
+    step's checkpoint."""
+    from flowmo_fast.formats.checkpoint import read_checkpoint
+    from train import pretrain
+
+    code = pretrain.main([str(a) for a in [
+        "--preset", "tiny", "data.image_size=16", f"data.batch_size={batch}", f"data.data_dir={data}",
+        "model.enc_depth=1", "model.dec_depth=1", "--results-dir", results, "--experiment-name", name,
+        f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.sample_every=1000",
+        "trainer.checkpoint_every=1000", "eval.sampling.sample_steps=1",
+    ]])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    for line in says:
+        assert line in out
+    return read_checkpoint(Path(results) / name / "checkpoints" / f"{steps:08d}.pth")
