@@ -3,6 +3,10 @@ folder and by Hugging Face repository id): a tiny FlowMo and a tiny token genera
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +17,18 @@ from flowmo_fast.formats.token_shards import TokenSpec
 from flowmo_fast.maskgit.model import GeneratorConfig, TokenGenerator
 
 CLASSES = ["cat", "dog"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_offline_user(script: str, hf_home: Path, *args: str) -> dict:
+    """`script` run as a user would: a fresh process whose only Hugging Face settings are HF_HOME=`hf_home` and
+    HF_HUB_OFFLINE=1 (one thread); returns the JSON object its last line prints."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def perturbed(state: dict, seed: int, scale: float = 0.05) -> dict:

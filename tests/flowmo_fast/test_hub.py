@@ -5,16 +5,12 @@ from; a repository not in the cache fails in one line with the command that fetc
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from sharing_helpers import run_offline_user
 
 from flowmo_fast.formats.hub import is_hub_id
 
-REPO = Path(__file__).resolve().parents[2]
 REVISION = "89abcdef0123456789abcdef0123456789abcdef"
 
 # Run as a user would: a fresh process whose only Hugging Face settings are HF_HOME and HF_HUB_OFFLINE=1. Each
@@ -53,13 +49,9 @@ def offline_user(tokenizer_folder, generator_folder, tokenizer_run_checkpoint, g
     home = tmp_path_factory.mktemp("hf-home-shared")
     for repo_id, folder in (("me/tiny-flowmo", tokenizer_folder), ("me/tiny-maskgit", generator_folder)):
         seed_hub(home / "hub", {p.name: p for p in folder.iterdir()}, REVISION, repo_id)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = tmp_path_factory.mktemp("generated") / "gen"
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tokenizer_run_checkpoint), str(generator_run_checkpoint),
-                             str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {**json.loads(result.stdout.splitlines()[-1]), "home": home, "out": out}
+    result = run_offline_user(SCRIPT, home, str(tokenizer_run_checkpoint), str(generator_run_checkpoint), str(out))
+    return {**result, "home": home, "out": out}
 
 
 def test_a_tokenizer_loads_by_repo_id_from_the_cache(offline_user):

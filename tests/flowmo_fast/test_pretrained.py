@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from sharing_helpers import run_offline_user
 
 import flowmo_fast
 from flowmo_fast.formats.pretrained import resolve_checkpoint
-
-REPO = Path(__file__).resolve().parents[2]
 
 # Run as a user would: a fresh process whose only Hugging Face settings are HF_HOME and HF_HUB_OFFLINE=1.
 SCRIPT = """
@@ -34,12 +29,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def offline_user(seeded_hf_home) -> dict:
-    home = seeded_hf_home
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {**json.loads(result.stdout.splitlines()[-1]), "home": home}
+    return {**run_offline_user(SCRIPT, seeded_hf_home), "home": seeded_hf_home}
 
 
 def test_a_published_name_loads_from_the_cache_offline(offline_user, tiny_checkpoint):
