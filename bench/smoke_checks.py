@@ -139,7 +139,7 @@ class Stages:
 
     def kernel_check(self, fast, op: str, size: int, length: int, dtype: torch.dtype) -> None:
         args = self.kernel_args(op, size, length, dtype)
-        constants = PROBES[op](*args)[2]
+        constants = PROBES[op](*args).constants
         tol = tolerance(dtype)
         name = f"triton {op} {'d' if op == 'lfq' else 'head dim' if op == 'qk_norm_rope' else 'D'}={size}"
         name += f" {'N' if op == 'lfq' else 'L'}={length} {str(dtype).removeprefix('torch.')}, fwd+bwd vs twin"

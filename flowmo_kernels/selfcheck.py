@@ -19,7 +19,7 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -144,34 +144,45 @@ class FastPathChecks:
             )
         return problem is None
 
+    def accept(self, key: tuple) -> None:
+        """The fast path for `key` runs unchecked: it cannot be compared (its calls draw random numbers)."""
+        self.verdicts[key] = True
+
     def failed(self) -> list[tuple]:
         return [key for key, passed in self.verdicts.items() if not passed]
 
 
 # ---- the Triton ops ---------------------------------------------------------------------------------------------
-# A probe takes an op's arguments (the plain twin's signature) and returns its shape class (what selects other
-# kernel code: widths, the optional inputs present), the small arguments the op is checked on (the first PROBE_ROWS
-# tokens of the first sample: views, strides kept) and the positions of those the op takes no gradient for.
+# A probe takes an op's arguments (the plain twin's signature) and returns a `Probe`: cheap to make on every call;
+# its small arguments (the first PROBE_ROWS tokens of the first sample: views, strides kept) made only when a key is
+# first checked.
+
+
+class Probe(NamedTuple):
+    shape_class: tuple  # what selects other kernel code: widths, the optional inputs present
+    args: tuple  # the call's arguments in the twin's order (keyword ones too): their dtypes and devices key it
+    small: Callable[[], tuple]  # the small arguments the op is checked on
+    constants: tuple[int, ...]  # positions of the arguments the op takes no gradient for
 
 
 def _modulate_probe(x, shift, scale, out_dtype=None):
-    small = (x[:1, :PROBE_ROWS], *(v[:1] if v is not None else None for v in (shift, scale)), out_dtype)
-    return (f"D={x.shape[-1]}", "modulated" if scale is not None else "plain LayerNorm"), small, ()
+    small = lambda: (x[:1, :PROBE_ROWS], *(v[:1] if v is not None else None for v in (shift, scale)), out_dtype)  # noqa: E731
+    return Probe((x.shape[-1], scale is not None), (x, shift, scale, out_dtype), small, ())
 
 
 def _gated_residual_probe(x, gate, y):
-    small = (x[:1, :PROBE_ROWS], gate[:1] if gate is not None else None, y[:1, :PROBE_ROWS])
-    return (f"D={x.shape[-1]}", "gated" if gate is not None else "ungated"), small, ()
+    small = lambda: (x[:1, :PROBE_ROWS], gate[:1] if gate is not None else None, y[:1, :PROBE_ROWS])  # noqa: E731
+    return Probe((x.shape[-1], gate is not None), (x, gate, y), small, ())
 
 
 def _qk_norm_rope_probe(q, k, q_weight, k_weight, cos, sin, out_dtype):
     heads = (slice(0, 1), slice(0, 2), slice(0, PROBE_ROWS))
-    small = (q[heads], k[heads], q_weight, k_weight, cos[:PROBE_ROWS], sin[:PROBE_ROWS], out_dtype)
-    return (f"head dim {q.shape[-1]}",), small, (4, 5)  # the rotary tables are constants
+    small = lambda: (q[heads], k[heads], q_weight, k_weight, cos[:PROBE_ROWS], sin[:PROBE_ROWS], out_dtype)  # noqa: E731
+    return Probe((q.shape[-1],), (q, k, q_weight, k_weight, cos, sin, out_dtype), small, (4, 5))  # 4, 5: the tables
 
 
 def _lfq_probe(x, with_loss=True):
-    return (f"d={x.shape[-1]}", "with loss" if with_loss else "no loss"), (x[: 4 * PROBE_ROWS], with_loss), ()
+    return Probe((x.shape[-1], with_loss), (x, with_loss), lambda: (x[: 4 * PROBE_ROWS], with_loss), ())
 
 
 PROBES = MappingProxyType({
@@ -180,6 +191,18 @@ PROBES = MappingProxyType({
     "qk_norm_rope": _qk_norm_rope_probe,
     "lfq": _lfq_probe,
 })
+# How a shape class reads in a warning, per op.
+SHAPE_CLASS_TEXT = MappingProxyType({
+    "modulate": lambda d, modulated: (f"D={d}", "modulated" if modulated else "plain LayerNorm"),
+    "gated_residual": lambda d, gated: (f"D={d}", "gated" if gated else "ungated"),
+    "qk_norm_rope": lambda head_dim: (f"head dim {head_dim}",),
+    "lfq": lambda d, with_loss: (f"d={d}", "with loss" if with_loss else "no loss"),
+})
+
+
+def _signature(args: tuple) -> tuple:
+    """What else selects kernel code, cheap to hash on every call: each tensor's dtype and device, other values."""
+    return tuple((a.dtype, a.device) if isinstance(a, Tensor) else a for a in args)
 
 
 def _leaves(args: tuple, constants: Sequence[int]) -> tuple:
@@ -221,18 +244,24 @@ class CheckedOp:
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
             return (self.plain if self.any_failed else self.fused)(*args, **kwargs)
-        shape_class, small, constants = PROBES[self.name](*args, **kwargs)
-        device = tensors_of(small)[0].device
-        key = (self.label, self.name, self.implementation, str(device), shape_class, _describe(small))
+        probe = PROBES[self.name](*args, **kwargs)
+        key = (self.label, self.name, self.implementation, probe.shape_class, _signature(probe.args))
         passed = self.checks.verdict(key)
         if passed is None and self.checks.enabled() and not in_trace_or_capture():
-            what = f"{self.label} {self.name} [{', '.join(shape_class)}; {', '.join(key[-1])}] on {device}"
-            error = lambda: difference(forward_backward(self.fused, small, constants),  # noqa: E731
-                                       forward_backward(self.plain, small, constants))
-            dtypes = [a.dtype if isinstance(a, Tensor) else a for a in small if isinstance(a, (Tensor, torch.dtype))]
-            passed = self.checks.check(key, what, error, tolerance(least_precise(dtypes)))
-            self.any_failed = self.any_failed or not passed
+            passed = self.first_check(key, probe.shape_class, probe.small(), probe.constants)
         return (self.plain if passed is False else self.fused)(*args, **kwargs)
+
+    def first_check(self, key: tuple, shape_class: tuple, small: tuple, constants: Sequence[int]) -> bool:
+        """The fast op against its twin, forward and backward, on the small arguments; recorded under `key`."""
+        device = tensors_of(small)[0].device
+        where = ", ".join(SHAPE_CLASS_TEXT[self.name](*shape_class))
+        what = f"{self.label} {self.name} [{where}; {', '.join(_describe(small))}] on {device}"
+        error = lambda: difference(forward_backward(self.fused, small, constants),  # noqa: E731
+                                   forward_backward(self.plain, small, constants))
+        dtypes = [a.dtype if isinstance(a, Tensor) else a for a in small if isinstance(a, (Tensor, torch.dtype))]
+        passed = self.checks.check(key, what, error, tolerance(least_precise(dtypes)))
+        self.any_failed = self.any_failed or not passed
+        return passed
 
 
 def checked_ops(checks: FastPathChecks, ops, plain_ops):
