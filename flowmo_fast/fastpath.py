@@ -63,6 +63,28 @@ def signature(value: Any) -> Any:
     return f"{type(value).__name__}:{getattr(value, 'name', '')}"
 
 
+@dataclass
+class RngStreams:
+    """The global RNG streams a call on `tensors` may draw from: the CPU's, and the CUDA generator of their device."""
+
+    cpu: Tensor
+    cuda: Optional[tuple[torch.device, Tensor]]
+
+    @classmethod
+    def of(cls, tensors: list[Tensor]) -> "RngStreams":
+        device = next((t.device for t in tensors if t.device.type == "cuda"), None)
+        return cls(torch.get_rng_state(), (device, torch.cuda.get_rng_state(device)) if device is not None else None)
+
+    def moved(self) -> bool:
+        cuda_moved = self.cuda is not None and not torch.equal(torch.cuda.get_rng_state(self.cuda[0]), self.cuda[1])
+        return cuda_moved or not torch.equal(torch.get_rng_state(), self.cpu)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
+
+
 class CheckedCall:
     """A fast callable (compiled code) that checks itself against `plain` (the same code eagerly) the first time
     each key meets it: its inputs' dtypes and shapes, and whether gradients are on (each a compiled variant of
@@ -84,16 +106,23 @@ class CheckedCall:
         return (self.plain if passed is False else self.fast)(*args, **kwargs)
 
     def first_call(self, key: tuple, args: tuple, kwargs: dict):
-        """The plain pass, then the fast one (the call's result where they agree, else the plain result)."""
+        """The plain pass, then the fast one (the call's result where they agree, else the plain result). A call
+        that draws random numbers (dropout in training) cannot agree with another: its plain pass is undone (the RNG
+        streams put back, so an exact resume still holds) and the key runs the fast path unchecked."""
+        inputs = tensors_of(list(args)) + tensors_of(list(kwargs.values()))
+        streams = RngStreams.of(inputs)
         with torch.no_grad():
             want = self.plain(*args, **kwargs)
+        if streams.moved():
+            streams.restore()
+            self.checks.accept(key)
+            return self.fast(*args, **kwargs)
         got = []
 
         def error() -> Difference:
             got.append(self.fast(*args, **kwargs))
             return self.compare(got[0], want)
 
-        inputs = tensors_of(list(args)) + tensors_of(list(kwargs.values()))
         what = f"{self.label} ({key[1]}; first input {key[2][0] if key[2] else '-'})"
         if self.checks.check(key, what, error, tolerance(compute_dtype(inputs), self.share)):
             return got[0]

@@ -212,6 +212,30 @@ def test_a_miscompiled_generator_block_is_caught():
         assert torch.equal(sampling.generate(model, labels, keys, options), want)
 
 
+def test_compiled_blocks_with_dropout_in_training_run_unchecked_and_leave_the_rng_alone(monkeypatch):
+    """A block that draws random numbers (dropout 0.1 in training) cannot agree with a second pass of itself: its
+    compiled variant runs unchecked (no false warning, no fallback to eager for the run), and the check's plain pass
+    leaves the RNG streams where a run without checks has them (what an exact resume replays)."""
+    ids, labels = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 1, 0])
+
+    def one_step(checks_on: bool):
+        monkeypatch.setenv("FLOWMO_CHECK_FAST_PATHS", "1" if checks_on else "0")
+        torch.manual_seed(0)
+        model = TokenGenerator(GeneratorConfig(8, 2, 9, num_classes=2, dropout=0.1, attention_dropout=0.1)).train()
+        calls = []
+        model.compile_blocks(backend=counting_compiler(calls), dynamic=False)
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FastPathWarning)
+            loss = model.loss(ids, labels).loss
+        return loss, torch.get_rng_state(), calls, model.fast_checks
+
+    loss, rng, calls, checks = one_step(True)
+    plain_loss, plain_rng, _, _ = one_step(False)
+    assert calls and not checks.failed() and len(checks.verdicts) == 2  # both blocks' variant: accepted, compiled
+    assert torch.equal(rng, plain_rng) and torch.equal(loss, plain_loss)
+
+
 class FakeGraphs:
     """`capture_graph` without CUDA: the warm-up runs `run` for real; a replay writes into the output either a
     fresh run (a right graph) or zeros (a wrong one: e.g. stale buffers)."""
