@@ -324,7 +324,8 @@ class GraphedGenerator:
         entry.graph.replay()
         warm_up, entry.warm_up = entry.warm_up, None
         if warm_up is not None and checks.enabled():  # the first replay: on the inputs the warm-up ran on
-            what = f"CUDA graph of the token generator (batch {keys.shape[0]}, {options.steps} steps)"
+            steps = options.fitted(self.model.config.tokens_per_image).steps
+            what = f"CUDA graph of the token generator (batch {keys.shape[0]}, {steps} steps)"
             if not check_replay(checks, ("CUDA graph generator", key), what, entry.out, warm_up, autocast, ID_SHARE):
                 del self.captured[key]
                 return warm_up
