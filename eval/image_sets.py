@@ -156,7 +156,7 @@ class Reference:
             raise ValueError(f"--reference-index goes with an ImageNet .tar as --reference, not {path}")
         if path.endswith(".npz") and os.path.isfile(path):
             return cls("adm-npz", path)
-        if "{" in path or (os.path.isdir(path) and names_shards(path)):  # a lone .tar is ImageNet's, with its index
+        if (os.path.isdir(path) or "{" in path) and names_shards(path):  # a lone .tar is ImageNet's, with its index
             return cls("shards", path)
         if os.path.isdir(path):
             return cls("folder", path)

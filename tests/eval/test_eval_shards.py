@@ -58,6 +58,8 @@ def test_a_gfid_reference_of_shards_reads_the_folders_images(tmp_path):
     from_folder = Reference.from_path(str(folder)).images(24)
     for a, b in zip(from_shards.batches(2), from_folder.batches(2), strict=True):
         assert torch.equal(a, b)
+    braced = folder.rename(tmp_path / "images{1}")  # an image folder is what it holds, braces in its name or not
+    assert Reference.from_path(str(braced)).kind == "folder"
     assert from_shards.skipped == ["train-000001.tar/000003_img3.png"]
     before = reference.content_sha256()
     last = tmp_path / "shards" / "train-000001.tar"
