@@ -47,13 +47,14 @@ from eval.curve_report import (
     write_plot,
     write_table,
 )
-from eval.history import append_line, complete_lines
+from eval.history import append_line, check_or_record_settings, complete_lines
 from flowmo_fast import flags, load_checkpoint
 from flowmo_fast.distributed import Processes, processes
 from flowmo_fast.flowmo import decoder_passes
 from flowmo_fast.formats.checkpoint import atomic_write, file_sha256
 from flowmo_fast.formats.pretrained import resolve_checkpoint
 from flowmo_fast.sampler_settings import SOLVERS, SamplingOptions, parse_solver
+
 
 @dataclass(frozen=True)
 class CurveSettings:
@@ -113,25 +114,6 @@ def curve_identity(s: CurveSettings, model, base: SamplingOptions, dataset, metr
         "metrics": metric_names,
         "reference": str(s.sweep.reference),
     }))
-
-
-def check_or_write_identity(path: str, identity: dict, write: bool) -> None:
-    """Refuse a curve in `path` of other settings (every process checks); `write` (the main process): record
-    these when there is none yet."""
-    if os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f)
-        if before != identity:
-            changed = sorted(k for k in identity if before.get(k) != identity[k])
-            raise ValueError(
-                f"{path} holds a curve of other settings ({', '.join(changed)}: {[before.get(k) for k in changed]} "
-                f"then, {[identity[k] for k in changed]} now); give the earlier flags, or another --out"
-            )
-        return
-    if not write:
-        return
-    body = json.dumps(identity, indent=2).encode()
-    atomic_write(path, lambda f: f.write(body))
 
 
 def read_records(path: str, log) -> dict[Point, PointRecord]:
@@ -243,7 +225,8 @@ def open_curve(s: CurveSettings, procs: Processes, log) -> Curve:
     names = [*measure.names, *(["rfid"] if "inception" in paths else [])]
     identity = curve_identity(s, model, base, dataset, names)
     os.makedirs(s.out, exist_ok=True)
-    check_or_write_identity(os.path.join(s.out, "settings.json"), identity, write=procs.is_main)
+    check_or_record_settings(os.path.join(s.out, "settings.json"), identity, "a curve of other settings",
+                             write=procs.is_main)
     records = read_records(os.path.join(s.out, "curve.jsonl"), log)
     ref_path = os.path.join(s.out, f"reference-rank{procs.rank}-of-{procs.world_size}.pt")
     reference = Reference(ref_path, {**identity["sampler"], "reference": identity["reference"]})
@@ -313,16 +296,6 @@ def curve_log(procs: Processes):
 # ---- the command ------------------------------------------------------------------------------------------
 
 
-def comma_list(parse):
-    def convert(text: str) -> tuple:
-        items = tuple(parse(part) for part in text.split(",") if part.strip())
-        if not items:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list")
-        return items
-
-    return convert
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m eval.decode_curve",
@@ -333,9 +306,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     rfid.add_evaluation_flags(p)
     p.add_argument("--no-rfid", action="store_true", help="skip rFID (no Inception weights needed)")
     c = p.add_argument_group("the curve (it sweeps the sampler's --steps and --solver: give these instead)")
-    c.add_argument("--solvers", type=comma_list(flags.checked(parse_solver)), default=SOLVERS,
+    c.add_argument("--solvers", type=flags.comma_list(flags.checked(parse_solver)), default=SOLVERS,
                    help=f"comma-separated (default {','.join(SOLVERS)})")
-    c.add_argument("--step-counts", type=comma_list(flags.positive_int), default=DEFAULT_STEPS,
+    c.add_argument("--step-counts", type=flags.comma_list(flags.positive_int), default=DEFAULT_STEPS,
                    help=f"comma-separated step counts (default {','.join(map(str, DEFAULT_STEPS))})")
     c.add_argument("--baseline", type=flags.checked(solver_steps), default=Sweep.baseline,
                    help="SOLVER:STEPS the points are judged against (default euler:25, upstream's)")

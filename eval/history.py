@@ -115,6 +115,24 @@ def append_line(path: str, text: str) -> None:
         os.close(fd)
 
 
+def check_or_record_settings(path: str, settings: dict, what: str, write: bool = True) -> None:
+    """Refuse an output folder whose `path` records other settings (`what` it then holds, e.g. "a curve of other
+    settings"), naming the keys that differ; `write` (the main process): record these when there is none yet."""
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        if before != settings:
+            changed = sorted(k for k in settings if before.get(k) != settings[k])
+            raise ValueError(
+                f"{path} holds {what} ({', '.join(changed)}: {[before.get(k) for k in changed]} then, "
+                f"{[settings[k] for k in changed]} now); give the earlier flags, or another --out"
+            )
+        return
+    if write:
+        body = json.dumps(settings, indent=2).encode()
+        atomic_write(path, lambda f: f.write(body))
+
+
 @dataclass(frozen=True)
 class Standing:
     """The best evaluation by the selection metric, and how many scored evaluations came after it."""

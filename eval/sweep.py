@@ -35,6 +35,8 @@ from typing import Optional, Sequence
 
 from eval import generate, gfid, weights
 from eval.fidelity import NEIGHBOURS
+from eval.history import append_line, check_or_record_settings, complete_lines
+from eval.rfid import write_json
 from flowmo_fast import flags
 from flowmo_fast.formats.checkpoint import atomic_write, file_sha256
 from flowmo_fast.maskgit.pretrained import weights_file
@@ -46,6 +48,7 @@ BEST = "best.json"
 METRICS = ("fid", "sfid", "inception_score", "inception_score_std", "precision", "recall")
 DEFAULT_CFGS = "4,5.5,6.7,8"  # around MaskBit's tuned 5.7 + 1 (its other token sizes: 6.7-8.1 in our convention)
 DEFAULT_TEMPERATURES = "6.5,8.5,10.5"  # around MaskBit's 8.5 (its other token sizes: 7.5-10.5)
+GRID_VALUES = flags.comma_list(flags.non_negative_float, unique=True)  # --cfg, --temperature: numbers >= 0
 
 
 @dataclass(frozen=True)
@@ -86,37 +89,9 @@ def shared_record(s: SweepSettings) -> dict:
     }
 
 
-def check_same_sweep(s: SweepSettings, record: dict) -> None:
-    path = os.path.join(s.out, SHARED)
-    if os.path.exists(path):
-        with open(path) as f:
-            if json.load(f) != record:
-                raise ValueError(f"{s.out} holds a sweep with other shared settings (generator, tokenizer, reference, "
-                                 f"samples per class, seed or sampler settings; {path}): use a new --out")
-    else:
-        atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
-
-
 def read_table(path: str) -> list[dict]:
     """The finished settings, in the order they finished; a line torn by a crash mid-write is cut off."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        log(f"note: {path} ends in an incomplete line ({len(data) - len(complete)} bytes); cut off")
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    return [json.loads(line) for line in complete.decode().splitlines()]
-
-
-def append_row(path: str, row: dict) -> None:
-    """One whole line, flushed to disk: a crash leaves the finished settings readable."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    return [json.loads(line) for line in complete_lines(path, log)]
 
 
 def run_setting(s: SweepSettings, cfg: float, temperature: float) -> dict:
@@ -172,7 +147,7 @@ def run(settings: SweepSettings) -> dict:
         raise ValueError("eval.sweep runs as one process (python -m eval.sweep --device cuda:N); for one large run "
                          "use torchrun with eval.generate")
     os.makedirs(s.out, exist_ok=True)
-    check_same_sweep(s, shared_record(s))
+    check_or_record_settings(os.path.join(s.out, SHARED), shared_record(s), "a sweep of other shared settings")
     table = os.path.join(s.out, TABLE)
     done = {(r["cfg"], r["temperature"]) for r in read_table(table)}
     todo = [g for g in s.grid() if g not in done]
@@ -181,29 +156,18 @@ def run(settings: SweepSettings) -> dict:
     began = time.perf_counter()
     for k, (cfg, temperature) in enumerate(todo, 1):
         log(f"[{k}/{len(todo)}] cfg {cfg:g}, temperature {temperature:g}")
-        append_row(table, run_setting(s, cfg, temperature))
+        append_line(table, json.dumps(run_setting(s, cfg, temperature)))
         each = (time.perf_counter() - began) / k
         log(f"[{k}/{len(todo)}] done; {each:.0f} s per setting, {math.ceil(each * (len(todo) - k) / 60)} min left")
     rows = read_table(table)
     best = best_row(rows)
     plot(os.path.join(s.out, PLOT), rows, best)
-    atomic_write(os.path.join(s.out, BEST), lambda f: f.write(json.dumps(best, indent=2).encode()))
+    write_json(best, os.path.join(s.out, BEST))
     print(best_line(best, len(rows), s.out), flush=True)
     return best
 
 
 # ---- the command: flags -> one settings object -> run ----------------------------------------------------
-
-
-def values(text: str) -> tuple[float, ...]:
-    """An argparse `type`: comma-separated numbers >= 0 -> a tuple without repeats, in the order given."""
-    try:
-        numbers = tuple(dict.fromkeys(float(x) for x in text.split(",") if x.strip()))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not numbers or min(numbers) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give one or more numbers >= 0, e.g. 4,5.5,6.7")
-    return numbers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="FlowMo checkpoint (file, or flowmo_lo / flowmo_hi) to decode "
                    "the rows with")
     grid = p.add_argument_group("the grid (every cfg with every temperature)")
-    grid.add_argument("--cfg", dest="cfgs", type=values, default=values(DEFAULT_CFGS),
+    grid.add_argument("--cfg", dest="cfgs", type=GRID_VALUES, default=GRID_VALUES(DEFAULT_CFGS),
                       help=f"guidance scales (default {DEFAULT_CFGS}; MaskBit's tuned 18-bit value is 6.7 here)")
-    grid.add_argument("--temperature", dest="temperatures", type=values, default=values(DEFAULT_TEMPERATURES),
+    grid.add_argument("--temperature", dest="temperatures", type=GRID_VALUES, default=GRID_VALUES(DEFAULT_TEMPERATURES),
                       help=f"Gumbel temperatures (default {DEFAULT_TEMPERATURES}; MaskBit's 8.5)")
     score = p.add_argument_group("scoring (eval.gfid)")
     score.add_argument("--reference", required=True, metavar="REF", help="ADM reference batch (.npz), a folder of "

@@ -53,6 +53,30 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse `type`: a number >= 0, else a usage error that says so."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def comma_list(parse: Callable, unique: bool = False) -> Callable:
+    """An argparse `type`: comma-separated items, each read by `parse` (an argparse type) -> a tuple in the order
+    given (`unique`: repeats dropped); none at all is a usage error."""
+
+    def convert(text: str) -> tuple:
+        items = tuple(parse(part.strip()) for part in text.split(",") if part.strip())
+        if not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list")
+        return tuple(dict.fromkeys(items)) if unique else items
+
+    return convert
+
+
 def checked(parse: Callable) -> Callable:
     """An argparse `type` from a parser that raises ValueError: the error becomes argparse's usage error."""
 
