@@ -69,15 +69,6 @@ def total_norm(tensors) -> torch.Tensor:
     return parallel.full_tensor(torch.nn.utils.get_total_norm(list(tensors)))
 
 
-def clip_gradients(trained: list, max_norm: float) -> torch.Tensor:
-    """Scale the gradients of `trained` so their global L2 norm is at most `max_norm` (torch's clip_grad_norm_
-    rule: by max_norm / (norm + 1e-6) when above); returns the norm before clipping, whole (FSDP2: DTensor
-    gradients, one reduction), on the device: no host sync."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in trained])
-    torch.nn.utils.clip_grads_with_norm_(trained, max_norm, norm)
-    return parallel.full_tensor(norm)
-
-
 @dataclass(frozen=True)
 class StepTerms:
     """One optimizer step's numbers, means over its micro-batches (detached, on the device: no host sync)."""
@@ -102,10 +93,12 @@ def train_step(wrapped, model, images, optimizer, config: Config, device) -> Ste
         total = part if total is None else total + part
         for k, v in chunk_terms.items():
             terms[k] = terms[k] + v / n if k in terms else v / n
-    trained = [p for p in model.parameters() if p.grad is not None]
     clip = config.trainer.max_grad_norm
-    if clip is not None:  # the norm before clipping: logged with or without opt.log_norms (computed anyway)
-        terms["debug/original_grad_norm"] = clip_gradients(trained, clip)
+    needed = clip is not None or config.opt.log_norms  # not a per-step list of parameters when nothing reads it
+    trained = [p for p in model.parameters() if p.grad is not None] if needed else []
+    if clip is not None:  # torch's clipping returns the norm before it: logged with or without opt.log_norms
+        # (FSDP2: DTensor gradients, one reduction; on the device, no host sync)
+        terms["debug/original_grad_norm"] = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(trained, clip))
     elif config.opt.log_norms:
         terms["debug/original_grad_norm"] = total_norm(p.grad for p in trained)
     if config.opt.log_norms:
