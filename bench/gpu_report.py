@@ -26,8 +26,9 @@ lfq (the LFQ loss: torch vs Triton vs upstream), kernels (each fused op eager / 
 flowmo_kernels.AUTO_WHEN_COMPILED; decoder and train step with Triton forced: `fast_triton`), upstream_compiled
 (its whole-model compiles take minutes: last). The model phases run plain, fast and upstream eager. The token
 generator's phase (its train step and `generate` alone at batch 64: bench/generator_rows.py) is its own
-invocation: `--phases generator`. The train rows' batch is the largest of 8, 4, 2, 1 that fits in the memory
-free once the phase has released the inference models (4 on an 80 GB H100 for FlowMo-Lo at 256 px).
+invocation: `--phases generator`. The train rows' batch is the largest of 8, 4, 2, 1 that train.memory's estimate
+(scaled by the smoke's measurement where it ran first) fits in the memory free once the phase has released the
+inference models (8 on an 80 GB H100 for FlowMo-Lo at 256 px by the estimate).
 
 Times are the median of the timed calls after a warm-up call (compilation, CUDA-graph capture). Peak
 memory is the allocator's peak during the row minus what was allocated before it. FLOPs are counted
@@ -183,6 +184,8 @@ class GpuReport(Report):
 
         def train():
             self.models.release(lo, inference_only=True)  # their weights and captured graphs: memory training needs
+            for name in (lo, *others):  # each chosen from the memory free before any training model takes some
+                self.train_batch(name)
             self.attempt(f"train checks {lo}", 0, lambda: self.train_checks(lo))
             each(self.train_step, (lo, *others))()
 

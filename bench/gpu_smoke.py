@@ -152,15 +152,16 @@ class Smoke(Harness):
             self.live.note(f"memory: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
 
     def report(self) -> None:
-        """bench/gpu_report.py's decoder and train phases in what is left, at the train batch measured here."""
-        scale = DRY if self.settings.dry_run else FULL
-        batch = self.stages.train_batch or scale.train_batch
+        """bench/gpu_report.py's decoder and train phases in what is left, their train rows sized by train.memory's
+        estimate as the train_memory stage measured it."""
         dry = self.settings.dry_run
-        scale = replace(scale, train_batch=batch, phase_s={**scale.phase_s, **({} if dry else REPORT_NEEDS)})
+        scale = DRY if dry else FULL
+        scale = replace(scale, phase_s={**scale.phase_s, **({} if dry else REPORT_NEEDS)})
         settings = ReportSettings(dry_run=dry, budget_s=self.total.left(), target_s=0.0 if dry else 1.0,
                                   max_iters=1 if dry else 5,
                                   compile_backend="eager" if self.settings.dry_run else "inductor",
-                                  phases=REPORT_PHASES, cache_dir=self.settings.cache_dir)
+                                  phases=REPORT_PHASES, cache_dir=self.settings.cache_dir,
+                                  activation_scale=self.stages.activation_scale)
         report = GpuReport(settings, scale, self.device, start=time.perf_counter())
         report.live = self.live  # its rows and checks go to this run's live output
         try:

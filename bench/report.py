@@ -8,7 +8,7 @@ import gc
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +25,7 @@ from flowmo_fast.flowmo.attention import installed_backends
 from flowmo_fast.hardware import peak_bf16_tflops
 from flowmo_fast.sampler_settings import UPSTREAM, SamplingOptions
 from flowmo_kernels import triton_available
-from train.memory import largest_micro_batch
+from train.memory import MemoryModel, memory_model
 
 PHASES = ("decoder", "reconstruct", "train", "latency", "encode", "lfq", "kernels", "generator", "upstream_compiled")
 # The token generator's phase runs as its own invocation (`--phases generator`): its rows need no FlowMo model and
@@ -47,6 +47,11 @@ def train_batch_for(largest_fitting: int, largest: int) -> int:
     the memory allows: `train.memory`'s estimate, or the smoke's measurement); 1 when none does (its row then
     reports the out-of-memory error)."""
     return next((b for b in TRAIN_BATCHES if b <= min(largest, largest_fitting)), 1)
+
+
+def calibrated(model: MemoryModel, activation_scale: float) -> MemoryModel:
+    """train.memory's estimate with its activations per image scaled by a measurement's ratio to it."""
+    return replace(model, per_image=model.per_image * activation_scale)
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,9 @@ class ReportSettings:
     out: Optional[str] = None  # folder for live.md / live.jsonl as rows finish, report.md / report.json at the end
     phases: tuple[str, ...] = DEFAULT_PHASES
     cache_dir: str = DEFAULT_CACHE_DIR  # Inductor's and Triton's caches
+    # measured / estimated activations per image (the smoke's train_memory stage): train.memory's estimate, scaled
+    # by it, sizes the train rows
+    activation_scale: float = 1.0
 
 
 class Report(Harness):
@@ -176,7 +184,8 @@ class Report(Harness):
         if name not in self.train_batches:
             batch, free = self.scale.train_batch, self.free_memory()
             if free is not None:  # train.memory's estimate of plain eager training under bf16 autocast
-                batch = train_batch_for(largest_micro_batch(self.models.config(name), free), batch)
+                fitting = calibrated(memory_model(self.models.config(name)), self.settings.activation_scale)
+                batch = train_batch_for(fitting.largest_fitting(free), batch)
             self.train_batches[name] = batch
         return self.train_batches[name]
 

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 import flowmo_fast
-from bench.report import FULL, TRAIN_BATCHES, train_batch_for
+from bench.report import FULL, TRAIN_BATCHES, calibrated, train_batch_for
 from bench.report_rows import Row
 from flowmo_fast.autocast import autocast_for
 from flowmo_fast.config import HIDDEN_PER_WIDTH, NUM_HEADS, rope_axes
@@ -40,7 +40,7 @@ from flowmo_fast.sampler_settings import UPSTREAM
 from flowmo_kernels import TORCH_OPS, get_ops, triton_available, triton_interpreting
 from flowmo_kernels.rope import rope_tables
 from flowmo_kernels.selfcheck import PROBES, SWITCH, forward_backward
-from train.memory import FIT_FRACTION, Placement, activations_per_image, memory_model
+from train.memory import memory_model
 
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ class Stages:
         self.device = smoke.device
         self.cuda = self.device.type == "cuda"
         self.triton = triton_available() and (self.cuda or triton_interpreting())  # the Triton kernels run here
-        self.train_batch: Optional[int] = None  # chosen by train_memory, for the report stage
+        self.activation_scale = 1.0  # measured / estimated activations per image (train_memory), for the report
 
     # --- helpers -------------------------------------------------------------------------------------------------
 
@@ -307,7 +307,7 @@ class Stages:
                          peak_gib=gib, note=note))
         if self.cuda:
             torch.cuda.empty_cache()
-            self.choose_train_batch(config, parameters, peaks)
+            self.choose_train_batch(config, peaks)
 
     def training_peaks(self, config, size: int) -> tuple[int, dict[int, Optional[float]]]:
         """(parameters, batch -> peak GiB of one loss + backward) of a fresh plain model in training mode."""
@@ -328,19 +328,17 @@ class Stages:
             peaks[batch] = self.peak(step)[1]
         return sum(p.numel() for p in model.parameters()), peaks
 
-    def choose_train_batch(self, config, parameters: int, peaks: dict) -> None:
-        """The report's train batch from the measured peaks: per image (batch 2 - batch 1) and fixed (the rest of
-        batch 1, plus the gradients' and Adam's float32 copies that a loss + backward does not hold), against
-        train.memory's estimate of the same."""
+    def choose_train_batch(self, config, peaks: dict) -> None:
+        """The activations per image measured (batch 2 - batch 1) against train.memory's estimate: their ratio
+        calibrates the estimate the report's train rows are sized by (its fixed parts: weights, gradients, Adam)."""
+        estimate = memory_model(config)
         per_image = (peaks[2] - peaks[1]) * GIB
-        fixed = (peaks[1] * GIB - per_image) + 12 * parameters  # + gradients and Adam's two moments, float32
+        self.activation_scale = per_image / estimate.per_image
         free = torch.cuda.mem_get_info(self.device)[0]
-        fitting = int((FIT_FRACTION * free - fixed) // per_image) if per_image > 0 else max(TRAIN_BATCHES)
-        self.train_batch = train_batch_for(fitting, max(TRAIN_BATCHES))
-        estimate, model = activations_per_image(config, Placement()), memory_model(config)
-        self.note(f"train batch {self.train_batch} for the report: {per_image / GIB:.1f} GiB per image measured "
-                  f"(train.memory's estimate {estimate / GIB:.1f} GiB; fixed {fixed / GIB:.1f} GiB measured, "
-                  f"{model.at(0).total / GIB:.1f} estimated), {free / GIB:.0f} GiB free")
+        batch = train_batch_for(calibrated(estimate, self.activation_scale).largest_fitting(free), max(TRAIN_BATCHES))
+        self.note(f"train batch {batch} for the report: {per_image / GIB:.1f} GiB per image measured, "
+                  f"{estimate.per_image / GIB:.1f} estimated by train.memory (x{self.activation_scale:.2f}), "
+                  f"{free / GIB:.0f} GiB free")
 
     # --- the generator trainer under torchrun ----------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from bench import gpu_report, report, report_rows
 from bench.harness import Budget, Harness, Timing
 from bench.report_rows import LiveOutput, Row
 from flowmo_fast.sampler_settings import UPSTREAM
-from train.memory import largest_micro_batch
+from train.memory import largest_micro_batch, memory_model
 
 SCRIPT = Path(gpu_report.__file__)
 
@@ -85,7 +86,8 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     need (a check at another batch than its phase's, a train row chunked below its check's batch, a warm-up at
     another shape: each compiles graphs used once) and its header says how many; its compile caches sit in
     --cache-dir, not in the output folder (a GPU machine gives back at most 8 files). The train phase starts
-    with none of FlowMo-Lo's inference models held (their memory is the train rows')."""
+    with none of FlowMo-Lo's inference models held (their memory is the train rows'), and every model's train batch
+    is chosen before any training model is built (Hi's too: not from what Lo's train rows left free)."""
     monkeypatch.delenv("FLOWMO_REFERENCE", raising=False)
     for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         monkeypatch.setenv(variable, "elsewhere")  # restored after the test
@@ -97,6 +99,13 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
         return train_checks(self, name)
 
     monkeypatch.setattr(gpu_report.GpuReport, "train_checks", spy)
+    held_when_sized = {}
+
+    def free_memory(self):
+        held_when_sized[len(self.train_batches)] = [key for key in self.models.built if key[2]]  # training models
+        return 10**15  # bytes: the scale's batch fits (the CPU has no free memory to read)
+
+    monkeypatch.setattr(gpu_report.GpuReport, "free_memory", free_memory)
     torch._dynamo.reset()  # graphs an earlier test compiled would be reused, not counted
     out = tmp_path / "report.json"
     rc = gpu_report.main(["--dry-run", "--target-s", "0", "--max-iters", "1", "--json", str(out),
@@ -119,6 +128,7 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert ("kernel fwd+bwd", "FlowMo-Lo (tiny)", "torch compiled") in timed
     skipped = {r.impl: r.note for r in rows if r.ms is None}
     assert skipped["triton"].startswith("skipped") and skipped["upstream_eager"].startswith("skipped")
+    assert held_when_sized == {0: [], 1: []}  # Lo's and Hi's batches, with no training model built yet
     first_rows = list(dict.fromkeys(r.workload.split(":")[0] for r in rows))[:5]  # the most valuable first
     assert first_rows == ["decoder forward", "reconstruct", "train step (1 micro-batch, no norm logging)",
                           "reconstruct latency (batch 1)", "encode (token ids)"]
@@ -247,3 +257,7 @@ def test_the_train_batch_is_chosen_from_free_memory(monkeypatch):
         assert full.train_batch("FlowMo-Lo") == expected
         assert f"train batch FlowMo-Lo {expected}, FlowMo-Hi {full.train_batch('FlowMo-Hi')} (" in full.header()
     assert expected < 8  # 20 GiB: the estimate, not the scale, set it
+    monkeypatch.setattr(report.Report, "free_memory", lambda self: 79 * GIB)
+    measured = report.Report(report.ReportSettings(dry_run=True, activation_scale=2.0), report.FULL, torch.device("cpu"))
+    doubled = replace(memory_model(config), per_image=2 * memory_model(config).per_image)
+    assert measured.train_batch("FlowMo-Lo") == report.train_batch_for(doubled.largest_fitting(79 * GIB), 8) < 8
