@@ -58,12 +58,11 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return 2**self.bits
+        return self.model.config.model.token_vocab_size
 
     @property
     def tokens_per_image(self) -> int:
-        m = self.model.config.model
-        return m.code_length * m.context_dim // m.codebook_size_for_entropy
+        return self.model.config.model.token_ids_per_image
 
     @torch.no_grad()
     def encode(self, images: ImageLike, resize: bool = True) -> Tensor:

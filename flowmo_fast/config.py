@@ -61,6 +61,16 @@ class ModelConfig:
     llm_path: str = DEFAULT_LLM_PATH  # ours, quantization_type qwen2.5-coder-0.5b: a HF model folder or a cached hub id
     llm_fim_ids: Optional[str] = None  # ours: "prefix,middle,suffix" ids; None: the model's tokenizer, else Qwen's
 
+    @property
+    def token_ids_per_image(self) -> int:
+        """An LFQ code's token ids per image: code_length x groups of codebook_size_for_entropy bits (`Tokenizer`)."""
+        return self.code_length * self.context_dim // self.codebook_size_for_entropy
+
+    @property
+    def token_vocab_size(self) -> int:
+        """The values an LFQ token id takes: 2^codebook_size_for_entropy."""
+        return 2**self.codebook_size_for_entropy
+
 
 @dataclass
 class OptConfig:

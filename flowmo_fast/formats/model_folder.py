@@ -39,7 +39,6 @@ class Weights:
 
     path: str
     tensors: dict[str, Tensor]
-    kind: Optional[str]  # None: no flowmo_fast metadata (a state dict saved by other means)
     which: Optional[str]  # "ema" | "model"; None: not recorded
     records: dict
 
@@ -113,8 +112,9 @@ def safetensors_header(path: str) -> dict:
     return header
 
 
-def read_weights(folder: str, kind: Kind) -> Weights:
-    """model.safetensors of `folder`, refused when missing, truncated, not safetensors, or of the other model."""
+def read_weights(folder: str, kind: Kind, which: Optional[str] = None) -> Weights:
+    """model.safetensors of `folder`, refused when missing, truncated, not safetensors, of the other model, or not
+    the `which` weights asked for (checked on the header, before the tensors load)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -124,22 +124,24 @@ def read_weights(folder: str, kind: Kind) -> Weights:
     if found is not None and found != kind:
         loader = LOADER.get(found, "its own loader")
         raise CheckpointError(f"{path} holds a {found}, not a {kind}: load {folder} with {loader}")
+    held = metadata.get(WHICH_KEY) or None
+    held = held if held in WHICH else None
+    check_which(path, held, which)
     try:
         tensors = load_file(path)
         records = json.loads(metadata.get(RECORDS) or "{}")
     except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}): {AGAIN}") from None
-    which = metadata.get(WHICH_KEY) or None
-    return Weights(path, tensors, found, which if which in WHICH else None,
-                   records if isinstance(records, dict) else {})
+    return Weights(path, tensors, held, records if isinstance(records, dict) else {})
 
 
-def check_which(weights: Weights, which: Optional[str]) -> None:
-    """A folder holds one set of weights: asking for the other is refused (None asks for whatever it holds)."""
+def check_which(path: str, held: Optional[str], which: Optional[str]) -> None:
+    """A folder holds one set of weights (`held`; None: not recorded): asking for the other is refused (None asks
+    for whatever it holds)."""
     if which is not None and which not in WHICH:
         raise ValueError(f"which={which!r}; allowed: {', '.join(WHICH)} (or None: what the folder holds)")
-    if which is not None and weights.which is not None and which != weights.which:
+    if which is not None and held is not None and which != held:
         raise CheckpointError(
-            f"{weights.path} holds the {weights.which} weights only (a model folder keeps one set), not {which}: "
-            f"ask for which={weights.which!r} (--which {weights.which}), or leave which out"
+            f"{path} holds the {held} weights only (a model folder keeps one set), not {which}: "
+            f"ask for which={held!r} (--which {held}), or leave which out"
         )

@@ -39,7 +39,6 @@ from flowmo_fast.formats.model_card import HISTORY, RFID_JSON, CardFacts, CardTe
 from flowmo_fast.formats.model_folder import (
     CONFIG,
     WEIGHTS,
-    check_which,
     is_model_folder,
     read_config_json,
     read_weights,
@@ -101,8 +100,7 @@ def from_pretrained(
 
 def load_folder(folder: str, which: Optional[str] = None, device: Any = "cpu",
                 overrides: Optional[Iterable[str]] = None):
-    weights = read_weights(folder, KIND)
-    check_which(weights, which)
+    weights = read_weights(folder, KIND, which)
     return model_from_state(weights.records, folder_config(folder, overrides or ()), weights.tensors, weights.path,
                             device)
 
@@ -215,7 +213,7 @@ def tokenizer_card_text(model, name: str) -> CardText:
     params = sum(t.numel() for t in model.state_dict().values()) / 1e6  # the LLM of the LLM type is not saved
     lfq = m.quantization_type == "lfq"
     code = (f"{m.code_length} tokens of {m.context_dim} bits ({m.code_length * m.context_dim / size**2:.3g} bits per "
-            f"pixel): {m.code_length * m.context_dim // m.codebook_size_for_entropy} token ids of "
+            f"pixel): {m.token_ids_per_image} token ids of "
             f"{m.codebook_size_for_entropy} bits per image" if lfq else
             f"a continuous code of {m.code_length} x {m.context_dim} (`{m.quantization_type}`)")
     summary = (f"A FlowMo image tokenizer ([Flow to the Mode](https://arxiv.org/abs/2503.11056)), a diffusion "

@@ -73,10 +73,9 @@ class TokenSpec:
     def for_model(cls, model) -> "TokenSpec":
         m = model.config.model
         check_tokenizable(m)
-        if m.quantization_type == "lfq":  # as `Tokenizer`: code_length x groups ids of codebook_size_for_entropy bits
-            vocab_size = 2**m.codebook_size_for_entropy
-            tokens = m.code_length * m.context_dim // m.codebook_size_for_entropy
-            return cls("ids", smallest_uint_dtype(vocab_size).name, (tokens,), vocab_size)
+        if m.quantization_type == "lfq":
+            vocab = m.token_vocab_size
+            return cls("ids", smallest_uint_dtype(vocab).name, (m.token_ids_per_image,), vocab)
         return cls("latents", "float16", (m.code_length, m.context_dim))
 
     @classmethod

@@ -331,14 +331,11 @@ def load_generator(path: str, which: str = "ema", device: Any = "cpu") -> Loaded
     """
     path = os.fspath(path)
     ckpt = read_checkpoint(path)
-    sections, tokens = ckpt.get("config"), ckpt.get("tokens")
-    if not (isinstance(sections, Mapping) and isinstance(sections.get("model"), Mapping) and "groups" in
-            sections["model"] and isinstance(tokens, Mapping)):
-        raise CheckpointError(
-            f"{path} is not a token generator checkpoint (no generator config and token record): give a "
-            "checkpoint of train.generator (results/NAME/checkpoints/*.pth)"
-        )
-    config, source = generator_records(sections["model"], tokens, path)
+    sections = ckpt.get("config")
+    config, source = generator_records(sections.get("model") if isinstance(sections, Mapping) else None,
+                                       ckpt.get("tokens"), path, f"{path} is not a token generator checkpoint (no "
+                                       "generator config and token record): give a checkpoint of train.generator "
+                                       "(results/NAME/checkpoints/*.pth)")
     key = WHICH[which] if which in WHICH else None
     if key is None or key not in ckpt:
         raise CheckpointError(f"{path} has no {key or which!r} weights; a generator checkpoint holds "
@@ -357,8 +354,11 @@ def generator_from_state(config: GeneratorConfig, state_dict: Mapping[str, Tenso
     return model.to(device=device, dtype=torch.float32).eval()
 
 
-def generator_records(model: Mapping, tokens: Mapping, path: str) -> tuple[GeneratorConfig, TokenSource]:
-    """The generator's config and token record, as a checkpoint or a model folder's config.json holds them."""
+def generator_records(model: Any, tokens: Any, path: str, not_a_generator: str) -> tuple[GeneratorConfig, TokenSource]:
+    """The generator's config and token record, as a checkpoint or a model folder's config.json holds them; what
+    holds no generator config (a mapping with `groups`) and token record is refused with `not_a_generator`."""
+    if not (isinstance(model, Mapping) and "groups" in model and isinstance(tokens, Mapping)):
+        raise CheckpointError(not_a_generator)
     try:
         config = GeneratorConfig.from_dict(model)
         source = TokenSource(dict(tokens["checkpoint"]), dict(tokens["config"]), dict(tokens["tokens"]),

@@ -29,7 +29,6 @@ from flowmo_fast.formats.model_card import CardFacts, CardText, collect_metrics,
 from flowmo_fast.formats.model_folder import (
     CONFIG,
     WEIGHTS,
-    check_which,
     is_model_folder,
     read_config_json,
     read_weights,
@@ -78,15 +77,11 @@ def from_pretrained(name_or_path: PathLike, which: Optional[str] = None, device:
 
 
 def load_folder(folder: str, which: Optional[str] = None, device: Any = "cpu") -> LoadedGenerator:
-    weights = read_weights(folder, KIND)
-    check_which(weights, which)
-    stored = read_config_json(folder)
-    if not (isinstance(stored.get("model"), dict) and "groups" in stored["model"] and isinstance(stored.get("tokens"),
-                                                                                                   dict)):
-        raise CheckpointError(f"{os.path.join(folder, CONFIG)} is not a token generator's config (no model.groups and "
-                              "tokens record): is this a generator's folder? Download or copy it again, or save it "
-                              "again with save_pretrained")
-    config, source = generator_records(stored["model"], stored["tokens"], os.path.join(folder, CONFIG))
+    weights = read_weights(folder, KIND, which)
+    stored, path = read_config_json(folder), os.path.join(folder, CONFIG)
+    config, source = generator_records(stored.get("model"), stored.get("tokens"), path, f"{path} is not a token "
+                                       "generator's config (no model.groups and tokens record): is this a generator's "
+                                       "folder? Download or copy it again, or save it again with save_pretrained")
     model = generator_from_state(config, weights.tensors, weights.path, device)
     return LoadedGenerator(model, source, int(weights.records.get(STEPS, 0)), weights.path)
 
