@@ -139,8 +139,11 @@ def push_to_hub(model, repo_id: str, card: Optional[CardFacts] = None, upload: H
 def sharable(model, card: Optional[CardFacts]):
     """(FlowMo module, card facts) of what save_pretrained was given."""
     if isinstance(model, (str, os.PathLike)):
-        card = card if card is not None else card_facts(model)
-        return load_checkpoint(resolve_checkpoint(model), which=card.which or "ema", device="cpu"), card
+        path = resolve_checkpoint(model)
+        ckpt = read_checkpoint(path)  # once, for the card and the weights
+        card = card if card is not None else checkpoint_facts(ckpt, path)
+        state_dict = select_state_dict(ckpt, card.which or "ema", path)
+        return model_from_state(ckpt, checkpoint_config(ckpt, state_dict), state_dict, path, "cpu"), card
     return model, card if card is not None else CardFacts()
 
 
@@ -160,9 +163,14 @@ def card_facts(checkpoint: PathLike, which: str = "ema", evaluations: Sequence[P
     `evaluations` (eval.watch's history.jsonl, eval.rfid's metrics.json: each must have measured this file) and of
     those found beside it: RUN/eval/history.jsonl, metrics.json in its folder, eval_results/<name>/metrics.json."""
     path = resolve_checkpoint(checkpoint)
-    ckpt = read_checkpoint(path)
-    config = checkpoint_config(ckpt, select_state_dict(ckpt, which, path))
+    return checkpoint_facts(read_checkpoint(path), path, which, evaluations)
+
+
+def checkpoint_facts(ckpt: dict, path: str, which: str = "ema", evaluations: Sequence[PathLike] = ()) -> CardFacts:
+    """`card_facts` of a checkpoint already read (`ckpt`, from `path`)."""
+    state_dict = select_state_dict(ckpt, which, path)  # refuses weights the file lacks
     stored = isinstance(ckpt.get("config"), dict)
+    config = checkpoint_config(ckpt, state_dict) if stored else None  # inferred ones are not described
     folder = os.path.dirname(os.path.abspath(path))
     run = os.path.dirname(folder)
     found = [os.path.join(folder, RFID_JSON),

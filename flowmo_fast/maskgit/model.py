@@ -330,7 +330,11 @@ def load_generator(path: str, which: str = "ema", device: Any = "cpu") -> Loaded
                     "tokens": manifest["tokens"], "class_names": [...] or None}}
     """
     path = os.fspath(path)
-    ckpt = read_checkpoint(path)
+    return generator_from_checkpoint(read_checkpoint(path), path, which, device)
+
+
+def generator_from_checkpoint(ckpt: Mapping, path: str, which: str = "ema", device: Any = "cpu") -> LoadedGenerator:
+    """`load_generator` of a checkpoint already read (`ckpt`, from `path`)."""
     sections = ckpt.get("config")
     config, source = generator_records(sections.get("model") if isinstance(sections, Mapping) else None,
                                        ckpt.get("tokens"), path, f"{path} is not a token generator checkpoint (no "

@@ -34,7 +34,13 @@ from flowmo_fast.formats.model_folder import (
     read_weights,
     write_model_folder,
 )
-from flowmo_fast.maskgit.model import LoadedGenerator, generator_from_state, generator_records, load_generator
+from flowmo_fast.maskgit.model import (
+    LoadedGenerator,
+    generator_from_checkpoint,
+    generator_from_state,
+    generator_records,
+    load_generator,
+)
 
 KIND = "generator"
 STEPS = "total_steps"  # the folder's record of the training steps (safetensors metadata)
@@ -114,8 +120,12 @@ def sharable(model: Union[LoadedGenerator, PathLike], card: Optional[CardFacts])
     loaded = model
     if isinstance(model, (str, os.PathLike)):
         path = locate_generator(model)
-        card = card if card is not None or os.path.isdir(path) else card_facts(path)
-        loaded = from_pretrained(path, card.which if card is not None else None)
+        if os.path.isdir(path):
+            loaded = from_pretrained(path, card.which if card is not None else None)
+        else:  # a checkpoint, read once for its card and its weights
+            ckpt = read_checkpoint(path)
+            card = card if card is not None else checkpoint_facts(ckpt, path)
+            loaded = generator_from_checkpoint(ckpt, path, card.which or "ema")
     return loaded, card if card is not None else CardFacts(total_steps=loaded.total_steps or None)
 
 
@@ -138,7 +148,11 @@ def card_facts(checkpoint: PathLike, which: str = "ema", evaluations: Sequence[P
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a model folder: card facts come from the training checkpoint it was saved "
                               "from (give that checkpoint, or CardFacts of your own)")
-    ckpt = read_checkpoint(path)
+    return checkpoint_facts(read_checkpoint(path), path, which, evaluations)
+
+
+def checkpoint_facts(ckpt: dict, path: str, which: str = "ema", evaluations: Sequence[PathLike] = ()) -> CardFacts:
+    """`card_facts` of a checkpoint already read (`ckpt`, from `path`)."""
     sha256 = file_sha256(path)
     steps = ckpt.get("total_steps")
     return CardFacts(
