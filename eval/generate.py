@@ -45,11 +45,10 @@ import torch
 from tqdm import tqdm
 
 from flowmo_fast import flags
-from flowmo_fast.detokenize import DetokenizeSettings, load_matching_model, png_path, rows_to_code, save_png
+from flowmo_fast.detokenize import DetokenizeSettings, decode_rows, load_matching_model, padded, png_path
 from flowmo_fast.distributed import Processes, barrier, gather_objects, on_rank0, processes
 from flowmo_fast.flowmo.model import autocast_for
 from flowmo_fast.formats.checkpoint import atomic_write, file_sha256
-from flowmo_fast.formats.images import to_uint8
 from flowmo_fast.formats.pretrained import resolve_checkpoint
 from flowmo_fast.formats.token_shards import (
     TokenShards,
@@ -71,7 +70,6 @@ from flowmo_fast.maskgit.sampling import (
     generate,
     sample_keys,
 )
-from flowmo_fast.noise import image_noise
 from flowmo_fast.sampler_settings import NAMED_SAMPLERS, SOLVERS, SamplingOverrides
 from flowmo_fast.tokenize import finish, prepare
 
@@ -180,11 +178,6 @@ def make_sampler(loaded: LoadedGenerator, device: torch.device, graph: bool):
     return sample
 
 
-def padded(items: list, size: int) -> list:
-    """`items` filled up to `size` with copies of its last one: a short last batch at the size of the others."""
-    return items + items[-1:] * (size - len(items))
-
-
 def generate_shards(s: GenerateSettings, loaded: LoadedGenerator, plan: Plan, spec: TokenSpec,
                     shards: list[tuple[int, range]], device: torch.device, progress: bool, desc: str) -> int:
     """Make and write each (k, rows) shard, in batches of --batch-size (every call at one size: a short batch is
@@ -223,17 +216,8 @@ def decode_images(s: GenerateSettings, procs: Processes) -> int:
     os.makedirs(images, exist_ok=True)
     if procs.is_main:
         log(f"decoding with {s.tokenizer}: {sampling.steps} {sampling.solver} steps, cfg {sampling.cfg}, {size}x{size}")
-    batch = min(s.decode_batch_size, len(todo))  # every decoder call at this size: a short last batch is padded
     with tqdm(total=len(todo), unit="img", desc="decode", disable=not procs.is_main, dynamic_ncols=True) as bar:
-        for i in range(0, len(todo), s.decode_batch_size):
-            rows = todo[i : i + s.decode_batch_size]
-            filled = padded(rows, batch)
-            code = rows_to_code(model, shards.spec, np.stack([shards[r] for r in filled]))
-            noise = image_noise(filled, s.seed, (3, size, size))
-            decoded = model.sample_images(code, (size, size), sampling, noise=noise)[: len(rows)]
-            for row, image in zip(rows, to_uint8(decoded)):
-                save_png(image, png_path(images, row))
-            bar.update(len(rows))
+        decode_rows(model, shards, todo, images, sampling, s.seed, s.decode_batch_size, bar)
     return len(todo)
 
 

@@ -30,7 +30,7 @@ from flowmo_fast.formats.images import to_uint8
 from flowmo_fast.formats.pretrained import resolve_checkpoint
 from flowmo_fast.formats.token_shards import TokenShards, TokenSpec
 from flowmo_fast.noise import image_noise
-from flowmo_fast.sampler_settings import SamplingOverrides
+from flowmo_fast.sampler_settings import SamplingOptions, SamplingOverrides
 
 
 def log(message: str) -> None:
@@ -84,13 +84,35 @@ def load_matching_model(s: DetokenizeSettings, shards: TokenShards, device) -> F
     return model
 
 
+def padded(items: list, size: int) -> list:
+    """`items` filled up to `size` with copies of its last one: a short last batch at the size of the others."""
+    return items + items[-1:] * (size - len(items))
+
+
+def decode_rows(model: FlowMo, shards: TokenShards, rows: list[int], out: str, sampling: SamplingOptions,
+                seed: int, batch_size: int, bar: tqdm) -> None:
+    """Token rows `rows` of `shards` as PNGs in `out`, `batch_size` at a time through the model's sampler (each
+    row's noise its own (seed, row) stream); a short last batch is padded to the others' size, so the sampler
+    meets one batch size (on CUDA one captured graph and one compiled variant, not another for the last call)."""
+    size = shards.manifest["data"]["image_size"]
+    batch = min(batch_size, len(rows))
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        filled = padded(chunk, batch)
+        code = rows_to_code(model, shards.spec, np.stack([shards[r] for r in filled]))
+        noise = image_noise(filled, seed, (3, size, size))
+        images = model.sample_images(code, (size, size), sampling, noise=noise)[: len(chunk)]
+        for row, image in zip(chunk, to_uint8(images)):
+            save_png(image, png_path(out, row))
+        bar.update(len(chunk))
+
+
 def run(settings: DetokenizeSettings) -> None:
     """Decode the rows of `settings.tokens` not yet in `settings.out` into PNG files."""
     s = settings
     shards = TokenShards(s.tokens)
     device = pick_device(s.device)
     model = load_matching_model(s, shards, device)
-    spec = shards.spec
     sampling = s.sampling.over(model.sampling())
     size = shards.manifest["data"]["image_size"]
     total = len(shards) if s.limit is None else min(s.limit, len(shards))
@@ -99,14 +121,7 @@ def run(settings: DetokenizeSettings) -> None:
     log(f"{total} rows of {s.tokens}: {total - len(todo)} PNGs already in {s.out}, {len(todo)} to decode "
         f"({sampling.steps} {sampling.solver} steps, cfg {sampling.cfg}, {size}x{size}, {device})")
     with tqdm(total=len(todo), unit="img", desc="detokenize", dynamic_ncols=True) as bar:
-        for i in range(0, len(todo), s.batch_size):
-            rows = todo[i : i + s.batch_size]
-            code = rows_to_code(model, spec, np.stack([shards[r] for r in rows]))
-            noise = image_noise(rows, s.seed, (3, size, size))
-            images = model.sample_images(code, (size, size), sampling, noise=noise)
-            for row, image in zip(rows, to_uint8(images)):
-                save_png(image, png_path(s.out, row))
-            bar.update(len(rows))
+        decode_rows(model, shards, todo, s.out, sampling, s.seed, s.batch_size, bar)
 
 
 # ---- the command: flags -> one settings object -> run ----------------------------------------------------
