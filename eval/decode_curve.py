@@ -49,7 +49,7 @@ from eval.curve_report import (
 )
 from eval.history import append_line, check_or_record_settings, complete_lines
 from flowmo_fast import flags, load_checkpoint
-from flowmo_fast.distributed import Processes, processes
+from flowmo_fast.distributed import Processes, on_rank0, processes
 from flowmo_fast.flowmo import decoder_passes
 from flowmo_fast.formats.checkpoint import atomic_write, file_sha256
 from flowmo_fast.formats.pretrained import resolve_checkpoint
@@ -223,7 +223,7 @@ def open_curve(s: CurveSettings, procs: Processes, log) -> Curve:
     base = s.evaluation.sampling.over(model.sampling())
     dataset = s.evaluation.source.open(model.config.data.image_size)
     names = [*measure.names, *(["rfid"] if "inception" in paths else [])]
-    identity = curve_identity(s, model, base, dataset, names)
+    identity = on_rank0(lambda: curve_identity(s, model, base, dataset, names), procs)  # one hash of the file
     os.makedirs(s.out, exist_ok=True)
     check_or_record_settings(os.path.join(s.out, "settings.json"), identity, "a curve of other settings",
                              write=procs.is_main)
