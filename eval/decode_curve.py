@@ -88,11 +88,8 @@ def points(s: CurveSettings) -> list[Point]:
 def available_weights(given: rfid.MetricWeights, want_rfid: bool, log) -> dict[str, str]:
     """The metric weight files that can be had (given, cached or downloaded). A missing one that was not named
     is left out with one line saying so; one named by a flag or environment variable must exist."""
-    wanted = [("inception", weights.INCEPTION, given.inception)] if want_rfid else []
-    if given.lpips:
-        wanted += [("alex", weights.LPIPS_ALEX, given.lpips_alex), ("vgg", weights.LPIPS_VGG, given.lpips_vgg)]
     paths = {}
-    for name, spec, explicit in wanted:
+    for name, spec, explicit in rfid.metric_weight_files(given, inception=want_rfid):
         try:
             paths[name] = weights.locate(spec, explicit, progress=False)
         except weights.WeightsUnavailable:

@@ -158,13 +158,20 @@ def evaluation_settings(args: argparse.Namespace) -> EvaluationSettings:
     )
 
 
+def metric_weight_files(
+    given: MetricWeights, inception: bool = True
+) -> list[tuple[str, weights.WeightsFile, Optional[str]]]:
+    """(network, its weight file's spec, the path a flag gave or None) of every metric network asked for: the
+    Inception (rFID, unless `inception` is False) and, with LPIPS, its two nets."""
+    files = [("inception", weights.INCEPTION, given.inception)] if inception else []
+    if given.lpips:
+        files += [("alex", weights.LPIPS_ALEX, given.lpips_alex), ("vgg", weights.LPIPS_VGG, given.lpips_vgg)]
+    return files
+
+
 def locate_weights(given: MetricWeights) -> dict[str, str]:
     """Paths of the metric networks' weight files; raises WeightsUnavailable before any real work."""
-    paths = {"inception": weights.locate(weights.INCEPTION, given.inception)}
-    if given.lpips:
-        paths["alex"] = weights.locate(weights.LPIPS_ALEX, given.lpips_alex)
-        paths["vgg"] = weights.locate(weights.LPIPS_VGG, given.lpips_vgg)
-    return paths
+    return {name: weights.locate(spec, explicit) for name, spec, explicit in metric_weight_files(given)}
 
 
 def build_metrics(paths: dict[str, str], device: torch.device) -> metrics.ReconstructionMetrics:
