@@ -45,7 +45,14 @@ import torch
 from tqdm import tqdm
 
 from flowmo_fast import flags
-from flowmo_fast.detokenize import DetokenizeSettings, decode_rows, load_matching_model, padded, png_path
+from flowmo_fast.detokenize import (
+    DetokenizeSettings,
+    decode_rows,
+    load_matching_model,
+    padded,
+    png_path,
+    rows_to_decode,
+)
 from flowmo_fast.distributed import Processes, barrier, gather_objects, on_rank0, processes
 from flowmo_fast.flowmo.model import autocast_for
 from flowmo_fast.formats.checkpoint import atomic_write, file_sha256
@@ -212,7 +219,7 @@ def decode_images(s: GenerateSettings, procs: Processes) -> int:
     model = load_matching_model(detok, shards, procs.device)
     sampling = s.decode.over(model.sampling())
     size = shards.manifest["data"]["image_size"]
-    todo = [r for r in range(len(shards)) if not os.path.exists(png_path(images, r))][procs.rank :: procs.world_size]
+    todo = rows_to_decode(len(shards), images, procs.rank, procs.world_size)
     os.makedirs(images, exist_ok=True)
     if procs.is_main:
         log(f"decoding with {s.tokenizer}: {sampling.steps} {sampling.solver} steps, cfg {sampling.cfg}, {size}x{size}")

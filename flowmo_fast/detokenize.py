@@ -84,6 +84,12 @@ def load_matching_model(s: DetokenizeSettings, shards: TokenShards, device) -> F
     return model
 
 
+def rows_to_decode(total: int, out: str, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The rows of process `rank`'s share (r = rank mod world_size, fixed by the row alone: what the others have
+    written already cannot shift it) whose PNG is not in `out` yet."""
+    return [r for r in range(rank, total, world_size) if not os.path.exists(png_path(out, r))]
+
+
 def padded(items: list, size: int) -> list:
     """`items` filled up to `size` with copies of its last one: a short last batch at the size of the others."""
     return items + items[-1:] * (size - len(items))
@@ -116,7 +122,7 @@ def run(settings: DetokenizeSettings) -> None:
     sampling = s.sampling.over(model.sampling())
     size = shards.manifest["data"]["image_size"]
     total = len(shards) if s.limit is None else min(s.limit, len(shards))
-    todo = [r for r in range(total) if not os.path.exists(png_path(s.out, r))]
+    todo = rows_to_decode(total, s.out)
     os.makedirs(s.out, exist_ok=True)
     log(f"{total} rows of {s.tokens}: {total - len(todo)} PNGs already in {s.out}, {len(todo)} to decode "
         f"({sampling.steps} {sampling.solver} steps, cfg {sampling.cfg}, {size}x{size}, {device})")

@@ -113,6 +113,16 @@ def test_classes_by_name_or_index_and_batching(random_rows, random_checkpoint, t
     assert len({tuple(r) for r in dogs.read().tolist()}) == 3
 
 
+def test_a_ranks_share_of_the_pngs_does_not_shift_with_what_others_wrote(tmp_path):
+    """Each process lists the PNGs still to decode when it gets there: rank 0 may have written some by then. Its
+    share must depend on the row alone (rank 1 of 2: rows 1, 3, 5 whatever rank 0 wrote), else rows are left to no
+    one (a share of the rows still missing, [1, 2, 3, 4, 5][1::2] = [2, 4], dropped row 1: a failed two-process run)."""
+    (tmp_path / detokenize.png_path("", 0)).write_bytes(b"written by rank 0")
+    assert detokenize.rows_to_decode(6, str(tmp_path), 1, 2) == [1, 3, 5]
+    assert detokenize.rows_to_decode(6, str(tmp_path), 0, 2) == [2, 4]
+    assert detokenize.rows_to_decode(6, str(tmp_path)) == [1, 2, 3, 4, 5]  # one process: every missing row
+
+
 @pytest.mark.distributed
 def test_two_processes_write_the_same_bytes_as_one(random_rows, random_checkpoint, tiny_checkpoint, tmp_path):
     decode = ["--tokenizer", str(tiny_checkpoint), "--decode-steps", "2", "--decode-batch-size", "2"]
