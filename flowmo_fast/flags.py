@@ -44,23 +44,21 @@ def _bounded_int(text: str, lowest: int, meaning: str) -> int:
 
 def positive_float(text: str) -> float:
     """An argparse `type`: a number > 0, else a usage error that says so."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+    return _float_from(text, lambda v: v > 0, "positive")
 
 
 def non_negative_float(text: str) -> float:
     """An argparse `type`: a number >= 0, else a usage error that says so."""
+    return _float_from(text, lambda v: v >= 0, "0 or more")
+
+
+def _float_from(text: str, allowed: Callable[[float], bool], meaning: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    if not allowed(value):
+        raise argparse.ArgumentTypeError(f"must be {meaning}, got {value}")
     return value
 
 
